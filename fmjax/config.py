@@ -1,0 +1,234 @@
+"""Frozen dataclass configs for every run setting, presets, JSON round trip, overrides.
+
+A run is fully described by one `Config`; `fmjax train` saves it as RUN/config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+
+
+class ConfigError(ValueError):
+    """A bad config field, override or preset name (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NetConfig:
+    """ADM-style U-Net (guided-diffusion lineage), see fmjax/nets/unet.py."""
+
+    base_channels: int = 64
+    channel_mult: tuple = (1, 1, 2, 2, 4, 4)
+    num_res_blocks: int = 3
+    attention_rates: tuple = (4, 8, 16, 32)  # downsampling rates with self-attention
+    num_head_channels: int = 32
+    dropout: float = 0.05
+    scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    num_groups: int = 32
+    num_classes: int = 0  # > 0 adds a class-label embedding
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 64  # working resolution (square)
+    channels: int = 0  # 0: from the data (grey stays grey); 1 or 3 converts
+    # embedded textures (fmjax/data/textures.py)
+    crop_size: int = 128  # crop side in source pixels, resized to image_size
+    num_train: int = 256
+    num_test: int = 60
+    anomaly_fraction: float = 0.5
+    holdout_fraction: float = 0.1  # normal training images kept out to fit thresholds
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    update_rms_clip: bool = True  # StableAdamW-style: clip the update's RMS to 1
+    grad_clip_norm: float = 0.0  # 0 disables global-norm clipping
+    ema_decay: float = 0.999
+    t_sampler: str = "uniform"  # uniform | logit_normal
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    hflip: bool = False
+    vflip: bool = False
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """Flow Mismatching scorer (METHOD.md section 1)."""
+
+    num_paths: int = 16  # K
+    num_times: int = 30  # T, interior times j / (T + 1)
+    aggregate: str = "rank:2"  # min | rank:r | quantile:a | mean | median | trimmed:f
+    time_weight: str = "t2"  # t2 | none
+    image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f
+    smooth_sigma: float = 0.0  # Gaussian smoothing of the map, in pixels; 0 = off
+    chunk_size: int = 64  # network inputs per call (fixed: no recompiles)
+    image_batch: int = 4  # images per jitted call (padded: no recompiles)
+    seed: int = 0
+    use_ema: bool = True
+    image_threshold_quantile: float = 0.99  # of held-out normal image scores
+    pixel_threshold_quantile: float = 0.999  # of held-out normal pixel values
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    method: str = "flow_mismatch"
+    net: NetConfig = NetConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    score: ScoreConfig = ScoreConfig()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return from_dict(cls, json.loads(text))
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def from_dict(cls, values: dict):
+    """Builds dataclass `cls` from a (possibly nested) dict; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected an object for {cls.__name__}, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"unknown config key {name!r} in {cls.__name__} (known: {', '.join(sorted(fields))})")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value)
+        else:
+            kwargs[name] = _coerce(value, fields[name].default, name)
+    return cls(**kwargs)
+
+
+def _coerce(value, default, name):
+    if isinstance(default, tuple):
+        return tuple(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {name!r} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def _parse_value(text: str, default, key: str):
+    """Parses an override string into the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            items = [s for s in text.strip("()[] ").split(",") if s.strip()]
+            return tuple(int(s) if s.strip().lstrip("-").isdigit() else float(s) for s in items)
+        return text
+    except ValueError:
+        raise ConfigError(f"bad value {text!r} for {key} (expected {type(default).__name__})") from None
+
+
+def apply_overrides(config: Config, overrides) -> Config:
+    """Applies ["section.field=value", ...] (or "method=NAME") to `config`."""
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] == "method":
+            config = dataclasses.replace(config, method=text)
+            continue
+        sections = {f.name for f in dataclasses.fields(Config) if f.name != "method"}
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(sorted(sections))})")
+        section = getattr(config, parts[0])
+        names = {f.name for f in dataclasses.fields(section)}
+        if parts[1] not in names:
+            raise ConfigError(f"unknown config key {key!r} (known in {parts[0]}: {', '.join(sorted(names))})")
+        value = _parse_value(text, getattr(section, parts[1]), key)
+        config = dataclasses.replace(config, **{parts[0]: dataclasses.replace(section, **{parts[1]: value})})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Raises ConfigError for settings that cannot work."""
+    from fmjax import mismatch  # late import: mismatch imports jax
+
+    if config.method not in ("flow_mismatch",):
+        raise ConfigError(f"unknown method {config.method!r} (known: flow_mismatch)")
+    if config.train.t_sampler not in ("uniform", "logit_normal"):
+        raise ConfigError(f"train.t_sampler must be uniform or logit_normal, got {config.train.t_sampler!r}")
+    if config.train.batch_size < 1 or config.train.steps < 0:
+        raise ConfigError("train.batch_size must be >= 1 and train.steps >= 0")
+    mismatch.parse_aggregate(config.score.aggregate, config.score.num_paths)
+    mismatch.parse_image_score(config.score.image_score)
+    if config.score.time_weight not in ("t2", "none"):
+        raise ConfigError(f"score.time_weight must be t2 or none, got {config.score.time_weight!r}")
+    if config.score.chunk_size < 1 or config.score.image_batch < 1:
+        raise ConfigError("score.chunk_size and score.image_batch must be >= 1")
+    if config.data.image_size % (2 ** (len(config.net.channel_mult) - 1)):
+        raise ConfigError(
+            f"data.image_size {config.data.image_size} must be divisible by 2**{len(config.net.channel_mult) - 1} "
+            f"for net.channel_mult {config.net.channel_mult}")
+
+
+PRESETS = {
+    # seconds on a CPU: for tests
+    "tiny": Config(
+        net=NetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_rates=(2,),
+                      num_head_channels=8, dropout=0.0, num_groups=4),
+        data=DataConfig(image_size=16, crop_size=32, num_train=32, num_test=8),
+        train=TrainConfig(steps=20, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every=5,
+                          checkpoint_every=10, ema_decay=0.9),
+        score=ScoreConfig(num_paths=4, num_times=4, aggregate="rank:2", chunk_size=16, image_batch=2),
+    ),
+    # minutes on a 2-core CPU: the demo
+    "small": Config(
+        net=NetConfig(base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attention_rates=(8,),
+                      num_head_channels=32, dropout=0.0, num_groups=8),
+        data=DataConfig(image_size=64, crop_size=128, num_train=256, num_test=60),
+        train=TrainConfig(steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=100, log_every=50,
+                          checkpoint_every=500, ema_decay=0.995, hflip=True, vflip=True),
+        score=ScoreConfig(num_paths=8, num_times=8, aggregate="rank:2", chunk_size=64, image_batch=1),
+    ),
+    # METHOD.md section 1 (about 45.3 M parameters); meant for accelerators
+    "paper": Config(
+        net=NetConfig(),
+        data=DataConfig(image_size=256, crop_size=256),
+        train=TrainConfig(steps=100_000, batch_size=32, learning_rate=1e-4, warmup_steps=1000),
+        score=ScoreConfig(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=64, image_batch=1),
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]

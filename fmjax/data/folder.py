@@ -1,0 +1,259 @@
+"""Datasets in MVTec-AD folder layout, and arbitrary image files for prediction.
+
+Layout of one category:
+
+  ROOT/<category>/train/good/*.png|jpg|bmp|tif
+  ROOT/<category>/test/<defect or good>/*
+  ROOT/<category>/ground_truth/<defect>/<id>_mask.png   (or <id>.png; 0 / 255)
+
+Images are resized to the working resolution as they are read, so full-size
+images are never kept; only the binarised full-size masks are (uint8 {0, 1}),
+for evaluation at the original resolution.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from fmjax.data.base import DataError, Dataset, Split, normal_split
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _is_image(path: pathlib.Path) -> bool:
+    # hidden files (e.g. "._x.png" written by macOS archivers) are not images
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+
+
+def _open(path: pathlib.Path) -> Image.Image:
+    """The fully decoded image at `path`; DataError naming the file if it can't be read."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except _ERRORS as err:
+        raise DataError(f"cannot read image {path} ({_one_line(err)}): replace or remove the file") from None
+    return image
+
+
+def _is_grey(image: Image.Image) -> bool:
+    """Whether a PIL image has no colour: grey modes, or a palette of greys only."""
+    if image.mode in _GREY_MODES:
+        return True
+    if image.mode in ("P", "PA"):
+        rgb = np.asarray(image.convert("RGB"))
+        return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    return False
+
+
+def _to_8bit(image: Image.Image, channels: int) -> Image.Image:
+    """`image` as 8-bit "L" (channels 1) or "RGB" (channels 3).
+
+    16-bit and 32-bit integer images are scaled from [0, 65535]; float images
+    from [0, 1] if their maximum is at most 1, else clipped to [0, 255]. Alpha
+    is dropped; palettes are expanded.
+    """
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        if mode == "F":
+            values = values * 255.0 if values.size and np.nanmax(values) <= 1.0 else values
+        else:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8))
+    elif mode in ("P", "PA"):
+        image = image.convert("RGBA").convert("RGB")
+    elif mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    if channels == 1:
+        return image.convert("L")
+    return image.convert("RGB")
+
+
+def _check_channels(channels: int) -> None:
+    if channels not in (0, 1, 3):
+        raise DataError(f"channels must be 0 (from the data), 1 (grey) or 3 (RGB), got {channels}")
+
+
+def _check_size(image_size: int) -> None:
+    if int(image_size) < 1:
+        raise DataError(f"image_size must be >= 1, got {image_size}")
+
+
+def _channels_of(path: pathlib.Path) -> int:
+    return 1 if _is_grey(_open(path)) else 3
+
+
+def _read(path: pathlib.Path, image_size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image resized (bilinear) to uint8 [S, S, C] in [0, 255], and its original (H, W)."""
+    image = _open(path)
+    size = (image.height, image.width)
+    image = _to_8bit(image, channels).resize((image_size, image_size), Image.BILINEAR)
+    array = np.asarray(image, np.uint8)
+    return array.reshape(image_size, image_size, channels), size
+
+
+def _read_mask(path: pathlib.Path) -> np.ndarray:
+    """A ground-truth mask binarised (> 0) at its own size: uint8 [H, W] in {0, 1}."""
+    image = _open(path)
+    if image.mode in ("P", "PA"):
+        image = image.convert("L")
+    values = np.asarray(image)
+    if values.ndim == 3:  # colour or with alpha: any non-black colour channel is foreground
+        values = values[..., 0] if image.mode == "LA" else values[..., :3].max(axis=-1)
+    return (values > 0).astype(np.uint8)
+
+
+def _mask_path(gt_dir: pathlib.Path, defect: str, stem: str) -> pathlib.Path | None:
+    folder = gt_dir / defect
+    for name in (f"{stem}_mask", stem):
+        for ext in IMAGE_EXTENSIONS:
+            for candidate in (folder / f"{name}{ext}", folder / f"{name}{ext.upper()}"):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def list_categories(root) -> list[str]:
+    """Sorted names of the sub-folders of `root` that have train/good."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder: pass the folder that holds the category folders")
+    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+
+
+def _read_all(paths, image_size: int, channels: int):
+    images = np.zeros((len(paths), image_size, image_size, channels), np.uint8)
+    sizes = np.zeros((len(paths), 2), np.int32)
+    for i, path in enumerate(paths):
+        images[i], sizes[i] = _read(path, image_size, channels)
+    return images, sizes
+
+
+def load_folder(root, category: str, image_size: int, channels: int = 0) -> Dataset:
+    """Category `category` of the MVTec-AD style dataset under `root`.
+
+    channels: 0 keeps grey data grey (decided by the first training image),
+    1 or 3 converts every image to grey or RGB. Images are uint8
+    [N, S, S, C] in [0, 255] (bilinear resize), masks uint8 [N, S, S] in
+    {0, 1} (nearest resize of the binarised mask); test.full_masks holds the
+    binarised masks at original size and original_sizes the source (H, W).
+    The test split is sorted by (defect, file name), named "test/<defect>/<stem>".
+    """
+    _check_channels(channels)
+    _check_size(image_size)
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder: pass the folder that holds the category folders")
+    folder = root / category
+    if not folder.is_dir():
+        known = ", ".join(list_categories(root)) or "none"
+        raise DataError(f"category folder {folder} not found (categories with train/good: {known}): "
+                        f"check the category name")
+    train_dir = folder / "train" / "good"
+    if not train_dir.is_dir():
+        raise DataError(f"training folder {train_dir} not found: put the normal training images there")
+    train_paths = _image_files(train_dir)
+    if not train_paths:
+        raise DataError(f"training folder {train_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                        f"put the normal training images there")
+    test_dir = folder / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"test folder {test_dir} not found: put test images in test/good and test/<defect>")
+
+    test_items = []  # (defect, path)
+    for defect_dir in sorted((p for p in test_dir.iterdir() if p.is_dir()), key=lambda p: p.name):
+        test_items += [(defect_dir.name, p) for p in _image_files(defect_dir)]
+    if not test_items:
+        raise DataError(f"test folder {test_dir} has no images: put test images in test/good and test/<defect>")
+
+    gt_dir = folder / "ground_truth"
+    mask_paths = []
+    for defect, path in test_items:
+        if defect == "good":
+            mask_paths.append(None)
+            continue
+        mask_path = _mask_path(gt_dir, defect, path.stem)
+        if mask_path is None:
+            expected = gt_dir / defect / f"{path.stem}_mask.png"
+            raise DataError(f"no mask for defect image {path}: add {expected} "
+                            f"(0 = normal, 255 = defect; {path.stem}.png is also accepted)")
+        mask_paths.append(mask_path)
+
+    if channels == 0:
+        channels = _channels_of(train_paths[0])
+    train_images, train_sizes = _read_all(train_paths, image_size, channels)
+    train = normal_split(train_images, [f"train/good/{p.stem}" for p in train_paths], train_sizes)
+
+    n = len(test_items)
+    images = np.zeros((n, image_size, image_size, channels), np.uint8)
+    sizes = np.zeros((n, 2), np.int32)
+    masks = np.zeros((n, image_size, image_size), np.uint8)
+    full_masks = []
+    for i, ((defect, path), mask_path) in enumerate(zip(test_items, mask_paths)):
+        images[i], sizes[i] = _read(path, image_size, channels)
+        if mask_path is None:
+            full_masks.append(np.zeros(tuple(sizes[i]), np.uint8))
+            continue
+        full = _read_mask(mask_path)
+        if full.shape != tuple(sizes[i]):
+            raise DataError(f"mask {mask_path} is {full.shape[1]}x{full.shape[0]} (WxH) but image {path} is "
+                            f"{sizes[i][1]}x{sizes[i][0]}: masks must match their image size")
+        small = Image.fromarray(full).resize((image_size, image_size), Image.NEAREST)
+        masks[i] = np.asarray(small) > 0
+        full_masks.append(full)
+
+    defects = tuple(d for d, _ in test_items)
+    test = Split(
+        images=images,
+        masks=masks,
+        labels=np.array([d != "good" for d in defects], np.int32).reshape(n),
+        names=tuple(f"test/{d}/{p.stem}" for d, p in test_items),
+        defect_types=defects,
+        original_sizes=sizes,
+        full_masks=full_masks,
+    )
+    return Dataset(name="folder", category=category, train=train, test=test)
+
+
+def load_images(paths_or_dir, image_size: int, channels: int = 0):
+    """Arbitrary images for prediction.
+
+    paths_or_dir: an image file, a folder (its image files, sorted by name, not
+    recursive), or a list of those. channels: 0 decides grey/RGB from the
+    first image; 1 or 3 converts. Returns (images uint8 [N, S, S, C] in
+    [0, 255], names (file stems), original_sizes int32 [N, 2] (H, W)).
+    """
+    _check_channels(channels)
+    _check_size(image_size)
+    items = [paths_or_dir] if isinstance(paths_or_dir, (str, pathlib.Path)) else list(paths_or_dir)
+    paths = []
+    for item in items:
+        item = pathlib.Path(item)
+        if item.is_dir():
+            found = _image_files(item)
+            if not found:
+                raise DataError(f"folder {item} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                                f"pass a folder of images or image files")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DataError(f"image path {item} does not exist: pass an image file or a folder of images")
+    if not paths:
+        raise DataError("no images given: pass an image file or a folder of images")
+    if channels == 0:
+        channels = _channels_of(paths[0])
+    images, sizes = _read_all(paths, image_size, channels)
+    return images, tuple(p.stem for p in paths), sizes

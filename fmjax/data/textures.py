@@ -1,0 +1,409 @@
+"""Embedded default data: synthetic defects on real texture photos.
+
+scikit-image ships 512x512 grey photos of brick, grass and gravel. Training
+crops come from the top half of a photo (rows 0..255) and test crops from the
+bottom half (rows 256..511), so the two splits never share source pixels. A
+fraction of the test crops gets one synthetic defect each, drawn at the working
+resolution, with a mask of exactly the region it changed:
+
+  cutpaste  an irregular patch of ANOTHER texture, matched to the local
+            brightness, pasted with a feathered edge (foreign material);
+  scratch   a thin smooth or jagged curve, darker or brighter than the surface,
+            fading towards its ends;
+  blob      an irregular smooth region with a brightness and/or contrast change
+            (stain, worn or discoloured spot);
+  noise     an irregular region with altered local statistics: added grain,
+            local blur or a directional smear.
+
+Every defect changes 0.5%-8% of the crop's pixels, by a mean absolute amount of
+0.3-1.5 times the crop's own standard deviation, and saturates no pixel.
+Everything is deterministic given `DataConfig.seed`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage, spatial
+
+from fmjax.config import DataConfig
+from fmjax.data.base import DataError, Dataset, Split, normal_split
+
+TEXTURES = ("brick", "grass", "gravel")
+DEFECT_KINDS = ("cutpaste", "scratch", "blob", "noise")
+
+PHOTO_SIZE = 512
+HALF = PHOTO_SIZE // 2  # rows [0, HALF) feed training crops, rows [HALF, PHOTO_SIZE) test crops
+MIN_IMAGE_SIZE = 16
+
+# Acceptance limits every defect satisfies (checked after rounding to uint8).
+MIN_AREA, MAX_AREA = 0.005, 0.08  # fraction of the crop's pixels in the mask
+MIN_CONTRAST, MAX_CONTRAST = 0.3, 1.5  # mean |change| inside the mask / crop std
+
+_MAX_TRIES = 200
+
+
+def texture_photo(name: str) -> np.ndarray:
+    """The full source photo of texture `name`: read-only uint8 [512, 512] in [0, 255]."""
+    if name not in TEXTURES:
+        raise DataError(f"unknown texture {name!r} (known: {', '.join(TEXTURES)})")
+    return _photo(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _photo(name: str) -> np.ndarray:
+    from skimage import data  # late import: keeps importing this module cheap
+
+    photo = np.asarray(getattr(data, name)())
+    if photo.ndim == 3:
+        photo = photo[..., 0]
+    photo = photo.astype(np.uint8)
+    photo.flags.writeable = False
+    return photo
+
+
+def _check(name: str, config: DataConfig) -> None:
+    if name not in TEXTURES:
+        raise DataError(f"unknown texture {name!r} (known: {', '.join(TEXTURES)})")
+    if not 1 <= config.crop_size <= HALF:
+        raise DataError(f"data.crop_size must be in [1, {HALF}] (half a {PHOTO_SIZE}-pixel photo), "
+                        f"got {config.crop_size}")
+    if config.image_size < MIN_IMAGE_SIZE:
+        raise DataError(f"data.image_size must be >= {MIN_IMAGE_SIZE} for the texture data, got {config.image_size}")
+    if config.num_train < 0 or config.num_test < 0:
+        raise DataError(f"data.num_train and data.num_test must be >= 0, got {config.num_train}, {config.num_test}")
+    if config.seed < 0:
+        raise DataError(f"data.seed must be >= 0, got {config.seed}")
+    if not 0.0 <= config.anomaly_fraction <= 1.0:
+        raise DataError(f"data.anomaly_fraction must be in [0, 1], got {config.anomaly_fraction}")
+
+
+def _rng(config: DataConfig, name: str, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([config.seed, TEXTURES.index(name), *stream])
+
+
+def crop_boxes(name: str, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Source boxes of the training and test crops.
+
+    Returns (train, test): int64 [num_train, 4] and [num_test, 4] boxes
+    (top, left, bottom, right), bottom/right exclusive, in photo pixels. Training
+    boxes lie in rows [0, 256), test boxes in rows [256, 512).
+    """
+    _check(name, config)
+    c = config.crop_size
+
+    def boxes(rng, n, row_lo, row_hi):
+        top = rng.integers(row_lo, row_hi - c, n, endpoint=True)
+        left = rng.integers(0, PHOTO_SIZE - c, n, endpoint=True)
+        return np.stack([top, left, top + c, left + c], axis=1).astype(np.int64).reshape(n, 4)
+
+    return (boxes(_rng(config, name, 0), config.num_train, 0, HALF),
+            boxes(_rng(config, name, 1), config.num_test, HALF, PHOTO_SIZE))
+
+
+def resize(crop: np.ndarray, size: int) -> np.ndarray:
+    """Area (box) downscaling, bicubic upscaling: uint8 [c, c] -> uint8 [size, size]."""
+    if crop.shape == (size, size):
+        return crop.copy()
+    method = Image.BOX if size < crop.shape[0] else Image.BICUBIC
+    out = Image.fromarray(crop.astype(np.float32)).resize((size, size), method)
+    return np.clip(np.rint(np.asarray(out)), 0, 255).astype(np.uint8)
+
+
+def clean_crops(name: str, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Training and test crops before any defect: uint8 [N, S, S] in [0, 255], S = image_size."""
+    train_boxes, test_boxes = crop_boxes(name, config)
+    photo = texture_photo(name)
+    size = config.image_size
+
+    def cut(boxes):
+        out = np.zeros((len(boxes), size, size), np.uint8)
+        for i, (top, left, bottom, right) in enumerate(boxes):
+            out[i] = resize(photo[top:bottom, left:right], size)
+        return out
+
+    return cut(train_boxes), cut(test_boxes)
+
+
+def donor_patch(name: str, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """A random crop of a texture other than `name` for cut-paste: uint8 [S, S].
+
+    Taken at the same scale as the crops (crop_size source pixels resized to
+    image_size), anywhere in the other photo, randomly rotated by a multiple of
+    90 degrees and possibly mirrored.
+    """
+    others = [t for t in TEXTURES if t != name]
+    photo = texture_photo(others[rng.integers(len(others))])
+    c = config.crop_size
+    top, left = rng.integers(0, PHOTO_SIZE - c, 2, endpoint=True)
+    patch = resize(photo[top:top + c, left:left + c], config.image_size)
+    patch = np.rot90(patch, rng.integers(4))
+    return np.ascontiguousarray(patch[:, ::-1] if rng.random() < 0.5 else patch)
+
+
+# ---------------------------------------------------------------- defect shapes
+
+
+def _smooth_noise(rng, size: int, sigma: float) -> np.ndarray:
+    """Low-frequency noise with zero mean and unit std: float [size, size]."""
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="wrap")
+    return (field - field.mean()) / (field.std() + 1e-12)
+
+
+def _blob_field(rng, size: int, area: float, max_aspect: float = 2.5) -> np.ndarray:
+    """Irregular blob of about `area` * size**2 pixels, fully inside the image.
+
+    Returns f: float [size, size]; the blob is f < 1 and f grows outwards (about
+    the distance from the centre relative to the local boundary radius). The
+    outline is a randomly rotated ellipse whose radius is modulated by a few
+    random harmonics plus fine boundary noise.
+    """
+    aspect = rng.uniform(1.0, max_aspect)
+    semi_b = math.sqrt(area * size * size / (math.pi * aspect))
+    semi_a = semi_b * aspect
+    orders = np.arange(2, 7)
+    amps = rng.uniform(0.0, 0.22, orders.size) / (orders - 1)
+    phases = rng.uniform(0.0, 2 * math.pi, orders.size)
+    rough = rng.uniform(0.0, 0.08)
+    # farthest reach of the boundary from the centre, so the blob stays inside
+    reach = semi_a * (1.0 + amps.sum()) / (1.0 - 2.0 * rough) + 1.0
+    lo, hi = reach, size - 1.0 - reach
+    if lo > hi:
+        lo = hi = (size - 1.0) / 2.0
+    cy, cx = rng.uniform(lo, hi, 2)
+    theta = rng.uniform(0.0, math.pi)
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    yy, xx = yy - cy, xx - cx
+    u = (xx * math.cos(theta) + yy * math.sin(theta)) / semi_a
+    v = (-xx * math.sin(theta) + yy * math.cos(theta)) / semi_b
+    phi = np.arctan2(v, u)
+    radius = 1.0 + sum(a * np.cos(k * phi + p) for k, a, p in zip(orders, amps, phases))
+    noise = np.clip(_smooth_noise(rng, size, max(1.0, semi_b / 2.0)), -2.0, 2.0)
+    return np.hypot(u, v) / radius + rough * noise
+
+
+def _soft_alpha(f: np.ndarray, rng, floor: float = 0.35) -> np.ndarray:
+    """Feathered opacity of the blob f < 1: float [S, S] in [0, 1], zero outside.
+
+    The edge starts at `floor` rather than 0 so the faint rim is still a visible
+    change, not a ring of pixels that differ by one grey level.
+    """
+    feather = rng.uniform(0.15, 0.6)
+    ramp = np.clip((1.0 - f) / feather, 0.0, 1.0)
+    ramp = ramp * ramp * (3.0 - 2.0 * ramp)
+    return np.where(f < 1.0, floor + (1.0 - floor) * ramp, 0.0)
+
+
+def _area(rng) -> float:
+    return math.exp(rng.uniform(math.log(0.012), math.log(0.06)))
+
+
+# ------------------------------------------------------------- defect kinds
+# Each returns (delta, scalable): the float change to add to the clean crop
+# (zero outside the defect), and whether its amplitude may be rescaled freely
+# (additive changes) or only kept as drawn (replacements of the content).
+
+
+def _cutpaste(base, std, rng, donor):
+    size = base.shape[0]
+    f = _blob_field(rng, size, _area(rng), max_aspect=2.0)
+    alpha = _soft_alpha(f, rng, floor=0.5)
+    d = donor.astype(np.float64)
+    d = (d - d.mean()) / (d.std() + 1e-6)
+    level = base[f < 1.0].mean() if (f < 1.0).any() else base.mean()
+    patch = level + rng.uniform(-0.4, 0.4) * std + d * std * rng.uniform(0.5, 1.1)
+    return alpha * (patch - base), False
+
+
+def _curve(rng, size: int, length: float) -> np.ndarray:
+    """Points, about 0.25 px apart, of a smooth arc or a jagged crack: float [P, 2] (y, x)."""
+    n = max(16, int(4 * length))
+    t = np.linspace(0.0, 1.0, n)
+    if rng.random() < 0.5:  # smooth arc: quadratic Bezier
+        bend = rng.uniform(-0.35, 0.35) * length
+        p0, p2 = np.array([0.0, 0.0]), np.array([0.0, length])
+        p1 = np.array([bend, length / 2.0])
+        pts = ((1 - t) ** 2)[:, None] * p0 + (2 * (1 - t) * t)[:, None] * p1 + (t ** 2)[:, None] * p2
+    else:  # crack: a direction that wanders
+        def wander(sigma):
+            w = ndimage.gaussian_filter1d(rng.standard_normal(n), sigma)
+            return w / (w.std() + 1e-12)
+
+        # slow drift plus jags every few pixels (4 points per pixel)
+        heading = rng.uniform(0.2, 0.5) * wander(n / 6.0) + rng.uniform(0.2, 0.5) * wander(8.0)
+        step = length / (n - 1)
+        pts = np.cumsum(np.stack([np.sin(heading), np.cos(heading)], 1) * step, axis=0)
+    angle = rng.uniform(0.0, 2 * math.pi)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    pts = pts @ rot.T
+    pts -= pts.min(axis=0)
+    margin = 2.0
+    extent = pts.max(axis=0)
+    room = size - 1.0 - 2.0 * margin
+    if extent.max() > room:
+        pts *= room / extent.max()
+        extent = pts.max(axis=0)
+    return pts + margin + rng.uniform(0.0, 1.0, 2) * (room - extent)
+
+
+def _scratch(base, std, rng, donor):
+    size = base.shape[0]
+    scale = max(1.0, size / 128.0)  # widths are for <= 128 px; keep the same look when larger
+    width = rng.uniform(0.7, 2.0) * scale  # anti-aliased: the changed band is about 1 px wider
+    length = rng.uniform(0.3, 0.85) * size
+    pts = _curve(rng, size, length)
+    grid = np.stack(np.mgrid[:size, :size], -1).reshape(-1, 2).astype(np.float64)
+    dist, nearest = spatial.cKDTree(pts).query(grid, distance_upper_bound=width + 2.0)
+    dist = np.where(np.isfinite(dist), dist, np.inf).reshape(size, size)
+    nearest = np.minimum(nearest, len(pts) - 1).reshape(size, size)
+    cover = np.clip(width / 2.0 + 0.5 - dist, 0.0, 1.0)  # anti-aliased line coverage
+    t = np.linspace(0.0, 1.0, len(pts))
+    fade = np.sin(math.pi * t) ** 0.35 * (0.75 + 0.25 * np.tanh(ndimage.gaussian_filter1d(
+        rng.standard_normal(len(pts)), len(pts) / 10.0) * 3.0))
+    sign = -1.0 if rng.random() < 0.6 else 1.0
+    return sign * std * cover * fade[nearest], True
+
+
+def _blob(base, std, rng, donor):
+    size = base.shape[0]
+    f = _blob_field(rng, size, _area(rng))
+    alpha = _soft_alpha(f, rng)
+    inside = f < 1.0
+    level = base[inside].mean() if inside.any() else base.mean()
+    sign = -1.0 if rng.random() < 0.55 else 1.0
+    variant = rng.integers(3)
+    shade = 1.0 + 0.3 * _smooth_noise(rng, size, max(1.0, size / 16.0))
+    if variant == 0:  # stain: brightness shift with some internal variation
+        change = sign * std * shade
+    elif variant == 1:  # worn (flattened) or harsher texture, with a slight shift
+        gain = rng.uniform(0.15, 0.5) if rng.random() < 0.6 else rng.uniform(1.6, 2.2)
+        change = (gain - 1.0) * (base - level) + 0.35 * sign * std * shade
+    else:  # discoloration: both
+        gain = rng.uniform(0.4, 0.8)
+        change = (gain - 1.0) * (base - level) + 0.8 * sign * std * shade
+    return alpha * change, variant == 0
+
+
+def _noise(base, std, rng, donor):
+    size = base.shape[0]
+    f = _blob_field(rng, size, _area(rng))
+    alpha = _soft_alpha(f, rng, floor=0.6)
+    variant = rng.integers(3)
+    scale = max(1.0, size / 64.0)
+    if variant == 0:  # grain: added (slightly correlated) noise
+        grain = ndimage.gaussian_filter(rng.standard_normal((size, size)), rng.uniform(0.0, 1.0) * scale)
+        grain /= grain.std() + 1e-12
+        return alpha * grain * std, True
+    if variant == 1:  # local blur
+        target = ndimage.gaussian_filter(base, rng.uniform(1.5, 3.0) * scale, mode="reflect")
+    else:  # directional smear
+        n = int(round(rng.uniform(4.0, 9.0) * scale)) | 1
+        angle = rng.uniform(0.0, math.pi)
+        kernel = np.zeros((n, n))
+        r = np.linspace(-(n - 1) / 2.0, (n - 1) / 2.0, 4 * n)
+        ys = np.rint((n - 1) / 2.0 + r * math.sin(angle)).astype(int)
+        xs = np.rint((n - 1) / 2.0 + r * math.cos(angle)).astype(int)
+        kernel[ys, xs] = 1.0
+        target = ndimage.convolve(base, kernel / kernel.sum(), mode="reflect")
+    return alpha * (target - base), False
+
+
+_KINDS = {"cutpaste": _cutpaste, "scratch": _scratch, "blob": _blob, "noise": _noise}
+
+
+def defect_ok(clean: np.ndarray, image: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether a defect meets the area, contrast and no-saturation limits.
+
+    clean, image: uint8 [S, S]; mask: {0, 1} [S, S] of the defect.
+    """
+    mask = mask.astype(bool)
+    area = mask.mean()
+    if not MIN_AREA <= area <= MAX_AREA:
+        return False
+    change = np.abs(image.astype(np.float64) - clean)[mask].mean()
+    contrast = change / (clean.std() + 1e-12)
+    if not MIN_CONTRAST <= contrast <= MAX_CONTRAST:
+        return False
+    changed = image != clean
+    if (changed & ~mask).any() or changed[mask].mean() < 0.9:
+        return False
+    parts, count = ndimage.label(mask, np.ones((3, 3)))
+    if count > 1 and np.bincount(parts.ravel())[1:].max() < 0.8 * mask.sum():
+        return False  # one defect, not scattered specks
+    return not (changed & ((image == 0) | (image == 255))).any()
+
+
+def add_defect(clean: np.ndarray, kind: str, rng: np.random.Generator,
+               donor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Adds one synthetic defect of `kind` to a clean crop.
+
+    clean: uint8 [S, S] in [0, 255]. donor: uint8 [S, S] crop of another
+    texture (required for "cutpaste"). Returns (image uint8 [S, S], mask uint8
+    [S, S] in {0, 1}); the mask is the set of pixels whose value changed plus
+    the few pixels inside the defect that rounding left unchanged, so pixels
+    outside it equal `clean`. Draws are redrawn until the defect meets
+    `defect_ok`.
+    """
+    if kind not in _KINDS:
+        raise DataError(f"unknown defect kind {kind!r} (known: {', '.join(DEFECT_KINDS)})")
+    if kind == "cutpaste" and donor is None:
+        raise DataError("a cutpaste defect needs a donor patch of another texture")
+    base = clean.astype(np.float64)
+    std = base.std()
+    for _ in range(_MAX_TRIES):
+        delta, scalable = _KINDS[kind](base, std, rng, donor)
+        if scalable:
+            visible = np.abs(delta) >= 0.5
+            if not visible.any():
+                continue
+            delta = delta * (rng.uniform(0.45, 1.15) * std / np.abs(delta[visible]).mean())
+        image = np.clip(np.rint(base + delta), 0, 255).astype(np.uint8)
+        changed = image != clean
+        # pixels enclosed by the defect that rounding left unchanged still belong to it
+        mask = changed | (ndimage.binary_fill_holes(changed) & (delta != 0))
+        if defect_ok(clean, image, mask):
+            return image, mask.astype(np.uint8)
+    raise DataError(f"could not place a {kind} defect meeting the limits in {_MAX_TRIES} draws "
+                    f"(crop std {std:.1f}): use another seed or crop_size")
+
+
+def load_textures(name: str, config: DataConfig) -> Dataset:
+    """Textures dataset `name` (one of TEXTURES) at config.image_size.
+
+    Train: config.num_train normal crops. Test: config.num_test crops, of which
+    round(anomaly_fraction * num_test) (halves rounded up) carry one defect;
+    the defect kinds cycle through DEFECT_KINDS in a random order. Images are
+    uint8 [N, S, S, 1] in [0, 255]; masks uint8 [N, S, S] in {0, 1}.
+    """
+    _check(name, config)
+    size = config.image_size
+    train, test = clean_crops(name, config)
+    n_test = len(test)
+    n_bad = min(n_test, int(math.floor(config.anomaly_fraction * n_test + 0.5)))
+
+    rng = _rng(config, name, 2)
+    bad = np.sort(rng.permutation(n_test)[:n_bad])
+    kinds = rng.permutation(np.resize(np.array(DEFECT_KINDS), n_bad)) if n_bad else []
+    kind_of = {int(i): str(k) for i, k in zip(bad, kinds)}
+
+    images = test.copy()
+    masks = np.zeros((n_test, size, size), np.uint8)
+    for i, kind in kind_of.items():
+        drng = _rng(config, name, 3, i)
+        donor = donor_patch(name, config, drng) if kind == "cutpaste" else None
+        images[i], masks[i] = add_defect(test[i], kind, drng, donor)
+
+    types = tuple(kind_of.get(i, "good") for i in range(n_test))
+    sizes = np.tile(np.array([[size, size]], np.int32), (n_test, 1))
+    test_split = Split(
+        images=images[..., None],
+        masks=masks,
+        labels=np.array([t != "good" for t in types], np.int32).reshape(n_test),
+        names=tuple(f"test/{t}/{i:03d}" for i, t in enumerate(types)),
+        defect_types=types,
+        original_sizes=sizes,
+    )
+    train_split = normal_split(train[..., None], [f"train/good/{i:03d}" for i in range(len(train))])
+    return Dataset(name="textures", category=name, train=train_split, test=test_split)

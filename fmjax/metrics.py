@@ -1,0 +1,281 @@
+"""Exact anomaly-detection metrics: image and pixel AUROC / AP / F1-max, and AUPRO.
+
+All functions are pure, take numpy-compatible inputs and return plain Python floats.
+Scores are "higher = more anomalous"; labels and masks use 1 = anomalous, 0 = normal.
+A metric that is undefined for the given labels (e.g. AUROC with one class only) is
+returned as nan rather than raising. Non-finite scores raise ValueError.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_scores(scores, name: str = "scores") -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {scores.shape}")
+    if scores.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{name} contain NaN or inf")
+    return scores
+
+
+def _check_binary(values, name: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype != bool and not np.all((values == 0) | (values == 1)):
+        raise ValueError(f"{name} must contain only 0 and 1")
+    return values.astype(bool)
+
+
+def _check_scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores = _check_scores(scores)
+    labels = _check_binary(labels, "labels")
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels shape {labels.shape} does not match scores shape {scores.shape}")
+    return scores, labels
+
+
+def _check_fpr_limit(fpr_limit: float) -> float:
+    fpr_limit = float(fpr_limit)
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    return fpr_limit
+
+
+def _map_mask_pairs(maps, masks) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Validated (map float64 [H, W], mask bool [H, W]) pairs from [N, H, W] arrays or lists."""
+    if isinstance(maps, np.ndarray) and maps.ndim != 3:
+        raise ValueError(f"maps must be [N, H, W] or a list of 2-D arrays, got shape {maps.shape}")
+    if isinstance(masks, np.ndarray) and masks.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W] or a list of 2-D arrays, got shape {masks.shape}")
+    if len(maps) != len(masks):
+        raise ValueError(f"got {len(maps)} maps but {len(masks)} masks")
+    if len(maps) == 0:
+        raise ValueError("maps is empty")
+    pairs = []
+    for i, (amap, mask) in enumerate(zip(maps, masks)):
+        amap = np.asarray(amap)
+        if amap.dtype.kind != "f":
+            amap = amap.astype(np.float64)
+        mask = _check_binary(mask, "masks")
+        if amap.ndim != 2 or amap.shape != mask.shape:
+            raise ValueError(f"map {i} has shape {amap.shape} but its mask has shape {mask.shape} (need equal 2-D)")
+        if not np.all(np.isfinite(amap)):
+            raise ValueError("maps contain NaN or inf")
+        pairs.append((amap, mask))
+    return pairs
+
+
+def _flat_pixels(pairs) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.concatenate([amap.ravel() for amap, _ in pairs])
+    labels = np.concatenate([mask.ravel() for _, mask in pairs])
+    return scores, labels
+
+
+# ---------------------------------------------------------------- threshold-free metrics
+
+
+def _auroc_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    if labels.all() or not labels.any():
+        return math.nan, math.nan
+    return float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+
+
+def _f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    if not labels.any():
+        return math.nan, math.nan
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    # the final (precision=1, recall=0) point has no threshold
+    precision, recall = precision[:-1], recall[:-1]
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+def f1_max(scores, labels) -> tuple[float, float]:
+    """Oracle F1: the best F1 over all thresholds, and the threshold that attains it.
+
+    scores: float [N], higher = more anomalous. labels: {0, 1} [N].
+    Returns (f1 in [0, 1], threshold) with prediction `score >= threshold`.
+    This is an ORACLE number: the threshold is chosen with the test labels, so it is an
+    upper bound on what a deployed detector would reach (see `threshold_from_normals`).
+    Returns (nan, nan) when there is no positive label (F1 undefined).
+    """
+    return _f1_max(*_check_scores_labels(scores, labels))
+
+
+def image_metrics(scores, labels) -> dict:
+    """Image-level AUROC, average precision and oracle F1-max.
+
+    scores: float [N], higher = more anomalous. labels: {0, 1} [N], 1 = anomalous.
+    Returns {"image_auroc", "image_ap", "image_f1_max"}, each in [0, 1].
+    If labels hold one class only, image_auroc and image_ap are nan (undefined);
+    image_f1_max is nan when there is no anomalous image.
+    """
+    scores, labels = _check_scores_labels(scores, labels)
+    auroc, ap = _auroc_ap(scores, labels)
+    return {"image_auroc": auroc, "image_ap": ap, "image_f1_max": _f1_max(scores, labels)[0]}
+
+
+# ---------------------------------------------------------------- AUPRO
+
+
+def _aupro(pairs, fpr_limit: float) -> float:
+    fpr_limit = _check_fpr_limit(fpr_limit)
+    scores, normal = [], []
+    region_ids = []  # global region id per pixel, 0 = normal
+    n_regions = 0
+    for amap, mask in pairs:
+        ids, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        region_ids.append(np.where(ids > 0, ids + n_regions, 0).ravel())
+        n_regions += count
+        scores.append(amap.ravel())
+        normal.append(~mask.ravel())
+    if n_regions == 0:
+        return math.nan
+    scores = np.concatenate(scores)
+    normal = np.concatenate(normal)
+    region_ids = np.concatenate(region_ids)
+    n_normal = int(normal.sum())
+    if n_normal == 0:
+        raise ValueError("AUPRO needs normal pixels (mask == 0) but every pixel is anomalous")
+
+    # Each anomalous pixel carries weight 1 / (|its region| * n_regions), so the summed
+    # weight of the pixels at or above a threshold is the mean per-region overlap (PRO).
+    region_size = np.bincount(region_ids, minlength=n_regions + 1)
+    weight = np.zeros(n_regions + 1)
+    weight[1:] = 1.0 / (region_size[1:] * float(n_regions))
+
+    # Ties are grouped below, so neither sort needs to be stable.
+    descending = np.argsort(scores)[::-1]
+    sorted_scores = np.sort(scores)[::-1]
+    # last index of every run of equal scores: tied pixels enter the curve together
+    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1)
+    normal_sorted = normal[descending]
+    n_normal_above = np.cumsum(normal_sorted)[ends]
+    n_anomalous_above = ends + 1 - n_normal_above
+    anomalous_weight = weight[region_ids[descending[~normal_sorted]]]
+    pro = np.concatenate([[0.0], np.cumsum(anomalous_weight)])[n_anomalous_above]
+    fpr = np.concatenate([[0.0], n_normal_above / n_normal])
+    pro = np.concatenate([[0.0], np.minimum(pro, 1.0)])
+
+    # fpr is non-decreasing and reaches 1, so a first point beyond the limit exists
+    # whenever the curve has not already hit the limit exactly.
+    keep = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    fpr_kept, pro_kept = fpr[:keep], pro[:keep]
+    if fpr_kept[-1] < fpr_limit:
+        x0, x1, y0, y1 = fpr[keep - 1], fpr[keep], pro[keep - 1], pro[keep]
+        pro_at_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+        fpr_kept = np.append(fpr_kept, fpr_limit)
+        pro_kept = np.append(pro_kept, pro_at_limit)
+    area = float(np.sum(np.diff(fpr_kept) * (pro_kept[1:] + pro_kept[:-1]) / 2.0))
+    return min(max(area / fpr_limit, 0.0), 1.0)
+
+
+def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the per-region-overlap (PRO) curve up to `fpr_limit`, exact.
+
+    maps: float [N, H, W] (higher = more anomalous) or a list of 2-D float arrays.
+    masks: {0, 1} [N, H, W] or a list of 2-D arrays, each the same shape as its map.
+    Ground-truth regions are the 8-connected components of each mask. For a threshold
+    th, FPR(th) is the fraction of ALL normal pixels (mask == 0, all images) with
+    map >= th, and PRO(th) is the mean over ALL regions (all images pooled, each
+    region weighted equally) of the fraction of its pixels with map >= th. The curve
+    has one point per distinct map value (tied pixels enter together), starts at
+    (0, 0), is integrated with the trapezoid rule up to FPR = fpr_limit (PRO linearly
+    interpolated there) and divided by fpr_limit.
+    Returns a float in [0, 1]; nan when no mask has an anomalous pixel.
+    Raises ValueError when there is no normal pixel or fpr_limit is not in (0, 1].
+    """
+    return _aupro(_map_mask_pairs(maps, masks), fpr_limit)
+
+
+# ---------------------------------------------------------------- pixel and combined
+
+
+def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
+    """Pixel-level AUROC, average precision, oracle F1-max and AUPRO.
+
+    maps: float [N, H, W] or a list of 2-D float arrays (sizes may differ per image).
+    masks: {0, 1} [N, H, W] or a list of 2-D arrays, paired with maps (same shape per pair).
+    Pixels of all images are pooled. Returns {"pixel_auroc", "pixel_ap",
+    "pixel_f1_max", "aupro"}, each in [0, 1]; undefined values are nan (see
+    `image_metrics` and `aupro`).
+    """
+    pairs = _map_mask_pairs(maps, masks)
+    scores, labels = _flat_pixels(pairs)
+    auroc, ap = _auroc_ap(scores, labels)
+    return {
+        "pixel_auroc": auroc,
+        "pixel_ap": ap,
+        "pixel_f1_max": _f1_max(scores, labels)[0],
+        "aupro": _aupro(pairs, fpr_limit),
+    }
+
+
+def compute_all(image_scores, labels, maps=None, masks=None, fpr_limit: float = 0.3) -> dict:
+    """Image metrics merged with pixel metrics (see `image_metrics`, `pixel_metrics`).
+
+    image_scores: float [N]; labels: {0, 1} [N]; maps, masks as in `pixel_metrics`.
+    The pixel keys are nan when maps/masks are None or no mask has an anomalous pixel.
+    """
+    result = image_metrics(image_scores, labels)
+    pixel = dict.fromkeys(PIXEL_KEYS, math.nan)
+    if maps is not None and masks is not None:
+        pairs = _map_mask_pairs(maps, masks)
+        if any(mask.any() for _, mask in pairs):
+            pixel = pixel_metrics([a for a, _ in pairs], [m for _, m in pairs], fpr_limit)
+    result.update(pixel)
+    return result
+
+
+# ---------------------------------------------------------------- fixed thresholds
+
+
+def thresholded_metrics(scores, labels, threshold: float) -> dict:
+    """Precision, recall, F1 and accuracy of the prediction `score >= threshold`.
+
+    scores: float [N]; labels: {0, 1} [N]. Returns {"precision", "recall", "f1",
+    "accuracy"}, each in [0, 1]; a ratio with a zero denominator is 0.0.
+    """
+    scores, labels = _check_scores_labels(scores, labels)
+    pred = scores >= float(threshold)
+    tp = int(np.sum(pred & labels))
+    fp = int(np.sum(pred & ~labels))
+    fn = int(np.sum(~pred & labels))
+
+    def ratio(num: int, den: int) -> float:
+        return num / den if den > 0 else 0.0
+
+    return {
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": float(np.mean(pred == labels)),
+    }
+
+
+def threshold_from_normals(normal_scores, quantile: float = 0.99) -> float:
+    """A decision threshold fitted on normal (e.g. held-out good) images only.
+
+    normal_scores: float [M]; quantile in [0, 1]. Returns the `quantile` quantile of
+    the scores (linear interpolation), so about (1 - quantile) of normals score above it.
+    """
+    scores = _check_scores(normal_scores, "normal_scores")
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    return float(np.quantile(scores, quantile))

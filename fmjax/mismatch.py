@@ -1,0 +1,274 @@
+"""Flow Mismatching scorer (METHOD.md section 1).
+
+For a test image y, K noise images eps_k and T interior times t_j = j / (T + 1):
+  delta_{j,k}(p) = sum_c ( v(x, t_j) - (y - eps_k) )^2,   x = (1 - t_j) eps_k + t_j y,
+  H(p) = (1/T) sum_j w(t_j) Agg_k delta_{j,k}(p),           image score = rule(H).
+All B*T*K network calls of a batch of images run inside one jitted function, in chunks of
+a fixed number of network inputs, so memory stays bounded and nothing recompiles.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fmjax.flow import path_point, target_velocity, to_model_range
+
+
+class ScoreRuleError(ValueError):
+    """An unknown or out-of-range aggregation / weight / image-score rule."""
+
+
+# ----------------------------------------------------------------------------- rules
+
+def interior_times(num_times: int) -> np.ndarray:
+    """t_j = j / (T + 1), j = 1..T, float32 [T]."""
+    return (np.arange(1, num_times + 1) / (num_times + 1)).astype(np.float32)
+
+
+def path_noise(key, num_paths: int, image_shape) -> jax.Array:
+    """The K noise images eps_k, float32 [K, H, W, C].
+
+    One set is shared by every image (common random numbers): an image's score depends
+    only on the image and the key, never on its position in a batch.
+    """
+    return jax.random.normal(key, (num_paths,) + tuple(image_shape), jnp.float32)
+
+
+def parse_aggregate(spec: str, num_paths: int):
+    """'min' | 'rank:r' | 'quantile:a' | 'mean' | 'median' | 'trimmed:f' -> (kind, value).
+
+    kind is 'rank' (value = 1-based order statistic r), 'mean', 'median' or 'trimmed'
+    (value = number of paths cut from each end).
+    """
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "min" and not arg:
+            return "rank", 1
+        if name == "rank":
+            r = int(arg)
+            if not 1 <= r <= num_paths:
+                raise ScoreRuleError(f"aggregate {spec!r}: r must be in 1..K={num_paths}")
+            return "rank", r
+        if name == "quantile":
+            alpha = float(arg)
+            if not 0.0 < alpha <= 1.0:
+                raise ScoreRuleError(f"aggregate {spec!r}: alpha must be in (0, 1]")
+            return "rank", max(1, math.ceil(alpha * num_paths - 1e-9))
+        if name in ("mean", "median") and not arg:
+            return name, 0
+        if name == "trimmed":
+            frac = float(arg)
+            if not 0.0 <= frac < 0.5:
+                raise ScoreRuleError(f"aggregate {spec!r}: fraction must be in [0, 0.5)")
+            return "trimmed", int(math.floor(frac * num_paths))
+    except ValueError as err:
+        if isinstance(err, ScoreRuleError):
+            raise
+        raise ScoreRuleError(f"aggregate {spec!r}: bad number {arg!r}") from None
+    raise ScoreRuleError(f"unknown aggregate {spec!r} (known: min, rank:r, quantile:a, mean, median, trimmed:f)")
+
+
+def aggregate_paths(delta, spec: str, axis: int = -3):
+    """Reduces the path axis of `delta` (default [..., K, H, W]) with rule `spec`."""
+    num_paths = delta.shape[axis]
+    kind, value = parse_aggregate(spec, num_paths)
+    if kind == "mean":
+        return jnp.mean(delta, axis=axis)
+    ordered = jnp.sort(delta, axis=axis)
+    if kind == "rank":
+        return jnp.take(ordered, value - 1, axis=axis)
+    if kind == "median":
+        lo, hi = (num_paths - 1) // 2, num_paths // 2
+        return 0.5 * (jnp.take(ordered, lo, axis=axis) + jnp.take(ordered, hi, axis=axis))
+    kept = jax.lax.slice_in_dim(ordered, value, num_paths - value, axis=axis % delta.ndim)
+    return jnp.mean(kept, axis=axis)
+
+
+def time_weights(times, rule: str):
+    """w(t_j): 't2' -> t^2, 'none' -> 1.  times [T] -> [T]."""
+    times = jnp.asarray(times, jnp.float32)
+    if rule == "t2":
+        return jnp.square(times)
+    if rule == "none":
+        return jnp.ones_like(times)
+    raise ScoreRuleError(f"unknown time weight {rule!r} (known: t2, none)")
+
+
+def aggregate_times(per_time, times, rule: str):
+    """(1/T) sum_j w(t_j) A_j.  per_time [..., T, H, W] -> [..., H, W]."""
+    w = time_weights(times, rule)
+    return jnp.einsum("...thw,t->...hw", per_time, w) / w.shape[0]
+
+
+def parse_image_score(spec: str):
+    """'max_plus_top1' | 'max' | 'topk_mean:f' -> (kind, fraction)."""
+    name, _, arg = spec.partition(":")
+    if name in ("max_plus_top1", "max") and not arg:
+        return name, 0.01
+    if name == "topk_mean":
+        try:
+            frac = float(arg)
+        except ValueError:
+            raise ScoreRuleError(f"image score {spec!r}: bad fraction {arg!r}") from None
+        if not 0.0 < frac <= 1.0:
+            raise ScoreRuleError(f"image score {spec!r}: fraction must be in (0, 1]")
+        return name, frac
+    raise ScoreRuleError(f"unknown image score {spec!r} (known: max_plus_top1, max, topk_mean:f)")
+
+
+def _top_mean(flat, fraction):
+    k = max(1, math.ceil(fraction * flat.shape[-1] - 1e-9))
+    return jnp.mean(jax.lax.top_k(flat, k)[0], axis=-1)
+
+
+def image_score(maps, spec: str):
+    """Image scores [B] from maps [B, H, W].
+
+    max_plus_top1: max(H) + mean of the top 1% of pixels (at least one pixel);
+    max: max(H); topk_mean:f: mean of the top ceil(f * H * W) pixels.
+    """
+    kind, frac = parse_image_score(spec)
+    flat = maps.reshape(maps.shape[0], -1)
+    if kind == "max":
+        return jnp.max(flat, axis=-1)
+    if kind == "max_plus_top1":
+        return jnp.max(flat, axis=-1) + _top_mean(flat, frac)
+    return _top_mean(flat, frac)
+
+
+def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """1-D normalised Gaussian taps, radius int(truncate * sigma + 0.5) (as scipy.ndimage)."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_smooth(maps, sigma: float):
+    """Separable Gaussian blur of maps [B, H, W]; mirror borders as scipy's 'reflect'."""
+    if sigma <= 0:
+        return maps
+    taps = jnp.asarray(gaussian_kernel(sigma))
+    radius = (taps.shape[0] - 1) // 2
+
+    def blur_axis(m, axis):
+        n = m.shape[axis]
+        # scipy's 'reflect' (d c b a | a b c d | d c b a), periodic for any radius
+        idx = np.arange(-radius, n + radius) % (2 * n)
+        idx = np.where(idx >= n, 2 * n - 1 - idx, idx)
+        m = jnp.take(m, jnp.asarray(idx), axis=axis)
+        return sum(taps[i] * jax.lax.slice_in_dim(m, i, i + n, axis=axis) for i in range(taps.shape[0]))
+
+    return blur_axis(blur_axis(maps, 1), 2)
+
+
+# ----------------------------------------------------------------------------- mismatch
+
+def mismatch_delta(velocity_fn, images, noise, times, chunk_size: int, labels=None):
+    """Per-pixel mismatch for every (image, time, path).
+
+    velocity_fn(x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
+    images: float [B,H,W,C] in [-1, 1]; noise: [K,H,W,C]; times: [T]; labels: int [B] or None.
+    Returns delta float32 [B, T, K, H, W].  The B*T*K network inputs are evaluated in
+    ceil(B*T*K / chunk_size) sequential calls of exactly chunk_size inputs each.
+    """
+    num_images, num_paths, num_times = images.shape[0], noise.shape[0], times.shape[0]
+    total = num_images * num_times * num_paths
+    num_chunks = -(-total // chunk_size)
+    flat = np.arange(num_chunks * chunk_size) % total  # padding repeats early items
+    b_idx = flat // (num_times * num_paths)
+    t_idx = (flat // num_paths) % num_times
+    k_idx = flat % num_paths
+    index = jnp.asarray(np.stack([b_idx, t_idx, k_idx], -1).reshape(num_chunks, chunk_size, 3), jnp.int32)
+
+    def one_item(y, eps, t):
+        return path_point(eps[None], y[None], t[None])[0], target_velocity(eps, y)
+
+    def chunk(idx):
+        y = images[idx[:, 0]]
+        eps = noise[idx[:, 2]]
+        t = times[idx[:, 1]]
+        x, u = jax.vmap(one_item)(y, eps, t)
+        v = velocity_fn(x, t, None if labels is None else labels[idx[:, 0]])
+        return jnp.sum(jnp.square(v.astype(jnp.float32) - u), axis=-1)
+
+    delta = jax.lax.map(chunk, index)
+    delta = delta.reshape((num_chunks * chunk_size,) + delta.shape[2:])[:total]
+    return delta.reshape((num_images, num_times, num_paths) + delta.shape[1:])
+
+
+def heat_maps(delta, times, aggregate: str, time_weight: str, smooth_sigma: float = 0.0):
+    """delta [B, T, K, H, W] -> maps H [B, H, W] (paths aggregated, times weighted, smoothed)."""
+    per_time = aggregate_paths(delta, aggregate, axis=2)
+    return gaussian_smooth(aggregate_times(per_time, times, time_weight), smooth_sigma)
+
+
+# ----------------------------------------------------------------------------- scorer
+
+class Scorer:
+    """The one jitted scoring path used by evaluate, predict, bench and the experiments.
+
+    apply_fn(params, x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
+    Images are spread over `devices` (default: all local devices); each device scores
+    `config.image_batch` images per call, so every call has the same shapes.
+    """
+
+    def __init__(self, apply_fn, config, image_shape, devices=None):
+        self.config = config
+        self.image_shape = tuple(image_shape)
+        parse_aggregate(config.aggregate, config.num_paths)
+        parse_image_score(config.image_score)
+        time_weights(jnp.zeros(1), config.time_weight)
+        self.noise = path_noise(jax.random.PRNGKey(config.seed), config.num_paths, self.image_shape)
+        self.times = jnp.asarray(interior_times(config.num_times))
+        devices = list(devices if devices is not None else jax.local_devices())
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.batch = config.image_batch * len(devices)
+
+        def local_delta(params, images_u8, labels, noise, times):
+            velocity = lambda x, t, y: apply_fn(params, x, t, y)
+            return mismatch_delta(velocity, to_model_range(images_u8), noise, times, config.chunk_size, labels)
+
+        def local_maps(params, images_u8, labels, noise, times):
+            delta = local_delta(params, images_u8, labels, noise, times)
+            maps = heat_maps(delta, times, config.aggregate, config.time_weight, config.smooth_sigma)
+            return maps, image_score(maps, config.image_score)
+
+        def sharded(fn, out_specs):
+            return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P("data"), P("data"), P(), P()),
+                                         out_specs=out_specs, check_vma=False))
+
+        self._maps = sharded(local_maps, (P("data"), P("data")))
+        self._delta = sharded(local_delta, P("data"))
+
+    def _batches(self, images, labels):
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != self.image_shape:
+            raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}], got {list(images.shape)}")
+        labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
+        for start in range(0, len(images), self.batch):
+            part = images[start:start + self.batch]
+            pad = self.batch - len(part)
+            yield (len(part), np.pad(part, ((0, pad),) + ((0, 0),) * 3),
+                   np.pad(labels[start:start + self.batch], (0, pad)))
+
+    def score(self, params, images, labels=None):
+        """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy."""
+        maps, scores = [], []
+        for n, batch, batch_labels in self._batches(images, labels):
+            m, s = self._maps(params, batch, batch_labels, self.noise, self.times)
+            maps.append(np.asarray(m)[:n])
+            scores.append(np.asarray(s)[:n])
+        shape = (0,) + self.image_shape[:2]
+        return (np.concatenate(maps) if maps else np.zeros(shape, np.float32),
+                np.concatenate(scores) if scores else np.zeros((0,), np.float32))
+
+    def delta(self, params, images, labels=None):
+        """images uint8 [N,H,W,C] -> raw mismatch float32 [N, T, K, H, W] as numpy."""
+        out = [np.asarray(self._delta(params, batch, lab, self.noise, self.times))[:n]
+               for n, batch, lab in self._batches(images, labels)]
+        return np.concatenate(out)

@@ -1,0 +1,256 @@
+"""Flow-matching training: TrainState, the pure jitted step over a 1-D `data` mesh, the
+loop (EMA, progress, JSONL log) and orbax checkpoints with bit-exact resume.
+
+Randomness: the step key is fold_in(run key, step) and the batch order is a function of
+(seed, step) only, so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fmjax import flow
+from fmjax.config import Config, ConfigError, TrainConfig
+from fmjax.nets import unet
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on (NaN loss, a checkpoint from another config, ...)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up; optional update-RMS clipping (StableAdamW-style)."""
+    schedule = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    parts = []
+    if cfg.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2))
+    if cfg.update_rms_clip:
+        # per tensor: update / max(1, RMS(update)), the StableAdamW learning-rate clip
+        parts.append(optax.clip_by_block_rms(1.0))
+    if cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay))
+    parts.append(optax.scale_by_learning_rate(schedule if cfg.warmup_steps > 0 else cfg.learning_rate))
+    return optax.chain(*parts)
+
+
+def build_model(config: Config, image_shape):
+    """(module, apply_fn) where apply_fn(params, x, t, y) -> velocity, eval mode."""
+    module = unet.UNet(config.net, out_channels=image_shape[-1])
+    conditional = config.net.num_classes > 0
+
+    def apply_fn(params, x, t, y=None):
+        return module.apply(params, x, t, y if conditional else None)
+
+    return module, apply_fn
+
+
+def init_state(config: Config, image_shape, key) -> TrainState:
+    """Fresh TrainState (params, EMA copy, optimizer state) for `image_shape` (H, W, C)."""
+    _, params = unet.create(config.net, tuple(image_shape), key)
+    tx = make_optimizer(config.train)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+
+
+def augment(images, key, cfg: TrainConfig):
+    """Random flips of images [N,H,W,C] (per image, from `key`)."""
+    kh, kv = jax.random.split(key)
+    if cfg.hflip:
+        flip = jax.random.bernoulli(kh, 0.5, (images.shape[0], 1, 1, 1))
+        images = jnp.where(flip, images[:, :, ::-1], images)
+    if cfg.vflip:
+        flip = jax.random.bernoulli(kv, 0.5, (images.shape[0], 1, 1, 1))
+        images = jnp.where(flip, images[:, ::-1], images)
+    return images
+
+
+def train_step(state: TrainState, images_u8, labels, run_key, *, module, config: Config):
+    """One optimizer step. images_u8: uint8 [B,H,W,C]; labels: int [B]. Pure."""
+    cfg = config.train
+    tx = make_optimizer(cfg)
+    key = jax.random.fold_in(run_key, state.step)
+    key_aug, key_loss, key_drop = jax.random.split(key, 3)
+    y = labels if config.net.num_classes > 0 else None
+
+    with jax.named_scope("augment"):
+        x = augment(flow.to_model_range(images_u8), key_aug, cfg)
+
+    def loss_fn(params):
+        velocity = lambda xt, t: module.apply(params, xt, t, y, train=True, rngs={"dropout": key_drop})
+        return flow.flow_matching_loss(velocity, x, key_loss, cfg.t_sampler,
+                                       cfg.logit_normal_mean, cfg.logit_normal_std)
+
+    with jax.named_scope("grad"):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    with jax.named_scope("update"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # EMA warm-up: early steps average over fewer steps
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+
+def data_mesh(devices=None):
+    """1-D mesh named `data` over `devices` (default: all local devices)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def make_step_fn(module, config: Config, mesh):
+    """jit(train_step) with the state replicated and the batch split over `data`; donates state."""
+    replicated = NamedSharding(mesh, P())
+    batch = NamedSharding(mesh, P("data"))
+    step = lambda state, images, labels, key: train_step(state, images, labels, key, module=module, config=config)
+    return jax.jit(step, in_shardings=(replicated, batch, batch, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the batch for `step`: epoch-wise permutations that depend on (seed, epoch) only."""
+    positions = step * batch_size + np.arange(batch_size)
+    epochs = positions // num_items
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_items)
+        sel = epochs == epoch
+        out[sel] = perm[positions[sel] % num_items]
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_manager(run_dir: str, config: Config | None = None) -> ocp.CheckpointManager:
+    keep = config.train.keep_checkpoints if config is not None else None
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")), options=options)
+
+
+def _state_dict(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "ema_params": state.ema_params,
+            "opt_state": state.opt_state}
+
+
+def restore_state(run_dir: str, config: Config, image_shape, step: int | None = None) -> TrainState:
+    """Restores the latest (or given) checkpoint into the shapes `config` implies."""
+    manager = checkpoint_manager(run_dir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise TrainError(f"no checkpoint in {os.path.join(run_dir, 'checkpoints')}: train first")
+    abstract = jax.eval_shape(lambda: init_state(config, image_shape, jax.random.PRNGKey(0)))
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(_state_dict(abstract)))
+    except (ValueError, KeyError) as err:
+        raise TrainError(f"checkpoint in {run_dir} does not match its config.json "
+                         f"(was it written by another config?): {str(err).splitlines()[0]}") from None
+    return TrainState(**restored)
+
+
+# ----------------------------------------------------------------------------- loop
+
+def write_json_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def train(config: Config, images: np.ndarray, run_dir: str, labels: np.ndarray | None = None,
+          resume: bool = False, progress: bool = True, devices=None, stop_at: int | None = None) -> TrainState:
+    """Trains the velocity network on normal images uint8 [N,H,W,C]; returns the final state.
+
+    Writes RUN/config.json, RUN/train_log.jsonl and orbax checkpoints under RUN/checkpoints.
+    `stop_at` ends early after that step (the run can be resumed); used to test resume.
+    """
+    cfg = config.train
+    mesh = data_mesh(devices)
+    num_devices = mesh.devices.size
+    if cfg.batch_size % num_devices:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {num_devices} devices; "
+                          f"set train.batch_size to a multiple of {num_devices}")
+    if len(images) == 0:
+        raise ConfigError("no training images")
+    image_shape = images.shape[1:]
+    labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, "config.json")
+    manager = checkpoint_manager(run_dir, config)
+    if resume and manager.latest_step() is not None:
+        if not os.path.exists(config_path) or Config.from_json(open(config_path).read()) != config:
+            raise TrainError(f"--resume: {config_path} differs from this run's config; "
+                             f"resume with the same preset and --set overrides, or use a new --out")
+        state = restore_state(run_dir, config, image_shape)
+    else:
+        if manager.latest_step() is not None:
+            raise TrainError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
+        state = init_state(config, image_shape, jax.random.PRNGKey(cfg.seed))
+        write_json_atomic(config_path, config.to_json())
+
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    state = jax.device_put(state, replicated)
+    run_key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1), replicated)
+    step_fn = make_step_fn(unet.UNet(config.net, out_channels=image_shape[-1]), config, mesh)
+
+    start = int(state.step)
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    log_path = os.path.join(run_dir, "train_log.jsonl")
+    if start == 0 and os.path.exists(log_path):
+        os.remove(log_path)
+    bar = _progress(start, cfg.steps, progress)
+    window, window_start = [], time.perf_counter()
+    for step in range(start, end):
+        idx = batch_indices(step, len(images), cfg.batch_size, cfg.seed)
+        batch = jax.device_put(images[idx], batch_sharding)
+        batch_labels = jax.device_put(labels[idx], batch_sharding)
+        state, metrics = step_fn(state, batch, batch_labels, run_key)
+        window.append(metrics)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            values = jax.device_get(window)
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done,
+                      "loss": float(np.mean([v["loss"] for v in values])),
+                      "grad_norm": float(np.mean([v["grad_norm"] for v in values])),
+                      "images_per_s": len(values) * cfg.batch_size / max(elapsed, 1e-9)}
+            if not math.isfinite(record["loss"]):
+                raise TrainError(f"loss became {record['loss']} by step {done}; "
+                                 f"lower train.learning_rate or set train.grad_clip_norm")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.update(len(values))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            window, window_start = [], time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == end:
+            manager.save(done, args=ocp.args.StandardSave(_state_dict(state)))
+            window_start = time.perf_counter()  # checkpoint time is not training throughput
+    manager.wait_until_finished()
+    bar.close()
+    return state
+
+
+def _progress(start, total, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
