@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--textures", default="brick,grass,gravel")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("bench", help="scorer throughput against a plain loop, matmul peak, memory")
+    b.add_argument("--quick", action="store_true", help="reduced set (about a minute)")
+    b.add_argument("--json", help="also write the figures as JSON here")
     return p
 
 
@@ -130,6 +133,11 @@ def cmd_demo(args):
         if name not in textures.TEXTURES:
             raise data_lib.DataError(f"unknown texture {name!r} (known: {', '.join(textures.TEXTURES)})")
     config = _build_config(args.preset, "flow_mismatch", args.set)
+    import jax
+
+    # the three textures share shapes: later ones reuse the compiled programs
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out, ".jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     rows = []
     for name in names:
         start = time.perf_counter()
@@ -154,7 +162,21 @@ def cmd_demo(args):
     print(f"heat-map pictures -> {os.path.join(args.out, '<texture>', 'pictures')}")
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}
+def cmd_bench(args):
+    from fmjax import bench, runs
+    from fmjax.viz import markdown_table
+
+    result = bench.run(quick=args.quick)
+    cols = ["preset", "image_size", "K", "T", "devices", "scorer_images_per_s", "scorer_evals_per_s",
+            "loop_images_per_s", "scorer_vs_loop", "compile_s", "max_abs_diff"]
+    print(markdown_table(result["cases"], cols))
+    print(f"float32 matmul peak {result['peak_gflops']:.1f} GFLOP/s, peak RSS {result['peak_rss_mb']:.0f} MB")
+    if args.json:
+        runs.write_json(args.json, result)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
+            "bench": cmd_bench}
 
 
 def main(argv=None) -> int:
@@ -169,7 +191,8 @@ def main(argv=None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ConfigError, DataError, RunError, TrainError, ScoreRuleError) as err:
-        print(f"fmjax {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        print(f"fmjax {args.command}: error: {first_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fmjax {args.command}: interrupted", file=sys.stderr)

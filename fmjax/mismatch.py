@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax.flow import path_point, target_velocity, to_model_range
 
@@ -227,6 +227,7 @@ class Scorer:
         self.times = jnp.asarray(interior_times(config.num_times))
         devices = list(devices if devices is not None else jax.local_devices())
         self.mesh = Mesh(np.array(devices), ("data",))
+        self._replicated = NamedSharding(self.mesh, P())
         self.batch = config.image_batch * len(devices)
 
         def local_delta(params, images_u8, labels, noise, times):
@@ -258,6 +259,7 @@ class Scorer:
 
     def score(self, params, images, labels=None):
         """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy."""
+        params = jax.device_put(params, self._replicated)  # a no-op when already replicated
         maps, scores = [], []
         for n, batch, batch_labels in self._batches(images, labels):
             m, s = self._maps(params, batch, batch_labels, self.noise, self.times)
@@ -269,6 +271,7 @@ class Scorer:
 
     def delta(self, params, images, labels=None):
         """images uint8 [N,H,W,C] -> raw mismatch float32 [N, T, K, H, W] as numpy."""
+        params = jax.device_put(params, self._replicated)
         out = [np.asarray(self._delta(params, batch, lab, self.noise, self.times))[:n]
                for n, batch, lab in self._batches(images, labels)]
         return np.concatenate(out)

@@ -67,20 +67,36 @@ def build_model(config: Config, image_shape):
 def init_state(config: Config, image_shape, key) -> TrainState:
     """Fresh TrainState (params, EMA copy, optimizer state) for `image_shape` (H, W, C)."""
     _, params = unet.create(config.net, tuple(image_shape), key)
-    tx = make_optimizer(config.train)
+    return _state_from_params(params, config)
+
+
+def abstract_state(config: Config, image_shape) -> TrainState:
+    """The TrainState's shapes and dtypes (nothing computed): the target for restores."""
+    params = unet.abstract_params(config.net, tuple(image_shape))
+    return jax.eval_shape(lambda p: _state_from_params(p, config), params)
+
+
+def _state_from_params(params, config: Config) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=make_optimizer(config.train).init(params))
 
 
 def augment(images, key, cfg: TrainConfig):
-    """Random flips of images [N,H,W,C] (per image, from `key`)."""
-    kh, kv = jax.random.split(key)
+    """Random flips of images [N,H,W,C] (per image, from `key`), then a random
+    patch_size crop per image when cfg.patch_size > 0 -> [N,P,P,C]."""
+    kh, kv, kc = jax.random.split(key, 3)
     if cfg.hflip:
         flip = jax.random.bernoulli(kh, 0.5, (images.shape[0], 1, 1, 1))
         images = jnp.where(flip, images[:, :, ::-1], images)
     if cfg.vflip:
         flip = jax.random.bernoulli(kv, 0.5, (images.shape[0], 1, 1, 1))
         images = jnp.where(flip, images[:, ::-1], images)
+    if cfg.patch_size:
+        n, h, w, c = images.shape
+        p = cfg.patch_size
+        corners = jax.random.randint(kc, (n, 2), 0, jnp.array([h - p + 1, w - p + 1]))
+        crop = lambda img, yx: jax.lax.dynamic_slice(img, (yx[0], yx[1], 0), (p, p, c))
+        images = jax.vmap(crop)(images, corners)
     return images
 
 
@@ -108,7 +124,7 @@ def train_step(state: TrainState, images_u8, labels, run_key, *, module, config:
         # EMA warm-up: early steps average over fewer steps
         decay = jnp.minimum(cfg.ema_decay, (1.0 + state.step) / (10.0 + state.step))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
 
@@ -158,7 +174,10 @@ def restore_state(run_dir: str, config: Config, image_shape, step: int | None = 
     step = manager.latest_step() if step is None else step
     if step is None:
         raise TrainError(f"no checkpoint in {os.path.join(run_dir, 'checkpoints')}: train first")
-    abstract = jax.eval_shape(lambda: init_state(config, image_shape, jax.random.PRNGKey(0)))
+    # restore onto this process's devices, whatever topology wrote the checkpoint
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract_state(config, image_shape))
     try:
         restored = manager.restore(step, args=ocp.args.StandardRestore(_state_dict(abstract)))
     except (ValueError, KeyError) as err:
@@ -227,7 +246,8 @@ def train(config: Config, images: np.ndarray, run_dir: str, labels: np.ndarray |
         state, metrics = step_fn(state, batch, batch_labels, run_key)
         window.append(metrics)
         done = step + 1
-        if done % cfg.log_every == 0 or done == end:
+        # a checkpoint step also logs, so a NaN state is caught before it is saved
+        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
             values = jax.device_get(window)
             elapsed = time.perf_counter() - window_start
             record = {"step": done,

@@ -5,3 +5,15 @@ import os
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _persistent_compile_cache(tmp_path_factory):
+    """Same config and shapes -> same XLA program: compile it once per test session
+    (every run loaded from disk builds a fresh jit, so without this each one recompiles)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

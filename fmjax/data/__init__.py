@@ -1,7 +1,7 @@
 """Data readers. Each returns a `Dataset` of uint8 numpy arrays (see base.py).
 
-`load("textures:brick" | "folder:ROOT" | "mvtec:ROOT", category, data_config)` is the one
-entry point the CLI uses.
+`load(spec, category, data_config)` is the one entry point the CLI uses; spec is
+textures:NAME | folder:ROOT | mvtec:ROOT | visa:ROOT | fashion_mnist:CLASS.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fmjax.data.base import DataError, Dataset, Split, normal_split
 
 __all__ = ["DataError", "Dataset", "Split", "normal_split", "load", "parse_spec", "split_holdout"]
 
-KINDS = ("textures", "folder", "mvtec")
+KINDS = ("textures", "folder", "mvtec", "visa", "fashion_mnist")
 
 
 def parse_spec(spec: str):
@@ -31,10 +31,24 @@ def load(spec: str, category: str | None, config) -> Dataset:
         if category not in (None, value):
             raise DataError(f"--category {category!r} contradicts --data {spec!r}; drop --category")
         return textures.load_textures(value, config)
-    from fmjax.data import folder
+    if kind == "fashion_mnist":
+        from fmjax.data import fashion_mnist
 
+        if category not in (None, value):
+            raise DataError(f"--category {category!r} contradicts --data {spec!r}; drop --category")
+        return fashion_mnist.load_fashion_mnist(value, config.image_size)
     if not category:
         raise DataError(f"--data {spec} needs --category NAME (one of the folders under {value})")
+    if kind == "mvtec":
+        from fmjax.data import mvtec
+
+        return mvtec.load_mvtec(value, category, config.image_size, config.channels or 3)
+    if kind == "visa":
+        from fmjax.data import visa
+
+        return visa.load_visa(value, category, config.image_size, config.channels or 3)
+    from fmjax.data import folder
+
     return folder.load_folder(value, category, config.image_size, config.channels)
 
 
