@@ -221,7 +221,7 @@ PRESETS = {
         data=DataConfig(image_size=64, crop_size=128, num_train=256, num_test=40),
         train=TrainConfig(steps=600, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50,
                           log_every=50, checkpoint_every=200, ema_decay=0.995, hflip=True, vflip=True),
-        score=ScoreConfig(num_paths=8, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=64,
+        score=ScoreConfig(num_paths=8, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16,
                           image_batch=1),
     ),
     # METHOD.md section 1 (about 45.3 M parameters); meant for accelerators

@@ -1,0 +1,256 @@
+"""Data parallelism: the pmap step equals the mesh step on 4 devices and the mesh step on 1
+device (in a subprocess with 4 host devices), global-batch dropout, the shared step
+pieces, replicate/shard helpers, and the multi-host batch arithmetic and start-up."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax import flow, parallel
+from fmjax.config import TrainConfig
+from fmjax.train import augment, batch_indices
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# the tiny preset with flips, patch crops, logit-normal times and dropout switched on, so
+# every random draw of the step is compared; global batch 8 over 4 devices, 4 steps
+EQUALITY_SCRIPT = textwrap.dedent("""
+    import dataclasses, json
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from fmjax import parallel, train
+    from fmjax.config import preset
+    from fmjax.nets import unet
+
+    assert jax.local_device_count() == 4, jax.local_devices()
+    base = preset("tiny")
+    config = base.replace(net=dataclasses.replace(base.net, dropout=0.1),
+                          train=dataclasses.replace(base.train, hflip=True, vflip=True, patch_size=8,
+                                                    t_sampler="logit_normal"))
+    batch, steps, shape = config.train.batch_size, 4, (16, 16, 1)
+    assert batch == 8
+    images = np.random.default_rng(0).integers(0, 256, (16,) + shape, dtype=np.uint8)
+    labels = np.zeros(len(images), np.int32)
+    module = unet.UNet(config.net, out_channels=shape[-1])
+    init = jax.device_get(train.init_state(config, shape, jax.random.PRNGKey(0)))
+    run_key = jax.random.fold_in(jax.random.PRNGKey(0), 1)
+    batches = [train.batch_indices(s, len(images), batch, 0) for s in range(steps)]
+
+    def mesh_path(devices):
+        mesh = train.data_mesh(devices)
+        rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        state, step_fn, out = jax.device_put(init, rep), train.make_step_fn(module, config, mesh), []
+        for idx in batches:
+            state, m = step_fn(state, jax.device_put(images[idx], rows), jax.device_put(labels[idx], rows),
+                               jax.device_put(run_key, rep))
+            out.append(jax.device_get(m))
+        return jax.device_get(state), out
+
+    def pmap_path(devices):
+        n = len(devices)
+        state, step_fn, out = parallel.replicate(init, devices), parallel.make_pmap_step_fn(module, config, devices), []
+        for idx in batches:
+            state, m = step_fn(state, parallel.shard_batch(images[idx], n), parallel.shard_batch(labels[idx], n),
+                               run_key)
+            m = jax.device_get(m)
+            for name, per_device in m.items():  # pmean: every device reports the same
+                assert np.all(per_device == per_device[0]), (name, per_device)
+            out.append({name: per_device[0] for name, per_device in m.items()})
+        assert jax.tree.leaves(state.params)[0].shape[0] == n
+        copies = jax.device_get(state.params)
+        for leaf in jax.tree.leaves(copies):  # the replicas stay identical
+            assert all(np.array_equal(leaf[0], leaf[d]) for d in range(n))
+        return jax.device_get(parallel.unreplicate(state)), out
+
+    devices = jax.local_devices()
+    runs = {"mesh4": mesh_path(devices), "pmap4": pmap_path(devices), "mesh1": mesh_path(devices[:1])}
+    ref_state, _ = runs["mesh4"]
+    for name, (state, _) in runs.items():
+        assert int(state.step) == steps, (name, state.step)
+        for tree, ref in ((state.params, ref_state.params), (state.ema_params, ref_state.ema_params)):
+            leaves, ref_leaves = jax.tree.leaves(tree), jax.tree.leaves(ref)
+            assert len(leaves) == len(ref_leaves) > 0
+            for a, b in zip(leaves, ref_leaves):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    moved = any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(ref_state.params)))
+    print(json.dumps({"moved": moved, **{name: {"loss": [float(m["loss"]) for m in metrics],
+                                                "grad_norm": [float(m["grad_norm"]) for m in metrics]}
+                                         for name, (_, metrics) in runs.items()}}))
+""")
+
+
+def test_pmap_mesh4_and_mesh1_agree_on_four_devices(tmp_path):
+    script = tmp_path / "equality.py"
+    script.write_text(EQUALITY_SCRIPT)
+    env = dict(os.environ)
+    # 4 host devices, whatever this session forced; a quicker CPU compile
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["moved"], "training did not change the params"
+    ref = result["mesh4"]
+    assert len(ref["loss"]) == 4 and all(np.isfinite(ref["loss"]))
+    for name in ("pmap4", "mesh1"):
+        np.testing.assert_allclose(result[name]["loss"], ref["loss"], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(result[name]["grad_norm"], ref["grad_norm"], rtol=1e-4, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- pieces (2 devices)
+
+def test_global_dropout_equals_unsharded_dropout():
+    n = jax.local_device_count()
+    assert n == 2, "tests/conftest.py forces two host devices"
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 3))
+    key = jax.random.PRNGKey(7)
+    modules = (nn.Dropout(0.3, deterministic=False), nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=False))
+    apply_all = lambda rows: [m.apply({}, rows, rngs={"dropout": key}) for m in modules]
+
+    def sharded(rows):
+        with parallel.global_dropout(jax.lax.axis_index("data"), jax.lax.axis_size("data")):
+            return apply_all(rows)
+
+    references = jax.jit(apply_all)(x)
+    outs = jax.pmap(sharded, axis_name="data")(parallel.shard_batch(x, n))
+    for out, reference in zip(outs, references):
+        np.testing.assert_array_equal(np.asarray(out).reshape(x.shape), reference)
+        assert 0 < np.mean(np.asarray(reference) == 0) < 1  # some dropped, some kept
+    # deterministic calls pass through untouched
+    with parallel.global_dropout(0, 2):
+        np.testing.assert_array_equal(nn.Dropout(0.3, deterministic=True).apply({}, x), x)
+
+
+def test_draws_match_train_augment_and_slice_by_rows():
+    cfg = TrainConfig(hflip=True, vflip=True, patch_size=8, t_sampler="logit_normal")
+    images = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
+
+    @jax.jit
+    def both(images, key):
+        x = flow.to_model_range(images)
+        noise = parallel.draw_step_noise(key, x.shape, cfg)
+        key_aug = jax.random.split(key, 3)[0]  # train_step's split: (augment, loss, dropout)
+        return parallel.apply_augment(x, noise, cfg), augment(x, key_aug, cfg), noise, parallel.slice_noise(noise, 2, 2)
+
+    ours, theirs, noise, part = both(images, jax.random.PRNGKey(5))
+    np.testing.assert_array_equal(ours, theirs)
+    assert noise.t.shape == (6,) and noise.eps.shape == (6, 8, 8, 1) and noise.hflip.shape == (6, 1, 1, 1)
+    for field in ("hflip", "vflip", "corners", "t", "eps"):
+        np.testing.assert_array_equal(getattr(part, field), getattr(noise, field)[2:4])
+    plain = jax.eval_shape(lambda key: parallel.draw_step_noise(key, (6, 16, 16, 1), TrainConfig()),
+                           jax.random.PRNGKey(0))
+    assert plain.hflip is None and plain.vflip is None and plain.corners is None
+    assert plain.eps.shape == (6, 16, 16, 1)
+
+
+def test_replicate_unreplicate_and_shard_batch():
+    devices = jax.local_devices()
+    tree = {"w": np.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
+    rep = parallel.replicate(tree, devices)
+    assert rep["w"].shape == (2, 2, 3) and rep["step"].shape == (2,)
+    assert rep["w"].sharding.device_set == set(devices)
+    for shard in rep["w"].addressable_shards:
+        np.testing.assert_array_equal(shard.data[0], tree["w"])
+    back = parallel.unreplicate(rep)
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    assert int(back["step"]) == 3
+    x = np.arange(8 * 3).reshape(8, 3)
+    sharded = parallel.shard_batch(x, 4)
+    assert sharded.shape == (4, 2, 3)
+    np.testing.assert_array_equal(sharded[1], x[2:4])
+    with pytest.raises(ValueError, match="multiple of 3"):
+        parallel.shard_batch(x, 3)
+
+
+def test_assemble_global_batch_single_process():
+    mesh = parallel.global_mesh()
+    x = np.arange(4 * 2, dtype=np.float32).reshape(4, 2)
+    batch = parallel.assemble_global_batch(x, mesh)
+    assert batch.shape == (4, 2) and len(batch.sharding.device_set) == jax.device_count()
+    np.testing.assert_array_equal(batch, x)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+@pytest.mark.parametrize("num_items,global_batch,seed", [(16, 8, 0), (10, 4, 3), (7, 8, 1)])
+def test_host_batches_concatenate_to_the_single_host_batch(num_items, global_batch, seed):
+    for step in range(6):  # spans several epochs (and batches across an epoch's end)
+        single = batch_indices(step, num_items, global_batch, seed)
+        for count in (1, 2, 4):
+            parts = [parallel.host_batch_indices(step, num_items, global_batch, seed, p, count) for p in range(count)]
+            assert all(len(part) == global_batch // count for part in parts)
+            np.testing.assert_array_equal(np.concatenate(parts), single)
+    # defaults: this (single) process reads the whole batch
+    np.testing.assert_array_equal(parallel.host_batch_indices(2, num_items, global_batch, seed),
+                                  batch_indices(2, num_items, global_batch, seed))
+
+
+def test_process_shard_and_is_writer():
+    assert parallel.process_shard(8, 0, 1) == slice(0, 8)
+    assert [parallel.process_shard(8, p, 4) for p in range(4)] == [slice(2 * p, 2 * p + 2) for p in range(4)]
+    with pytest.raises(ValueError, match="multiple of 3"):
+        parallel.process_shard(8, 0, 3)
+    with pytest.raises(ValueError, match="not in"):
+        parallel.process_shard(8, 2, 2)
+    assert parallel.is_writer(0) and not parallel.is_writer(1) and not parallel.is_writer(3)
+    assert parallel.is_writer()  # the only process here is process 0
+
+
+DISTRIBUTED_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                    "FMJAX_DISTRIBUTED", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                    "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
+                    "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+@pytest.fixture
+def fake_initialize(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    for name in DISTRIBUTED_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_maybe_initialize_distributed_without_env_does_nothing(fake_initialize):
+    assert parallel.maybe_initialize_distributed() is False
+    assert parallel.maybe_initialize_distributed({}) is False
+    single_slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+                    "SLURM_LOCALID": "0"}
+    assert parallel.maybe_initialize_distributed(single_slurm) is False
+    assert parallel.maybe_initialize_distributed({"TPU_WORKER_HOSTNAMES": "only-host"}) is False
+    assert fake_initialize == []
+
+
+def test_maybe_initialize_distributed_from_env(fake_initialize, monkeypatch):
+    explicit = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert parallel.maybe_initialize_distributed(explicit) is True
+    assert fake_initialize[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    monkeypatch.setenv("COORDINATOR_ADDRESS", "10.0.0.2:99")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    assert parallel.maybe_initialize_distributed() is True
+    assert fake_initialize[-1] == {"coordinator_address": "10.0.0.2:99", "num_processes": 4, "process_id": 0}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        parallel.maybe_initialize_distributed({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    for env in (slurm, {"FMJAX_DISTRIBUTED": "1"}, {"TPU_WORKER_HOSTNAMES": "w0,w1"},
+                {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}):
+        calls = len(fake_initialize)
+        assert parallel.maybe_initialize_distributed(env) is True, env
+        assert fake_initialize[calls:] == [{}]  # JAX detects the rest
+    # an initialized runtime is left alone
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    calls = len(fake_initialize)
+    assert parallel.maybe_initialize_distributed(explicit) is False
+    assert len(fake_initialize) == calls
