@@ -86,12 +86,60 @@ class ScoreConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RadarConfig:
+    """RADAR settings; every field is a choice the paper leaves open (METHOD.md section 2).
+    Checked by fmjax.radar.validate_radar_config."""
+
+    schedule: str = "linear"  # linear | cosine (Nichol & Dhariwal, s = 0.008)
+    num_steps: int = 1000  # DDPM timesteps
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02  # linear schedule only
+    t_score: int = 250  # the single noising timestep used at test time, in 0..num_steps-1
+    map_kind: str = "eps_diff"  # eps_diff: eps_hat - eps | eps_hat: the prediction alone
+    channel_reduce: str = "l2"  # l2: sqrt(sum_c d^2) | mean_abs: mean_c |d|
+    patch_size: int = 32  # training crops and scoring patches (square)
+    patch_stride: int = 16  # scoring patch stride; the last row/column is shifted to the border
+    feature_local: str = "max_patch_l2"  # local feature: max over patches of the patch L2 norm
+    # Isolation Forest. contamination: fraction of the (normal) training features the forest
+    # places beyond its threshold, so 0.05 puts the threshold at the 5% least typical
+    # training normal; "auto" uses the original Isolation Forest offset (score 0.5).
+    contamination: float | str = 0.05
+    n_estimators: int = 200
+    max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
+    forest_seed: int = 0
+    noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
+    sobel_smooth_sigma: float = 0.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off
+    image_batch: int = 4  # images per device per jitted scoring call (padded: no recompiles)
+    use_ema: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconConfig:
+    """Flow reconstruction baseline (METHOD.md section 3; all choices, the papers give none).
+    Checked by fmjax.recon.validate_recon_config."""
+
+    t0: float = 0.5  # start time in [0, 1): 0 = from pure noise, near 1 = barely perturbed
+    steps: int = 10  # N integration steps from t0 to 1
+    method: str = "euler"  # euler | heun (2 network calls per step)
+    image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f (as fmjax.mismatch)
+    smooth_sigma: float = 0.0  # Gaussian smoothing of the map, in pixels; 0 = off
+    noise_seed: int = 0  # one noise image shared by every image: scores do not depend on the batch
+    image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
+    use_ema: bool = True
+
+
+METHODS = ("flow_mismatch", "radar", "recon")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    method: str = "flow_mismatch"
+    method: str = "flow_mismatch"  # flow_mismatch | radar | recon (see METHODS)
     net: NetConfig = NetConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
-    score: ScoreConfig = ScoreConfig()
+    score: ScoreConfig = ScoreConfig()  # flow_mismatch scoring; its threshold quantiles serve every method
+    radar: RadarConfig = RadarConfig()  # method radar: training objective, scoring, Isolation Forest
+    recon: ReconConfig = ReconConfig()  # method recon: scoring rule of a flow-matching model
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -134,8 +182,14 @@ def _coerce(value, default, name):
     return value
 
 
-def _parse_value(text: str, default, key: str):
-    """Parses an override string into the type of the field's default."""
+def _parse_value(text: str, default, key: str, hint=None):
+    """Parses an override string into the type of the field's default (for a
+    `float | str` field such as radar.contamination: a number if it reads as one)."""
+    if str in typing.get_args(hint) and float in typing.get_args(hint):
+        try:
+            return float(text)
+        except ValueError:
+            return text
     try:
         if isinstance(default, bool):
             if text.lower() in ("true", "1", "yes"):
@@ -172,7 +226,8 @@ def apply_overrides(config: Config, overrides) -> Config:
         names = {f.name for f in dataclasses.fields(section)}
         if parts[1] not in names:
             raise ConfigError(f"unknown config key {key!r} (known in {parts[0]}: {', '.join(sorted(names))})")
-        value = _parse_value(text, getattr(section, parts[1]), key)
+        hint = typing.get_type_hints(type(section))[parts[1]]
+        value = _parse_value(text, getattr(section, parts[1]), key, hint)
         config = dataclasses.replace(config, **{parts[0]: dataclasses.replace(section, **{parts[1]: value})})
     validate(config)
     return config
@@ -180,10 +235,10 @@ def apply_overrides(config: Config, overrides) -> Config:
 
 def validate(config: Config) -> None:
     """Raises ConfigError for settings that cannot work."""
-    from fmjax import mismatch  # late import: mismatch imports jax
+    from fmjax import mismatch, radar, recon  # late import: they import jax
 
-    if config.method not in ("flow_mismatch",):
-        raise ConfigError(f"unknown method {config.method!r} (known: flow_mismatch)")
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r} (known: {', '.join(METHODS)})")
     if config.train.t_sampler not in ("uniform", "logit_normal"):
         raise ConfigError(f"train.t_sampler must be uniform or logit_normal, got {config.train.t_sampler!r}")
     if config.train.batch_size < 1 or config.train.steps < 0:
@@ -202,6 +257,14 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"data.image_size {config.data.image_size} must be divisible by 2**{len(config.net.channel_mult) - 1} "
             f"for net.channel_mult {config.net.channel_mult}")
+    recon.validate_recon_config(config.recon)
+    if config.method == "radar":
+        size = config.data.image_size
+        radar.validate_radar_config(config.radar, (size, size), config.net)
+        if config.net.num_classes:
+            raise ConfigError("method radar trains an unconditional network: set net.num_classes=0")
+    else:  # the image-size checks matter only to radar runs
+        radar.validate_radar_config(config.radar)
 
 
 PRESETS = {
@@ -213,6 +276,8 @@ PRESETS = {
         train=TrainConfig(steps=20, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every=5,
                           checkpoint_every=10, ema_decay=0.9),
         score=ScoreConfig(num_paths=4, num_times=4, aggregate="rank:2", chunk_size=16, image_batch=2),
+        radar=RadarConfig(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2),
+        recon=ReconConfig(steps=4, image_batch=2),
     ),
     # minutes on a 2-core CPU: the demo
     "small": Config(
@@ -221,8 +286,10 @@ PRESETS = {
         data=DataConfig(image_size=64, crop_size=128, num_train=256, num_test=40),
         train=TrainConfig(steps=600, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50,
                           log_every=50, checkpoint_every=200, ema_decay=0.995, hflip=True, vflip=True),
-        score=ScoreConfig(num_paths=8, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16,
+        score=ScoreConfig(num_paths=16, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16,
                           image_batch=1),
+        # the same smoothing as the Flow Mismatching map, so a comparison isolates the scoring rule
+        recon=ReconConfig(steps=10, smooth_sigma=2.0),
     ),
     # METHOD.md section 1 (about 45.3 M parameters); meant for accelerators
     "paper": Config(

@@ -13,26 +13,32 @@ pmap step draws exactly the same global arrays on every device and keeps the row
 own batch shard (`lax.axis_index('data')`); dropout masks too (see `global_dropout`). The
 per-device losses are means over equal-sized shards, so their `pmean` is the global mean
 and the averaged gradients are the global-batch gradients. The two paths then differ only
-by the order of floating-point sums.
+by the order of floating-point sums. (The price: each device draws the global batch's
+random numbers, n times the work of its own share; small next to the network.)
 
-The step is split into pieces both paths share (`draw_step_noise`, `apply_augment`,
-`flow_loss`, `apply_gradients`); `train_step` composes them and equals
-`fmjax.train.train_step` bit for bit.
+Both paths build the step from the same pieces of fmjax/train.py (`draw_step_noise`,
+`apply_augment`, `flow_loss`, `apply_gradients`).
 
-Multi-host (one process per host; every process runs the same command)
-----------------------------------------------------------------------
-`maybe_initialize_distributed()` must run before any other JAX call. Each process then
-reads only its part of every global batch (`host_batch_indices`), and only process 0
-writes checkpoints and logs (`is_writer`). Devices are ordered by process, so process p's
-rows of the global batch go to its local devices, in order.
+Multi-host (several processes, each running the same command)
+--------------------------------------------------------------
+`maybe_initialize_distributed()` must run before any other JAX call (the `fmjax` command
+line calls it first). Each process then
+reads only its part of every global batch (`host_batch_indices`) and hands it to its own
+devices (`assemble_global_batch` on `global_mesh()`, or `shard_batch` for the pmap step);
+the data axis orders devices process by process (`process_major_devices`), so the global
+batch is the single-host batch in the same order. Only process 0 writes config.json, logs
+and progress (`is_writer`); orbax checkpoint saves are collective: every process calls
+them and orbax writes once.
 
-TPU pod slice (the workers are found from the TPU VM metadata; FMJAX_DISTRIBUTED=1 opts in)::
+TPU pod slice, one process per TPU VM (JAX finds the workers from the TPU VM metadata;
+FMJAX_DISTRIBUTED=1 opts in; every worker needs the data at the same path)::
 
     gcloud compute tpus tpu-vm ssh TPU_NAME --zone=ZONE --worker=all \\
         --command="FMJAX_DISTRIBUTED=1 fmjax train --preset paper --data mvtec:/data/mvtec \\
                    --category bottle --out /shared/runs/bottle"
 
-Several GPU hosts (here 2 hosts; host 0 at 10.0.0.1 runs the coordinator on port 1234)::
+Several GPU hosts, one process per host using all its GPUs (here 2 hosts; host 0 at
+10.0.0.1 runs the coordinator on port 1234)::
 
     # on host 0
     JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 \\
@@ -41,14 +47,17 @@ Several GPU hosts (here 2 hosts; host 0 at 10.0.0.1 runs the coordinator on port
     JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 \\
         fmjax train --preset paper --data mvtec:/data/mvtec --category bottle --out /shared/runs/bottle
 
-Under Slurm (`srun --nodes=2 --ntasks-per-node=1 fmjax train ...`) or Open MPI
-(`mpirun -np 2 fmjax train ...`) no variables are needed: JAX reads the job's own.
-`--out` must be on storage every host can reach (a shared file system or a bucket).
+Under Slurm or Open MPI no variables are needed (JAX reads the job's own) and JAX gives
+each process one GPU, so start one process per GPU, e.g. for 2 nodes of 8 GPUs
+`srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 fmjax train ...` or
+`mpirun -np 16 --npernode 8 fmjax train ...`.
+
+`--out` must be a folder every process can reach (a shared file system).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, NamedTuple
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -59,93 +68,21 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import flow
-from fmjax.config import Config, TrainConfig
-from fmjax.train import TrainState, batch_indices, make_optimizer
+from fmjax.config import Config
+# the step's pieces live in fmjax/train.py; re-exported here
+from fmjax.train import (StepNoise, TrainState, apply_augment, apply_gradients, batch_indices,  # noqa: F401
+                         draw_augment, draw_step_noise, flow_loss, train_step)
 
 AXIS = "data"
 
 
 # ----------------------------------------------------------------------------- the shared step
 
-class StepNoise(NamedTuple):
-    """All the randomness of one step for a batch of N images (None: not drawn)."""
-
-    hflip: Any  # bool [N,1,1,1] or None
-    vflip: Any  # bool [N,1,1,1] or None
-    corners: Any  # int [N,2] patch corners or None
-    t: Any  # float [N] path times
-    eps: Any  # float32 [N,h,w,C] noise (h, w: the patch size when cropping)
-    dropout_key: Any  # key for the network's dropout (masks over the whole batch)
-
-
-def draw_step_noise(key, images_shape, cfg: TrainConfig) -> StepNoise:
-    """The step's randomness for a batch of `images_shape` (N,H,W,C), from the step key
-    fold_in(run key, step); the same draws `fmjax.train.train_step` makes."""
-    key_aug, key_loss, key_drop = jax.random.split(key, 3)
-    n, h, w, c = images_shape
-    kh, kv, kc = jax.random.split(key_aug, 3)
-    hflip = jax.random.bernoulli(kh, 0.5, (n, 1, 1, 1)) if cfg.hflip else None
-    vflip = jax.random.bernoulli(kv, 0.5, (n, 1, 1, 1)) if cfg.vflip else None
-    corners = None
-    if cfg.patch_size:
-        p = cfg.patch_size
-        corners = jax.random.randint(kc, (n, 2), 0, jnp.array([h - p + 1, w - p + 1]))
-        h = w = p
-    key_t, key_eps = jax.random.split(key_loss)
-    t = flow.sample_times(key_t, n, cfg.t_sampler, cfg.logit_normal_mean, cfg.logit_normal_std)
-    eps = jax.random.normal(key_eps, (n, h, w, c), jnp.float32)
-    return StepNoise(hflip, vflip, corners, t, eps, key_drop)
-
-
 def slice_noise(noise: StepNoise, start, size: int) -> StepNoise:
     """Rows [start, start + size) of every per-image draw (`start` may be traced)."""
     take = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, start, size, 0)
     return StepNoise(take(noise.hflip), take(noise.vflip), take(noise.corners), take(noise.t),
                      take(noise.eps), noise.dropout_key)
-
-
-def apply_augment(images, noise: StepNoise, cfg: TrainConfig):
-    """Flips and patch crops of images [N,H,W,C] as drawn in `noise`."""
-    if noise.hflip is not None:
-        images = jnp.where(noise.hflip, images[:, :, ::-1], images)
-    if noise.vflip is not None:
-        images = jnp.where(noise.vflip, images[:, ::-1], images)
-    if noise.corners is not None:
-        c = images.shape[-1]
-        p = cfg.patch_size
-        crop = lambda img, yx: lax.dynamic_slice(img, (yx[0], yx[1], 0), (p, p, c))
-        images = jax.vmap(crop)(images, noise.corners)
-    return images
-
-
-def flow_loss(params, x, noise: StepNoise, labels, *, module, config: Config):
-    """Mean squared velocity error on data x [N,h,w,C] in [-1, 1] with the drawn t and eps."""
-    y = labels if config.net.num_classes > 0 else None
-    xt = flow.path_point(noise.eps, x, noise.t)
-    v = module.apply(params, xt, noise.t, y, train=True, rngs={"dropout": noise.dropout_key})
-    return jnp.mean(jnp.square(v.astype(jnp.float32) - flow.target_velocity(noise.eps, x)))
-
-
-def apply_gradients(state: TrainState, grads, cfg: TrainConfig) -> TrainState:
-    """The optimizer update and the EMA (with warm-up: early steps average fewer steps)."""
-    updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = jnp.minimum(cfg.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-
-
-def train_step(state: TrainState, images_u8, labels, run_key, *, module, config: Config):
-    """`fmjax.train.train_step` composed of the shared pieces (bit-identical results)."""
-    cfg = config.train
-    noise = draw_step_noise(jax.random.fold_in(run_key, state.step), images_u8.shape, cfg)
-    with jax.named_scope("augment"):
-        x = apply_augment(flow.to_model_range(images_u8), noise, cfg)
-    with jax.named_scope("grad"):
-        loss, grads = jax.value_and_grad(flow_loss)(state.params, x, noise, labels, module=module, config=config)
-    with jax.named_scope("update"):
-        state = apply_gradients(state, grads, cfg)
-    return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 # ----------------------------------------------------------------------------- pmap
@@ -188,7 +125,7 @@ def pmap_train_step(state: TrainState, images_u8, labels, run_key, *, module, co
     noise = draw_step_noise(jax.random.fold_in(run_key, state.step), global_shape, cfg)
     noise = slice_noise(noise, index * local, local)
     with jax.named_scope("augment"):
-        x = apply_augment(flow.to_model_range(images_u8), noise, cfg)
+        x = apply_augment(flow.to_model_range(images_u8), noise.hflip, noise.vflip, noise.corners, cfg)
 
     def loss_fn(params):
         with global_dropout(index, num_shards):
@@ -205,12 +142,15 @@ def pmap_train_step(state: TrainState, images_u8, labels, run_key, *, module, co
 
 
 def make_pmap_step_fn(module, config: Config, devices=None):
-    """pmap(pmap_train_step) over `devices` (default: all local devices).
+    """pmap(pmap_train_step) over `devices` (default: `process_major_devices()`, i.e. all
+    local devices on one host and every device, process by process, on several).
 
     Call it as step(state, images, labels, run_key) with `state` from `replicate`, images
-    [n, B/n, H, W, C] and labels [n, B/n] from `shard_batch`, and one (unreplicated)
-    run_key; returns (state, metrics), both with a leading device axis (`unreplicate`).
-    The state argument is donated."""
+    [n, B/n, H, W, C] and labels [n, B/n] from `shard_batch` (n: this process's devices;
+    on several hosts each passes its own rows, `host_batch_indices`), and one
+    (unreplicated) run_key; returns (state, metrics), both with a leading device axis
+    (`unreplicate`). The state argument is donated."""
+    devices = process_major_devices() if devices is None else list(devices)
     step = lambda state, images, labels, key: pmap_train_step(state, images, labels, key,
                                                               module=module, config=config)
     return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 0, None), devices=devices, donate_argnums=0)
@@ -218,12 +158,15 @@ def make_pmap_step_fn(module, config: Config, devices=None):
 
 def replicate(tree, devices=None):
     """One copy of every leaf per device: leaves [*shape] -> [n, *shape], split over
-    `devices` (default: all local devices) along the leading axis."""
-    devices = list(devices if devices is not None else jax.local_devices())
+    `devices` (default: this process's devices in `process_major_devices()` order) along
+    the leading axis."""
+    if devices is None:
+        devices = [d for d in process_major_devices() if d.process_index == jax.process_index()]
+    devices = list(devices)
     sharding = NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), P(AXIS))
 
     def put(leaf):
-        leaf = jnp.asarray(leaf) if not isinstance(leaf, (jax.Array, np.ndarray)) else leaf
+        leaf = leaf if isinstance(leaf, (jax.Array, np.ndarray)) else np.asarray(leaf)
         row = leaf[None]
         shards = [jax.device_put(row, d) for d in devices]
         return jax.make_array_from_single_device_arrays((len(devices),) + tuple(leaf.shape), sharding, shards)
@@ -231,9 +174,24 @@ def replicate(tree, devices=None):
     return jax.tree.map(put, tree)
 
 
-def unreplicate(tree):
-    """The first device's copy of every leaf: [n, *shape] -> [*shape]."""
+@jax.jit
+def _first_copy(tree):
     return jax.tree.map(lambda leaf: leaf[0], tree)
+
+
+def unreplicate(tree):
+    """One copy of every replicated leaf: [n, *shape] -> [*shape] (one compiled program for
+    the whole tree). On several processes the copies become one global array, replicated
+    over `global_mesh()` (what orbax saves)."""
+    if jax.process_count() == 1:
+        return _first_copy(tree)
+    sharding = NamedSharding(global_mesh(), P())
+
+    def to_global(leaf):  # the local copies of a pmap output: one [1, *shape] shard per device
+        copies = [shard.data[0] for shard in leaf.addressable_shards]
+        return jax.make_array_from_single_device_arrays(tuple(leaf.shape[1:]), sharding, copies)
+
+    return jax.tree.map(to_global, tree)
 
 
 def shard_batch(x, n: int):
@@ -317,13 +275,20 @@ def is_writer(process_index: int | None = None) -> bool:
     return (jax.process_index() if process_index is None else process_index) == 0
 
 
+def process_major_devices():
+    """Every device, those of process 0 first (then by id): on a data axis in this order,
+    process p's devices hold rows p*B/P .. (p+1)*B/P - 1 of a global batch, the rows
+    `host_batch_indices` gives it."""
+    return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+
+
 def global_mesh():
-    """1-D `data` mesh over every device of every process (jax.devices() is ordered by
-    process, so process p's local devices hold its rows of the global batch)."""
-    return jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
+    """1-D `data` mesh over every device of every process, in `process_major_devices()` order
+    (on one host: `fmjax.train.data_mesh()` up to device order)."""
+    return jax.sharding.Mesh(np.array(process_major_devices()), (AXIS,))
 
 
 def assemble_global_batch(local_batch, mesh):
-    """This process's rows [B/p, ...] -> the global batch [B, ...] sharded P('data') over
-    `mesh` (for the mesh path's step function on several hosts)."""
+    """This process's rows [B/P, ...] -> the global batch [B, ...] sharded P('data') over
+    `mesh` (`global_mesh()`), for the mesh path's step function on several hosts."""
     return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), np.asarray(local_batch))

@@ -13,8 +13,8 @@ Everything the paper leaves open is a `RadarConfig` field.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+import os
 import pickle
 import time
 
@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax import train as fm_train
-from fmjax.config import Config, ConfigError
+from fmjax.config import Config, ConfigError, RadarConfig  # RadarConfig is re-exported here
 from fmjax.flow import to_model_range
 from fmjax.mismatch import gaussian_smooth
 from fmjax.nets import unet
@@ -34,33 +35,6 @@ SCHEDULES = ("linear", "cosine")
 MAP_KINDS = ("eps_diff", "eps_hat")
 CHANNEL_REDUCTIONS = ("l2", "mean_abs")
 LOCAL_FEATURES = ("max_patch_l2",)
-
-
-@dataclasses.dataclass(frozen=True)
-class RadarConfig:
-    """RADAR settings; every field is a choice the paper leaves open (METHOD.md section 2)."""
-
-    schedule: str = "linear"  # linear | cosine (Nichol & Dhariwal, s = 0.008)
-    num_steps: int = 1000  # DDPM timesteps
-    beta_start: float = 1e-4  # linear schedule only
-    beta_end: float = 0.02  # linear schedule only
-    t_score: int = 250  # the single noising timestep used at test time, in 0..num_steps-1
-    map_kind: str = "eps_diff"  # eps_diff: eps_hat - eps | eps_hat: the prediction alone
-    channel_reduce: str = "l2"  # l2: sqrt(sum_c d^2) | mean_abs: mean_c |d|
-    patch_size: int = 32  # training crops and scoring patches (square)
-    patch_stride: int = 16  # scoring patch stride; the last row/column is shifted to the border
-    feature_local: str = "max_patch_l2"  # local feature: max over patches of the patch L2 norm
-    # Isolation Forest. contamination: fraction of the (normal) training features the forest
-    # places beyond its threshold, so 0.05 puts the threshold at the 5% least typical
-    # training normal; "auto" uses the original Isolation Forest offset (score 0.5).
-    contamination: float | str = 0.05
-    n_estimators: int = 200
-    max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
-    forest_seed: int = 0
-    noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
-    sobel_smooth_sigma: float = 0.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off
-    image_batch: int = 4  # images per device per jitted scoring call (padded: no recompiles)
-    use_ema: bool = True
 
 
 def validate_radar_config(rc: RadarConfig, image_shape=None, net=None) -> None:
@@ -216,14 +190,19 @@ def radar_train_step(state: fm_train.TrainState, images_u8, key, *, module, conf
 
 
 def train_radar(config: Config, radar_config: RadarConfig, images: np.ndarray, steps: int | None = None,
-                key=None, devices=None, progress: bool = False):
+                key=None, devices=None, progress: bool = False, run_dir: str | None = None, resume: bool = False):
     """Trains the epsilon network on normal images uint8 [N,H,W,C].
 
     steps: default config.train.steps; key: default PRNGKey(config.train.seed).
     devices: None = the first local device; a list spreads each batch over a `data` mesh
     (config.train.batch_size must divide evenly).  Parameters are initialised at the
     patch shape; the U-Net is fully convolutional so they apply to any patch count.
-    Returns (state, losses float32 [steps]).
+    run_dir: also keep a run folder in fmjax.train's layout: RUN/config.json (`config`),
+    RUN/train_log.jsonl (step, loss, grad_norm, images_per_s) and orbax TrainState
+    checkpoints under RUN/checkpoints (every train.checkpoint_every steps and at the end;
+    fmjax.train.restore_state reads them).  resume: continue from the latest checkpoint
+    there; batches and keys depend on the step only, so it repeats an uninterrupted run.
+    Returns (state, losses float32 [steps run by this call]).
     """
     images = np.asarray(images)
     if images.ndim != 4 or len(images) == 0:
@@ -238,27 +217,61 @@ def train_radar(config: Config, radar_config: RadarConfig, images: np.ndarray, s
     init_key, run_key = jax.random.split(key)
     patch_shape = (radar_config.patch_size, radar_config.patch_size, images.shape[-1])
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.device_put(fm_train.init_state(config, patch_shape, init_key), replicated)
+    state, manager, log_path = None, None, None
+    if run_dir is not None:
+        state, manager = _open_run(config, run_dir, patch_shape, resume)
+        log_path = os.path.join(run_dir, "train_log.jsonl")
+    if state is None:
+        state = fm_train.init_state(config, patch_shape, init_key)
+    state = jax.device_put(state, replicated)
     run_key = jax.device_put(run_key, replicated)
     module = unet.UNet(config.net, out_channels=images.shape[-1])
     step_fn = jax.jit(lambda s, x, k: radar_train_step(s, x, k, module=module, config=config,
                                                        radar_config=radar_config),
                       in_shardings=(replicated, batch_sharding, replicated),
                       out_shardings=(replicated, replicated), donate_argnums=0)
-    losses = []
-    start = time.perf_counter()
-    for step in range(steps):
+    first = int(state.step)
+    if log_path and first == 0 and os.path.exists(log_path):
+        os.remove(log_path)
+    bar = fm_train._progress(first, steps, progress)
+    losses, window, window_start = [], [], time.perf_counter()
+    for step in range(first, steps):
         idx = fm_train.batch_indices(step, len(images), cfg.batch_size, cfg.seed)
         state, metrics = step_fn(state, jax.device_put(images[idx], batch_sharding), run_key)
         losses.append(metrics["loss"])
-        if progress and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
-            recent = float(np.mean(jax.device_get(losses[-cfg.log_every:])))
-            print(f"radar step {step + 1}/{steps} loss {recent:.4f} ({time.perf_counter() - start:.1f}s)", flush=True)
-    losses = np.asarray(jax.device_get(losses), np.float32)
-    if losses.size and not np.all(np.isfinite(losses)):
-        raise fm_train.TrainError(f"radar loss became non-finite by step {int(np.argmin(np.isfinite(losses))) + 1}; "
-                                  f"lower train.learning_rate")
-    return state, losses
+        window.append(metrics)
+        done = step + 1
+        checkpoint = manager is not None and (done % cfg.checkpoint_every == 0 or done == steps)
+        # a checkpoint step also logs, so a NaN state is caught before it is saved
+        if done % cfg.log_every == 0 or checkpoint or done == steps:
+            values = jax.device_get(window)
+            fm_train.log_window(values, done, cfg.batch_size, time.perf_counter() - window_start, log_path, bar,
+                                what="radar loss")
+            window, window_start = [], time.perf_counter()
+        if checkpoint:
+            manager.save(done, args=ocp.args.StandardSave(fm_train._state_dict(state)))
+            window_start = time.perf_counter()  # checkpoint time is not training throughput
+    if manager is not None:
+        manager.wait_until_finished()
+    bar.close()
+    return state, np.asarray(jax.device_get(losses), np.float32)
+
+
+def _open_run(config: Config, run_dir: str, patch_shape, resume: bool):
+    """(restored state or None, checkpoint manager); writes RUN/config.json for a new run.
+    The same rules as fmjax.train.train: existing checkpoints need resume and the same config."""
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, "config.json")
+    manager = fm_train.checkpoint_manager(run_dir, config)
+    if manager.latest_step() is None:
+        fm_train.write_json_atomic(config_path, config.to_json())
+        return None, manager
+    if not resume:
+        raise fm_train.TrainError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
+    if not os.path.exists(config_path) or Config.from_json(open(config_path).read()) != config:
+        raise fm_train.TrainError(f"--resume: {config_path} differs from this run's config; "
+                                  f"resume with the same preset and --set overrides, or use a new --out")
+    return fm_train.restore_state(run_dir, config, patch_shape), manager
 
 
 # ----------------------------------------------------------------------------- patches
@@ -493,6 +506,20 @@ def forest_from_bytes(data: bytes):
     if not isinstance(forest, IsolationForest):
         raise ConfigError(f"stored forest is a {type(forest).__name__}, not an IsolationForest")
     return forest
+
+
+def save_forest(path: str, forest) -> None:
+    """Writes forest_to_bytes(forest) to `path` atomically (temp file, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(forest_to_bytes(forest))
+    os.replace(tmp, path)
+
+
+def load_forest(path: str):
+    """Reads a forest written by save_forest."""
+    with open(path, "rb") as f:
+        return forest_from_bytes(f.read())
 
 
 # ----------------------------------------------------------------------------- metrics

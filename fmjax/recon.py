@@ -8,32 +8,16 @@ its K*T independent calls, the N (Heun: 2N) calls here are sequential.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fmjax.config import ConfigError, ScoreConfig
+from fmjax.config import ConfigError, RadarConfig, ReconConfig, ScoreConfig  # ReconConfig is re-exported here
 from fmjax.flow import integrate, path_point, to_model_range
 from fmjax.mismatch import gaussian_smooth, image_score, parse_image_score
 
 METHODS = ("euler", "heun")
-
-
-@dataclasses.dataclass(frozen=True)
-class ReconConfig:
-    """Reconstruction baseline settings (all choices; the papers give none)."""
-
-    t0: float = 0.5  # start time in [0, 1): 0 = from pure noise, near 1 = barely perturbed
-    steps: int = 10  # N integration steps from t0 to 1
-    method: str = "euler"  # euler | heun (2 network calls per step)
-    image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f (as fmjax.mismatch)
-    smooth_sigma: float = 0.0  # Gaussian smoothing of the map, in pixels; 0 = off
-    noise_seed: int = 0  # one noise image shared by every image: scores do not depend on the batch
-    image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
-    use_ema: bool = True
 
 
 def validate_recon_config(rc: ReconConfig) -> None:
@@ -132,9 +116,9 @@ def network_calls_per_image(config, image_shape=None) -> int:
         return config.steps * (2 if config.method == "heun" else 1)
     if isinstance(config, ScoreConfig):
         return config.num_paths * config.num_times
-    from fmjax import radar
+    if isinstance(config, RadarConfig):
+        from fmjax import radar
 
-    if isinstance(config, radar.RadarConfig):
         if image_shape is None:
             raise ConfigError("RADAR's network call count depends on the image size: pass image_shape")
         return radar.network_calls_per_image(config, image_shape)

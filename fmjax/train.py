@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -81,51 +81,93 @@ def _state_from_params(params, config: Config) -> TrainState:
                       ema_params=jax.tree.map(jnp.copy, params), opt_state=make_optimizer(config.train).init(params))
 
 
-def augment(images, key, cfg: TrainConfig):
-    """Random flips of images [N,H,W,C] (per image, from `key`), then a random
-    patch_size crop per image when cfg.patch_size > 0 -> [N,P,P,C]."""
+class StepNoise(NamedTuple):
+    """All the randomness of one step for a batch of N images (None: not drawn)."""
+
+    hflip: Any  # bool [N,1,1,1] or None
+    vflip: Any  # bool [N,1,1,1] or None
+    corners: Any  # int [N,2] patch corners or None
+    t: Any  # float [N] path times
+    eps: Any  # float32 [N,h,w,C] noise (h, w: the patch size when cropping)
+    dropout_key: Any  # key for the network's dropout (masks over the whole batch)
+
+
+def draw_augment(key, images_shape, cfg: TrainConfig):
+    """(hflip, vflip, corners) for a batch of `images_shape` (N,H,W,C); None when off."""
+    n, h, w, _ = images_shape
     kh, kv, kc = jax.random.split(key, 3)
-    if cfg.hflip:
-        flip = jax.random.bernoulli(kh, 0.5, (images.shape[0], 1, 1, 1))
-        images = jnp.where(flip, images[:, :, ::-1], images)
-    if cfg.vflip:
-        flip = jax.random.bernoulli(kv, 0.5, (images.shape[0], 1, 1, 1))
-        images = jnp.where(flip, images[:, ::-1], images)
+    hflip = jax.random.bernoulli(kh, 0.5, (n, 1, 1, 1)) if cfg.hflip else None
+    vflip = jax.random.bernoulli(kv, 0.5, (n, 1, 1, 1)) if cfg.vflip else None
+    corners = None
     if cfg.patch_size:
-        n, h, w, c = images.shape
         p = cfg.patch_size
         corners = jax.random.randint(kc, (n, 2), 0, jnp.array([h - p + 1, w - p + 1]))
+    return hflip, vflip, corners
+
+
+def apply_augment(images, hflip, vflip, corners, cfg: TrainConfig):
+    """Flips and patch crops of images [N,H,W,C] as drawn (`draw_augment`)."""
+    if hflip is not None:
+        images = jnp.where(hflip, images[:, :, ::-1], images)
+    if vflip is not None:
+        images = jnp.where(vflip, images[:, ::-1], images)
+    if corners is not None:
+        c = images.shape[-1]
+        p = cfg.patch_size
         crop = lambda img, yx: jax.lax.dynamic_slice(img, (yx[0], yx[1], 0), (p, p, c))
         images = jax.vmap(crop)(images, corners)
     return images
 
 
+def augment(images, key, cfg: TrainConfig):
+    """Random flips of images [N,H,W,C] (per image, from `key`), then a random
+    patch_size crop per image when cfg.patch_size > 0 -> [N,P,P,C]."""
+    return apply_augment(images, *draw_augment(key, images.shape, cfg), cfg)
+
+
+def draw_step_noise(key, images_shape, cfg: TrainConfig) -> StepNoise:
+    """The step's randomness for a batch of `images_shape` (N,H,W,C) from the step key
+    fold_in(run key, step). Data-parallel steps draw it for the global batch and keep
+    their rows (fmjax/parallel.py), so every layout computes the same step."""
+    key_aug, key_loss, key_drop = jax.random.split(key, 3)
+    n, h, w, c = images_shape
+    hflip, vflip, corners = draw_augment(key_aug, images_shape, cfg)
+    if cfg.patch_size:
+        h = w = cfg.patch_size
+    key_t, key_eps = jax.random.split(key_loss)
+    t = flow.sample_times(key_t, n, cfg.t_sampler, cfg.logit_normal_mean, cfg.logit_normal_std)
+    eps = jax.random.normal(key_eps, (n, h, w, c), jnp.float32)
+    return StepNoise(hflip, vflip, corners, t, eps, key_drop)
+
+
+def flow_loss(params, x, noise: StepNoise, labels, *, module, config: Config):
+    """Mean squared velocity error on data x [N,h,w,C] in [-1, 1] with the drawn t and eps."""
+    y = labels if config.net.num_classes > 0 else None
+    xt = flow.path_point(noise.eps, x, noise.t)
+    v = module.apply(params, xt, noise.t, y, train=True, rngs={"dropout": noise.dropout_key})
+    return jnp.mean(jnp.square(v.astype(jnp.float32) - flow.target_velocity(noise.eps, x)))
+
+
+def apply_gradients(state: TrainState, grads, cfg: TrainConfig) -> TrainState:
+    """The optimizer update and the EMA (with warm-up: early steps average fewer steps)."""
+    updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = jnp.minimum(cfg.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+
 def train_step(state: TrainState, images_u8, labels, run_key, *, module, config: Config):
     """One optimizer step. images_u8: uint8 [B,H,W,C]; labels: int [B]. Pure."""
     cfg = config.train
-    tx = make_optimizer(cfg)
-    key = jax.random.fold_in(run_key, state.step)
-    key_aug, key_loss, key_drop = jax.random.split(key, 3)
-    y = labels if config.net.num_classes > 0 else None
-
+    noise = draw_step_noise(jax.random.fold_in(run_key, state.step), images_u8.shape, cfg)
     with jax.named_scope("augment"):
-        x = augment(flow.to_model_range(images_u8), key_aug, cfg)
-
-    def loss_fn(params):
-        velocity = lambda xt, t: module.apply(params, xt, t, y, train=True, rngs={"dropout": key_drop})
-        return flow.flow_matching_loss(velocity, x, key_loss, cfg.t_sampler,
-                                       cfg.logit_normal_mean, cfg.logit_normal_std)
-
+        x = apply_augment(flow.to_model_range(images_u8), noise.hflip, noise.vflip, noise.corners, cfg)
     with jax.named_scope("grad"):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = jax.value_and_grad(flow_loss)(state.params, x, noise, labels, module=module, config=config)
     with jax.named_scope("update"):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # EMA warm-up: early steps average over fewer steps
-        decay = jnp.minimum(cfg.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+        state = apply_gradients(state, grads, cfg)
+    return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def data_mesh(devices=None):
@@ -196,14 +238,25 @@ def write_json_atomic(path: str, text: str) -> None:
 
 
 def train(config: Config, images: np.ndarray, run_dir: str, labels: np.ndarray | None = None,
-          resume: bool = False, progress: bool = True, devices=None, stop_at: int | None = None) -> TrainState:
+          resume: bool = False, progress: bool = True, devices=None, stop_at: int | None = None,
+          use_pmap: bool = False) -> TrainState:
     """Trains the velocity network on normal images uint8 [N,H,W,C]; returns the final state.
 
     Writes RUN/config.json, RUN/train_log.jsonl and orbax checkpoints under RUN/checkpoints.
     `stop_at` ends early after that step (the run can be resumed); used to test resume.
+    `use_pmap` runs the pmap step (fmjax/parallel.py) instead of the mesh step: same result.
+    On several processes (after `parallel.maybe_initialize_distributed()`) every process
+    runs this with the same arguments over all devices; each reads its rows of every batch
+    and only process 0 writes config.json, the log and the progress bar.
     """
+    from fmjax import parallel  # late import: parallel imports this module
+
     cfg = config.train
-    mesh = data_mesh(devices)
+    multi_process = jax.process_count() > 1
+    if multi_process and devices is not None:
+        raise ConfigError("devices cannot be chosen in a multi-process run: it uses every device")
+    mesh = parallel.global_mesh() if multi_process else data_mesh(devices)
+    writer = parallel.is_writer()
     num_devices = mesh.devices.size
     if cfg.batch_size % num_devices:
         raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {num_devices} devices; "
@@ -224,50 +277,78 @@ def train(config: Config, images: np.ndarray, run_dir: str, labels: np.ndarray |
         if manager.latest_step() is not None:
             raise TrainError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
         state = init_state(config, image_shape, jax.random.PRNGKey(cfg.seed))
-        write_json_atomic(config_path, config.to_json())
+        if writer:
+            write_json_atomic(config_path, config.to_json())
 
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    state = jax.device_put(state, replicated)
-    run_key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1), replicated)
-    step_fn = make_step_fn(unet.UNet(config.net, out_channels=image_shape[-1]), config, mesh)
+    module = unet.UNet(config.net, out_channels=image_shape[-1])
+    run_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+    if use_pmap:
+        pmap_devices = list(mesh.devices.flat)
+        local_devices = [d for d in pmap_devices if d.process_index == jax.process_index()]
+        state = parallel.replicate(state, local_devices)
+        step_fn = parallel.make_pmap_step_fn(module, config, pmap_devices)
+    else:
+        state = jax.device_put(state, replicated)
+        run_key = jax.device_put(run_key, replicated)
+        step_fn = make_step_fn(module, config, mesh)
+    current = parallel.unreplicate if use_pmap else (lambda s: s)  # the state as one copy
 
-    start = int(state.step)
+    start = int(current(state).step)
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     log_path = os.path.join(run_dir, "train_log.jsonl")
-    if start == 0 and os.path.exists(log_path):
+    if writer and start == 0 and os.path.exists(log_path):
         os.remove(log_path)
-    bar = _progress(start, cfg.steps, progress)
+    bar = _progress(start, cfg.steps, progress and writer)
     window, window_start = [], time.perf_counter()
     for step in range(start, end):
-        idx = batch_indices(step, len(images), cfg.batch_size, cfg.seed)
-        batch = jax.device_put(images[idx], batch_sharding)
-        batch_labels = jax.device_put(labels[idx], batch_sharding)
+        idx = parallel.host_batch_indices(step, len(images), cfg.batch_size, cfg.seed)
+        if use_pmap:
+            n = len(local_devices)
+            batch, batch_labels = parallel.shard_batch(images[idx], n), parallel.shard_batch(labels[idx], n)
+        elif multi_process:
+            batch = parallel.assemble_global_batch(images[idx], mesh)
+            batch_labels = parallel.assemble_global_batch(labels[idx], mesh)
+        else:
+            batch = jax.device_put(images[idx], batch_sharding)
+            batch_labels = jax.device_put(labels[idx], batch_sharding)
         state, metrics = step_fn(state, batch, batch_labels, run_key)
+        if use_pmap:
+            metrics = jax.tree.map(lambda m: m[0], metrics)  # pmean'd: every device holds the same
         window.append(metrics)
         done = step + 1
         # a checkpoint step also logs, so a NaN state is caught before it is saved
         if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
             values = jax.device_get(window)
             elapsed = time.perf_counter() - window_start
-            record = {"step": done,
-                      "loss": float(np.mean([v["loss"] for v in values])),
-                      "grad_norm": float(np.mean([v["grad_norm"] for v in values])),
-                      "images_per_s": len(values) * cfg.batch_size / max(elapsed, 1e-9)}
-            if not math.isfinite(record["loss"]):
-                raise TrainError(f"loss became {record['loss']} by step {done}; "
-                                 f"lower train.learning_rate or set train.grad_clip_norm")
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.update(len(values))
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            log_window(values, done, cfg.batch_size, elapsed, log_path if writer else None, bar)
             window, window_start = [], time.perf_counter()
         if done % cfg.checkpoint_every == 0 or done == end:
-            manager.save(done, args=ocp.args.StandardSave(_state_dict(state)))
+            # every process saves (orbax coordinates the processes and writes once)
+            manager.save(done, args=ocp.args.StandardSave(_state_dict(current(state))))
             window_start = time.perf_counter()  # checkpoint time is not training throughput
     manager.wait_until_finished()
     bar.close()
-    return state
+    return current(state)
+
+
+def log_window(values, step: int, batch_size: int, elapsed: float, log_path, bar, what: str = "loss") -> dict:
+    """Averages a window of step metrics, stops on a non-finite loss, appends one JSONL
+    line to `log_path` (when given) and updates the progress bar."""
+    record = {"step": step,
+              "loss": float(np.mean([v["loss"] for v in values])),
+              "grad_norm": float(np.mean([v["grad_norm"] for v in values])),
+              "images_per_s": len(values) * batch_size / max(elapsed, 1e-9)}
+    if not math.isfinite(record["loss"]):
+        raise TrainError(f"{what} became {record['loss']} by step {step}; "
+                         f"lower train.learning_rate or set train.grad_clip_norm")
+    if log_path:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    bar.update(len(values))
+    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+    return record
 
 
 def _progress(start, total, enabled):

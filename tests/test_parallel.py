@@ -1,6 +1,8 @@
 """Data parallelism: the pmap step equals the mesh step on 4 devices and the mesh step on 1
 device (in a subprocess with 4 host devices), global-batch dropout, the shared step
-pieces, replicate/shard helpers, and the multi-host batch arithmetic and start-up."""
+pieces, replicate/shard helpers, the multi-host batch arithmetic and start-up, and (slow)
+two processes of 2 devices against one process of 4."""
+import inspect
 import json
 import os
 import subprocess
@@ -15,14 +17,20 @@ import pytest
 
 from fmjax import flow, parallel
 from fmjax.config import TrainConfig
-from fmjax.train import augment, batch_indices
+from fmjax.train import augment, batch_indices, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# what makes parallel.maybe_initialize_distributed start a multi-process run
+DISTRIBUTED_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                    "FMJAX_DISTRIBUTED", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                    "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
+                    "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
 
 # the tiny preset with flips, patch crops, logit-normal times and dropout switched on, so
 # every random draw of the step is compared; global batch 8 over 4 devices, 4 steps
 EQUALITY_SCRIPT = textwrap.dedent("""
-    import dataclasses, json
+    import dataclasses, functools, inspect, json, os, sys
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from fmjax import parallel, train
@@ -69,8 +77,22 @@ EQUALITY_SCRIPT = textwrap.dedent("""
             assert all(np.array_equal(leaf[0], leaf[d]) for d in range(n))
         return jax.device_get(parallel.unreplicate(state)), out
 
+    def shared_step_path(device):  # parallel.train_step: the step built from the shared pieces
+        step_fn = jax.jit(functools.partial(parallel.train_step, module=module, config=config))
+        state, out = jax.device_put(init, device), []
+        for idx in batches:
+            state, m = step_fn(state, images[idx], labels[idx], run_key)
+            out.append(jax.device_get(m))
+        return jax.device_get(state), out
+
     devices = jax.local_devices()
     runs = {"mesh4": mesh_path(devices), "pmap4": pmap_path(devices), "mesh1": mesh_path(devices[:1])}
+    # on one device the shared pieces reproduce fmjax.train.train_step bit for bit
+    shared_state, shared_metrics = shared_step_path(devices[0])
+    mesh1_state, mesh1_metrics = runs["mesh1"]
+    for a, b in zip(jax.tree.leaves(shared_state), jax.tree.leaves(mesh1_state)):
+        np.testing.assert_array_equal(a, b)
+    assert [float(m["loss"]) for m in shared_metrics] == [float(m["loss"]) for m in mesh1_metrics]
     ref_state, _ = runs["mesh4"]
     for name, (state, _) in runs.items():
         assert int(state.step) == steps, (name, state.step)
@@ -80,22 +102,48 @@ EQUALITY_SCRIPT = textwrap.dedent("""
             for a, b in zip(leaves, ref_leaves):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
     moved = any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(ref_state.params)))
-    print(json.dumps({"moved": moved, **{name: {"loss": [float(m["loss"]) for m in metrics],
-                                                "grad_norm": [float(m["grad_norm"]) for m in metrics]}
-                                         for name, (_, metrics) in runs.items()}}))
+    result = {"moved": moved, **{name: {"loss": [float(m["loss"]) for m in metrics],
+                                        "grad_norm": [float(m["grad_norm"]) for m in metrics]}
+                                 for name, (_, metrics) in runs.items()}}
+
+    # the training loop's pmap option (when fmjax.train.train has one): stop at 2, resume to 4
+    result["train_pmap_log"] = None
+    if "use_pmap" in inspect.signature(train.train).parameters:
+        loop_config = config.replace(train=dataclasses.replace(config.train, steps=steps, log_every=1,
+                                                               checkpoint_every=1000))
+        run_dir = os.path.join(sys.argv[1], "run")
+        train.train(loop_config, images, run_dir, labels=labels, progress=False, use_pmap=True, stop_at=2)
+        state = train.train(loop_config, images, run_dir, labels=labels, progress=False, use_pmap=True, resume=True)
+        assert int(state.step) == steps
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg="train(use_pmap=True)")
+        with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+            result["train_pmap_log"] = [json.loads(line) for line in f]
+    print(json.dumps(result))
 """)
+
+
+def subprocess_env(num_devices, **extra):
+    """Environment for a child python with `num_devices` host devices, whatever this session
+    forced; the other flags only make the CPU compile several times quicker (the same
+    flags for every path compared)."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARS}
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0 "
+                        "--xla_cpu_use_fusion_emitters=false --xla_cpu_use_xnnpack=false")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
 
 
 def test_pmap_mesh4_and_mesh1_agree_on_four_devices(tmp_path):
     script = tmp_path / "equality.py"
     script.write_text(EQUALITY_SCRIPT)
-    env = dict(os.environ)
-    # 4 host devices, whatever this session forced; a quicker CPU compile
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    # a compilation cache: train(use_pmap=True) reuses the pmap path's program
+    env = subprocess_env(4, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["moved"], "training did not change the params"
@@ -104,6 +152,10 @@ def test_pmap_mesh4_and_mesh1_agree_on_four_devices(tmp_path):
     for name in ("pmap4", "mesh1"):
         np.testing.assert_allclose(result[name]["loss"], ref["loss"], rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(result[name]["grad_norm"], ref["grad_norm"], rtol=1e-4, err_msg=name)
+    if "use_pmap" in inspect.signature(train).parameters:
+        log = result["train_pmap_log"]
+        assert [r["step"] for r in log] == [1, 2, 3, 4]
+        np.testing.assert_allclose([r["loss"] for r in log], ref["loss"], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- pieces (2 devices)
@@ -139,7 +191,8 @@ def test_draws_match_train_augment_and_slice_by_rows():
         x = flow.to_model_range(images)
         noise = parallel.draw_step_noise(key, x.shape, cfg)
         key_aug = jax.random.split(key, 3)[0]  # train_step's split: (augment, loss, dropout)
-        return parallel.apply_augment(x, noise, cfg), augment(x, key_aug, cfg), noise, parallel.slice_noise(noise, 2, 2)
+        ours = parallel.apply_augment(x, noise.hflip, noise.vflip, noise.corners, cfg)
+        return ours, augment(x, key_aug, cfg), noise, parallel.slice_noise(noise, 2, 2)
 
     ours, theirs, noise, part = both(images, jax.random.PRNGKey(5))
     np.testing.assert_array_equal(ours, theirs)
@@ -205,12 +258,6 @@ def test_process_shard_and_is_writer():
     assert parallel.is_writer()  # the only process here is process 0
 
 
-DISTRIBUTED_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                    "FMJAX_DISTRIBUTED", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                    "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
-                    "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
 @pytest.fixture
 def fake_initialize(monkeypatch):
     calls = []
@@ -254,3 +301,82 @@ def test_maybe_initialize_distributed_from_env(fake_initialize, monkeypatch):
     calls = len(fake_initialize)
     assert parallel.maybe_initialize_distributed(explicit) is False
     assert len(fake_initialize) == calls
+
+
+# ----------------------------------------------------------------------------- two processes (slow)
+
+# one script, two roles: "ref" trains on 4 devices in one process; "worker" is one of 2
+# processes with 2 devices each (started from the JAX_* variables), running the mesh step
+# over all 4 devices and the pmap step, each process feeding only its rows of every batch
+TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import dataclasses, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from fmjax import parallel, train
+    role, out = sys.argv[1], sys.argv[2]
+    assert parallel.maybe_initialize_distributed() == (role == "worker")
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from fmjax.config import preset
+    from fmjax.nets import unet
+
+    assert jax.device_count() == 4 and jax.process_count() == (2 if role == "worker" else 1)
+    base = preset("tiny")
+    config = base.replace(net=dataclasses.replace(base.net, dropout=0.1),
+                          train=dataclasses.replace(base.train, hflip=True, patch_size=8))
+    images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 1), dtype=np.uint8)
+    labels = np.zeros(len(images), np.int32)
+    module = unet.UNet(config.net, out_channels=1)
+    init = jax.device_get(train.init_state(config, (16, 16, 1), jax.random.PRNGKey(0)))
+    run_key = jax.random.fold_in(jax.random.PRNGKey(0), 1)
+    results = {}
+
+    mesh = parallel.global_mesh()
+    rep = NamedSharding(mesh, P())
+    state, step_fn = jax.device_put(init, rep), train.make_step_fn(module, config, mesh)
+    for s in range(4):
+        idx = parallel.host_batch_indices(s, len(images), 8, 0)
+        state, m = step_fn(state, parallel.assemble_global_batch(images[idx], mesh),
+                           parallel.assemble_global_batch(labels[idx], mesh), jax.device_put(run_key, rep))
+    results["mesh"] = state.params
+
+    if role == "worker":
+        n = jax.local_device_count()
+        state, step_fn = parallel.replicate(init), parallel.make_pmap_step_fn(module, config)
+        for s in range(4):
+            idx = parallel.host_batch_indices(s, len(images), 8, 0)
+            state, m = step_fn(state, parallel.shard_batch(images[idx], n), parallel.shard_batch(labels[idx], n),
+                               run_key)
+        results["pmap"] = parallel.unreplicate(state).params  # global arrays on 2 processes
+
+    for name, params in results.items():
+        leaves = [np.asarray(leaf.addressable_data(0)) for leaf in jax.tree.leaves(params)]
+        if parallel.is_writer():
+            np.savez(f"{out}/{role}_{name}.npz", *leaves)
+    print("ok", role, jax.process_index())
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    import socket
+
+    script = tmp_path / "two_process.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    run = lambda role, env: subprocess.Popen([sys.executable, str(script), role, str(tmp_path)], cwd=ROOT, env=env,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    procs = [run("ref", subprocess_env(4))]
+    procs += [run("worker", subprocess_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                           JAX_PROCESS_ID=str(i))) for i in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+    ref = np.load(tmp_path / "ref_mesh.npz")
+    for name in ("worker_mesh", "worker_pmap"):
+        got = np.load(tmp_path / f"{name}.npz")
+        assert len(got.files) == len(ref.files) > 0
+        for key in ref.files:
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-5, err_msg=f"{name} {key}")

@@ -1,0 +1,212 @@
+"""Flow Mismatching against RADAR, flow reconstruction and a PCA floor, on the same data
+with the same metrics and their cost.
+
+Command:
+    python experiments/compare_methods.py [--textures brick,grass,gravel] [--preset small]
+        [--set KEY=VALUE ...] [--out experiments/results/compare_methods]
+
+Per embedded texture (real photos, synthetic defects on held-out crops):
+  flow_mismatch  one flow-matching model, Flow Mismatching scores (K*T parallel calls)
+  recon          the SAME model scored by ODE reconstruction (N sequential calls), so the
+                 pair isolates the scoring rule
+  radar          an epsilon U-Net on patches, one noising step, Sobel maps, Isolation
+                 Forest fitted on the normal training images
+  pca            a floor: sklearn PCA fitted on the normal training images, map = squared
+                 residual summed over channels, image score max_plus_top1
+All go through fmjax.runs (the CLI's training, calibration and scoring path); thresholds
+come from held-out normal images only (radar: its forest's decision).
+Writes OUT/compare_methods.{md,csv,json} (one row per texture and method, plus the mean
+over textures) and the run folders OUT/runs/<texture>/<method>; a rerun with the same
+settings reuses finished runs.  --set overrides go to every method (score.*, radar.*,
+recon.*, train.*, ...).
+Expected run time on a 2-core CPU with --preset small: about 20 minutes per texture, so
+about an hour for all three: two trainings of 600 steps (flow matching and RADAR, about
+35 images/s each, 9 minutes apiece), then about 2 minutes of scoring (Flow Mismatching
+about 1 image/s at K*T = 32, reconstruction about 5, RADAR about 20, PCA hundreds).
+--preset tiny --textures brick takes about a minute.  Finished runs are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+NAMES = {"flow_mismatch": "Flow Mismatching", "radar": "RADAR", "recon": "flow reconstruction",
+         "pca": "PCA floor"}
+COLUMNS = ["texture", "method", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
+           "pixel_f1_max", "aupro", "image_f1_at_threshold", "network_calls_per_image",
+           "sequential_calls_per_image", "images_per_s", "train_s"]
+
+
+def _parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--textures", default="brick,grass,gravel", help="comma-separated (default: all three)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every method")
+    p.add_argument("--out", default=os.path.join("experiments", "results", "compare_methods"))
+    p.add_argument("--pca-components", type=float, default=0.9,
+                   help="PCA: fraction of variance kept if < 1, else the number of components (default 0.9)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _same_settings(saved, wanted) -> bool:
+    """saved: a run's config (channels resolved from the data); wanted: the requested one."""
+    return saved == wanted.replace(data=dataclasses.replace(wanted.data, channels=saved.data.channels))
+
+
+def _finished(run_dir, config, runs):
+    """The Run and its training seconds if run_dir holds a finished run of `config`, else None."""
+    timing = os.path.join(run_dir, "timing.json")
+    if not os.path.exists(timing):
+        return None
+    run = runs.load_run(run_dir)
+    if not _same_settings(run.config, config):
+        return None
+    return run, json.load(open(timing))["train_s"]
+
+
+def train_or_reuse(config, spec, run_dir, runs, progress, source=None, reuse=True):
+    """(Run, training seconds, reused).  source: a flow run folder to re-score (recon)
+    instead of training; reuse=False rebuilds even a finished run."""
+    found = _finished(run_dir, config, runs) if reuse else None
+    if found:
+        print(f"   reusing {run_dir}", flush=True)
+        return found + (True,)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished or stale run of this script
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    start = time.perf_counter()
+    if source is None:
+        run = runs.train_run(config, spec, None, run_dir, progress=progress)
+        train_s = time.perf_counter() - start
+    else:
+        run = runs.rescore_run(source, run_dir, config.method)
+        train_s = 0.0  # no training of its own: the flow model's
+    runs.write_json(os.path.join(run_dir, "timing.json"), {"train_s": train_s})
+    return run, train_s, False
+
+
+def evaluate(run, dataset, runs):
+    """evaluate_run after one warm-up call, so images_per_s excludes compilation."""
+    run.score(dataset.test.images[:1])
+    return runs.evaluate_run(run, dataset)
+
+
+def pca_floor(dataset, config, components, runs):
+    """PCA reconstruction floor: fitted on the normal training images (the split the
+    networks train on), thresholds from the held-out normals, metrics as for the runs."""
+    import jax.numpy as jnp
+    from sklearn.decomposition import PCA
+
+    from fmjax import data as data_lib, mismatch
+
+    fit, holdout = data_lib.split_holdout(dataset.train, config.data.holdout_fraction, config.data.seed)
+    flat = lambda images: np.asarray(images, np.float64).reshape(len(images), -1) / 127.5 - 1.0
+    n_components = components if components < 1 else int(min(components, len(fit) - 1))
+    start = time.perf_counter()
+    pca = PCA(n_components=n_components, svd_solver="full", random_state=0).fit(flat(fit.images))
+    train_s = time.perf_counter() - start
+
+    def score(images):
+        x = flat(images)
+        residual = x - pca.inverse_transform(pca.transform(x))
+        maps = np.square(residual).reshape(images.shape).sum(-1).astype(np.float32)
+        return maps, np.asarray(mismatch.image_score(jnp.asarray(maps), "max_plus_top1"))
+
+    cal = runs.calibration(config, *score(holdout.images)) if holdout is not None else {}
+    score(dataset.test.images)  # warm-up: compiles the image-score rule for this batch shape
+    start = time.perf_counter()
+    maps, scores = score(dataset.test.images)
+    seconds = time.perf_counter() - start
+    threshold = cal.get("image_threshold")
+    decided = None if threshold is None else (scores >= threshold).astype(np.int32)
+    result = runs.split_metrics(dataset.test, maps, scores, decided, threshold, cal.get("pixel_threshold"))
+    result.update({"network_calls_per_image": 0, "sequential_calls_per_image": 0, "train_s": train_s,
+                   "images_per_s": len(dataset.test) / max(seconds, 1e-9),
+                   "pca_components": int(pca.n_components_)})
+    return result
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fmjax.cli import _build_config, _use_cpu_cores
+
+    _use_cpu_cores(0)  # before jax is imported
+    import jax
+
+    from fmjax import data as data_lib, runs
+    from fmjax.data import textures
+    from fmjax.viz import markdown_table
+
+    names = [n.strip() for n in args.textures.split(",") if n.strip()]
+    for name in names:
+        if name not in textures.TEXTURES:
+            raise SystemExit(f"compare_methods: unknown texture {name!r} (known: {', '.join(textures.TEXTURES)})")
+    base = _build_config(args.preset, "flow_mismatch", args.set)
+    os.makedirs(args.out, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out, ".jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    wall = time.perf_counter()
+    rows = []
+    for name in names:
+        spec, root = f"textures:{name}", os.path.join(args.out, "runs", name)
+        print(f"== {name}", flush=True)
+        progress = not args.no_progress
+        trained = {}
+        print(f"   flow matching: training ({base.train.steps} steps)", flush=True)
+        trained["flow_mismatch"] = train_or_reuse(base, spec, os.path.join(root, "flow_mismatch"), runs, progress)
+        # a flow model trained just now invalidates an older re-scored copy
+        trained["recon"] = train_or_reuse(base.replace(method="recon"), spec, os.path.join(root, "recon"), runs,
+                                          progress, source=os.path.join(root, "flow_mismatch"),
+                                          reuse=trained["flow_mismatch"][2])
+        print(f"   radar: training ({base.train.steps} steps)", flush=True)
+        trained["radar"] = train_or_reuse(base.replace(method="radar"), spec, os.path.join(root, "radar"), runs,
+                                          progress)
+        dataset = data_lib.load(spec, None, trained["flow_mismatch"][0].config.data)
+        results = {method: dict(evaluate(run, dataset, runs), train_s=train_s)
+                   for method, (run, train_s, _) in trained.items()}
+        results["recon"]["train_s"] = results["flow_mismatch"]["train_s"]  # the same model
+        results["pca"] = pca_floor(dataset, trained["flow_mismatch"][0].config, args.pca_components, runs)
+        for method in ("flow_mismatch", "radar", "recon", "pca"):
+            row = {"texture": name, "method": method, **results[method]}
+            rows.append(row)
+            print(f"   {NAMES[method]:<20} image AUROC {row['image_auroc']:.3f}  pixel AUROC "
+                  f"{row['pixel_auroc']:.3f}  AUPRO {row['aupro']:.3f}  {row['images_per_s']:.1f} img/s", flush=True)
+    if len(names) > 1:
+        for method in ("flow_mismatch", "radar", "recon", "pca"):
+            mine = [r for r in rows if r["method"] == method]
+            rows.append({"texture": "mean", "method": method,
+                         **{c: float(np.mean([r[c] for r in mine])) for c in COLUMNS[2:]}})
+    seconds = time.perf_counter() - wall
+    display = [dict(r, method=NAMES[r["method"]]) for r in rows]
+    table = markdown_table(display, COLUMNS)
+    title = (f"Methods on the embedded textures (preset {args.preset}"
+             + (f", {' '.join(args.set)}" if args.set else "") + f"; {len(jax.devices())} CPU devices)")
+    print(f"\n{title}\n{table}\nwall time {seconds:.0f} s")
+    with open(os.path.join(args.out, "compare_methods.md"), "w") as f:
+        f.write(f"{title}\n\n{table}\n\nimage_f1_at_threshold: threshold from held-out normals "
+                f"(RADAR: the Isolation Forest's decision). Wall time {seconds:.0f} s.\n")
+    with open(os.path.join(args.out, "compare_methods.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    runs.write_json(os.path.join(args.out, "compare_methods.json"),
+                    {"preset": args.preset, "overrides": args.set, "textures": names,
+                     "config": json.loads(base.to_json()), "wall_s": seconds, "rows": rows})
+    print(f"-> {os.path.join(args.out, 'compare_methods.md')} (.csv, .json)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, RuntimeError) as err:  # fmjax's config, data, run and training errors
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        sys.exit(f"compare_methods: error: {first}")

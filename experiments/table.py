@@ -1,0 +1,77 @@
+"""Shared driver for the per-category tables: train (or reuse) one run per category,
+evaluate it with the one scoring path, and write markdown + CSV + JSON."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+COLUMNS = ["category", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
+           "aupro", "image_f1_at_threshold", "train_seconds", "eval_seconds"]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--categories", help="comma-separated subset (default: all)")
+    p.add_argument("--out", required=True, help="folder for runs and tables")
+    p.add_argument("--resume", action="store_true", help="keep categories already evaluated in --out")
+    return p
+
+
+def run_table(spec_of, categories, args, title: str) -> list[dict]:
+    """spec_of(category) -> (data spec, category or None). Returns the rows (plus mean)."""
+    from fmjax import data as data_lib, runs
+    from fmjax.config import apply_overrides, preset
+
+    config = apply_overrides(preset(args.preset), args.set)
+    os.makedirs(args.out, exist_ok=True)
+    rows_path = os.path.join(args.out, "rows.json")
+    done = {r["category"]: r for r in json.load(open(rows_path))} if args.resume and os.path.exists(rows_path) else {}
+    rows = []
+    for category in categories:
+        if category in done:
+            rows.append(done[category])
+            continue
+        spec, cat = spec_of(category)
+        run_dir = os.path.join(args.out, "runs", category)
+        start = time.perf_counter()
+        run = runs.train_run(config, spec, cat, run_dir, resume=os.path.isdir(run_dir), progress=False)
+        train_s = time.perf_counter() - start
+        dataset = data_lib.load(spec, cat, run.config.data)
+        start = time.perf_counter()
+        result = runs.evaluate_run(run, dataset)
+        result.update(category=category, train_seconds=train_s, eval_seconds=time.perf_counter() - start)
+        rows.append(result)
+        runs.write_json(rows_path, rows)
+        print(f"{category}: image AUROC {result['image_auroc']:.3f} pixel AUROC {result['pixel_auroc']:.3f}",
+              flush=True)
+    write_table(rows, args.out, title, config)
+    return rows
+
+
+def write_table(rows, out: str, title: str, config) -> str:
+    from fmjax.viz import markdown_table
+
+    mean = {"category": "mean"}
+    for key in COLUMNS[1:]:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        mean[key] = float(np.nanmean(values)) if values else float("nan")
+    table = markdown_table(rows + [mean], COLUMNS)
+    text = f"# {title}\n\nCommand: `{' '.join(sys.argv)}`\n\n{table}\n"
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows + [mean])
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump({"rows": rows, "mean": mean, "config": json.loads(config.to_json())}, f, indent=2)
+    print(text)
+    return text

@@ -1,0 +1,193 @@
+"""RADAR and flow reconstruction through the command line: train -> evaluate -> predict on
+the tiny MVTec-layout tree of test_cli, the stored Isolation Forest (same labels after a
+restore, identical metrics on every evaluation), method configs and a bad --method."""
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+from fmjax import radar, runs
+from fmjax.cli import main
+from fmjax.config import Config, ConfigError, apply_overrides, preset
+from test_cli import CATEGORY, METRIC_KEYS, TEST_IDS, H, W, assert_one_line_error, cli, make_tree
+
+SIZE = 16
+TRAIN_ARGS = ["--preset", "tiny", "--set", "train.steps=4", "--set", f"data.image_size={SIZE}", "--no-progress"]
+RADAR_KEYS = ("radar_accuracy", "radar_precision", "radar_recall", "radar_f1")
+METHODS = ("radar", "recon")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """{method: run folder}, each trained once through the CLI."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method in METHODS:
+        out[method] = root / method
+        code = main(["train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", str(out[method]),
+                     "--method", method, *TRAIN_ARGS])
+        assert code == 0, method
+    return out
+
+
+def read_scores_csv(path):
+    with open(path, newline="") as f:
+        return {row["image"]: row for row in csv.DictReader(f)}
+
+
+def copy_inputs(data_root, dest):
+    dest.mkdir()
+    for defect, name in [("crack", "000"), ("crack", "001"), ("good", "000"), ("good", "001")]:
+        shutil.copy(data_root / CATEGORY / "test" / defect / f"{name}.png", dest / f"{defect}_{name}.png")
+    return dest
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_method_sections_round_trip_and_override():
+    config = apply_overrides(preset("tiny"), ["method=radar", "radar.t_score=100", "radar.contamination=auto",
+                                              "recon.steps=3", "recon.method=heun"])
+    assert (config.radar.t_score, config.radar.contamination) == (100, "auto")
+    assert Config.from_json(config.to_json()) == config
+    config = apply_overrides(config, ["radar.contamination=0.1"])
+    assert config.radar.contamination == 0.1 and Config.from_json(config.to_json()) == config
+    # an older config.json without the method sections still loads (defaults)
+    old = json.loads(preset("tiny").to_json())
+    del old["radar"], old["recon"]
+    assert Config.from_json(json.dumps(old)).radar == Config().radar
+    for bad in (["method=nope"], ["radar.contamination=often"], ["recon.t0=1.5"],
+                ["method=radar", "radar.patch_size=32"]):
+        with pytest.raises(ConfigError):
+            apply_overrides(preset("tiny"), bad)
+    # radar's image-size checks bind radar runs only
+    assert apply_overrides(preset("tiny"), ["radar.patch_size=32"]).radar.patch_size == 32
+
+
+def test_flow_mismatch_cost_is_k_times_t():
+    config = apply_overrides(preset("tiny"), ["score.num_paths=3", "score.num_times=5"])
+    run = runs.Run("unused", config, {}, None, {})
+    assert run.cost() == {"network_calls_per_image": 15, "sequential_calls_per_image": 1}
+
+
+# ----------------------------------------------------------------------------- train, evaluate, predict
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_writes_a_run(trained, method):
+    run = trained[method]
+    for name in ("config.json", "data.json", "calibration.json", "train_log.jsonl"):
+        assert (run / name).is_file(), name
+    assert any((run / "checkpoints").iterdir())
+    assert (run / runs.FOREST_FILE).is_file() == (method == "radar")
+    config = Config.from_json((run / "config.json").read_text())
+    assert (config.method, config.train.steps, config.data.channels) == (method, 4, 3)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 4
+    for record in log:
+        for key in ("loss", "grad_norm", "images_per_s"):
+            assert math.isfinite(record[key]), (key, record)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_evaluate_then_predict(trained, data_root, method, tmp_path, capsys):
+    run = trained[method]
+    maps_dir, pictures_dir = tmp_path / "maps", tmp_path / "pictures"
+    code, out, err = cli(capsys, "evaluate", "--run", run, "--maps-out", maps_dir, "--pictures-out", pictures_dir)
+    assert code == 0, err
+    assert CATEGORY in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    keys = METRIC_KEYS + (RADAR_KEYS if method == "radar" else ())
+    for key in keys:
+        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    assert metrics["method"] == method and metrics["num_test_images"] == 6
+    if method == "radar":
+        # 16x16 image, 8x8 patches at stride 4: a 3x3 grid, one network call
+        assert (metrics["network_calls_per_image"], metrics["sequential_calls_per_image"]) == (9, 1)
+        assert metrics["radar_f1"] == metrics["image_f1_at_threshold"]
+    else:
+        assert (metrics["network_calls_per_image"], metrics["sequential_calls_per_image"]) == (4, 4)
+        assert not any(key in metrics for key in RADAR_KEYS)
+    tiffs = sorted(p.relative_to(maps_dir).as_posix() for p in maps_dir.rglob("*.tiff"))
+    assert tiffs == sorted(f"{CATEGORY}/test/{defect}/{name}.tiff" for defect, name in TEST_IDS)
+    heat = tifffile.imread(maps_dir / tiffs[0])
+    assert heat.shape == (H, W) and heat.dtype == np.float32 and np.isfinite(heat).all()
+    assert (pictures_dir / "overview.png").is_file()
+
+    inputs = copy_inputs(data_root, tmp_path / "inputs")
+    out_dir = tmp_path / "predictions"
+    code, _, err = cli(capsys, "predict", "--run", run, "--input", inputs, "--out", out_dir)
+    assert code == 0, err
+    rows = read_scores_csv(out_dir / "scores.csv")
+    assert sorted(rows) == sorted(p.stem for p in inputs.iterdir())
+    for row in rows.values():
+        assert math.isfinite(float(row["score"])) and row["anomalous"] in ("0", "1")
+    assert len(list((out_dir / "overlays").glob("*.png"))) == len(list((out_dir / "maps").glob("*.tiff"))) == 4
+    # predict and evaluate share the scoring path
+    np.testing.assert_allclose(tifffile.imread(out_dir / "maps" / "crack_000.tiff"),
+                               tifffile.imread(maps_dir / CATEGORY / "test" / "crack" / "000.tiff"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_radar_evaluate_twice_is_identical(trained, capsys):
+    results = []
+    for _ in range(2):
+        code, _, err = cli(capsys, "evaluate", "--run", trained["radar"])
+        assert code == 0, err
+        results.append(json.loads((trained["radar"] / "metrics.json").read_text()))
+    keys = METRIC_KEYS + RADAR_KEYS + ("image_f1_at_threshold", "network_calls_per_image")
+    assert {k: results[0][k] for k in keys} == {k: results[1][k] for k in keys}
+
+
+def test_restored_radar_run_gives_the_forests_labels(trained, data_root, tmp_path, capsys):
+    run_dir = trained["radar"]
+    inputs = copy_inputs(data_root, tmp_path / "inputs")
+    code, _, err = cli(capsys, "predict", "--run", run_dir, "--input", inputs, "--out", tmp_path / "pred")
+    assert code == 0, err
+    rows = read_scores_csv(tmp_path / "pred" / "scores.csv")
+    from fmjax.data import folder
+
+    run = runs.load_run(str(run_dir))
+    images, names, _ = folder.load_images(str(inputs), SIZE, 3)
+    # the stored forest, read on its own, on features of a freshly restored model
+    forest = radar.load_forest(str(run_dir / runs.FOREST_FILE))
+    labels, scores = radar.forest_predict(forest, run.features(images))
+    assert [int(rows[n]["anomalous"]) for n in names] == labels.tolist()
+    np.testing.assert_allclose([float(rows[n]["score"]) for n in names], scores, rtol=1e-5, atol=1e-6)
+    maps, run_scores = run.score(images)
+    np.testing.assert_array_equal(run.decide(run_scores), labels)
+    # the forest was fitted on the normal training images: mostly inliers there
+    train_labels, _ = radar.forest_predict(forest, run.features(folder.load_images(
+        str(data_root / CATEGORY / "train" / "good"), SIZE, 3)[0]))
+    assert train_labels.mean() <= 0.25
+
+
+def test_radar_scoring_override_refits_without_touching_the_run(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained["radar"], run)
+    forest_bytes = (run / runs.FOREST_FILE).read_bytes()
+    code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "radar.t_score=100")
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in RADAR_KEYS)
+    assert (run / runs.FOREST_FILE).read_bytes() == forest_bytes
+    assert Config.from_json((run / "config.json").read_text()).radar.t_score == 250
+    code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "radar.schedule=cosine")
+    assert_one_line_error(code, err)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_method(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", out,
+                       "--method", "nope", *TRAIN_ARGS)
+    assert_one_line_error(code, err)
+    assert "nope" in err and not out.exists()
