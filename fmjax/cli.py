@@ -15,7 +15,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model on normal images")
     t.add_argument("--data", required=True, help="textures:NAME | folder:ROOT | mvtec:ROOT")
-    t.add_argument("--category", help="category folder under ROOT (folder/mvtec data)")
+    t.add_argument("--category", help="category folder under ROOT (folder/mvtec/visa data); "
+                                        "'all' trains one model on every category")
     t.add_argument("--out", required=True, help="run folder to write")
     t.add_argument("--preset", default="small", help="tiny | small | paper (default: small)")
     t.add_argument("--method", default="flow_mismatch",
@@ -108,8 +109,15 @@ def cmd_evaluate(args):
     category = args.category or (None if args.data else run.data_info.get("category"))
     if spec.startswith("textures:"):
         category = None
+    if category == "all":
+        result = runs.evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out)
+        print(_metrics_table(result["per_category"] + [result]))
+        print(f"metrics -> {os.path.join(args.run, 'metrics.json')}")
+        return
+    trained_on = run.data_info.get("categories") or []
     dataset = data_lib.load(spec, category, run.config.data)
-    result = runs.evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out)
+    result = runs.evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out,
+                               class_id=trained_on.index(category) if category in trained_on else 0)
     print(_metrics_table([result]))
     print(f"metrics -> {os.path.join(args.run, 'metrics.json')}")
 

@@ -78,11 +78,20 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
     """
     from fmjax import train as train_lib
 
-    dataset = data_lib.load(spec, category, config.data)
+    if category == "all":
+        # one unified model; train labels are category indices (used when net.num_classes > 0)
+        datasets = data_lib.load_all(spec, config.data)
+        if config.net.num_classes not in (0, len(datasets)):
+            raise RunError(f"--category all found {len(datasets)} categories: set net.num_classes to 0 "
+                           f"(one unconditional model) or {len(datasets)} (class-conditional)")
+        dataset = data_lib.Dataset(datasets[0].name, "all", data_lib.unified_train(datasets), datasets[0].test)
+        data_info = {"spec": spec, "category": "all", "categories": [d.category for d in datasets]}
+    else:
+        dataset = data_lib.load(spec, category, config.data)
+        data_info = {"spec": spec, "category": dataset.category}
     config = resolve_channels(config, dataset)
     fit, holdout = data_lib.split_holdout(dataset.train, config.data.holdout_fraction, config.data.seed)
     data_path = os.path.join(run_dir, "data.json")
-    data_info = {"spec": spec, "category": dataset.category}
     if resume and os.path.exists(data_path) and json.load(open(data_path)) != data_info:
         raise RunError(f"--resume: {data_path} says {json.load(open(data_path))}, not {data_info}")
     if config.method == "radar":
@@ -109,7 +118,7 @@ def _calibrate(run: "Run", holdout) -> "Run":
     """Writes RUN/calibration.json from the held-out normals (none: no calibration)."""
     if holdout is None:
         return run
-    maps, scores = run.score(holdout.images)
+    maps, scores = run.score(holdout.images, holdout.labels)  # labels: class ids (zeros unless unified)
     write_json(os.path.join(run.path, "calibration.json"), calibration(run.config, maps, scores))
     return load_run(run.path)
 
@@ -337,7 +346,23 @@ def split_metrics(split, maps, scores, decided=None, image_threshold=None, pixel
     return result
 
 
-def evaluate_run(run: Run, dataset, maps_out: str | None = None, pictures_out: str | None = None) -> dict:
+def evaluate_all(run: Run, spec: str, maps_out: str | None = None, pictures_out: str | None = None) -> dict:
+    """A unified (`--category all`) run on every category it was trained on: per-category
+    rows and their mean; RUN/metrics.json holds the mean keys plus `per_category`."""
+    categories = run.data_info.get("categories") or data_lib.categories_of(spec)
+    rows = []
+    for class_id, dataset in enumerate(data_lib.load_all(spec, run.config.data, categories)):
+        pictures = os.path.join(pictures_out, dataset.category) if pictures_out else None
+        rows.append(evaluate_run(run, dataset, maps_out, pictures, class_id=class_id, write_metrics=False))
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k, v in rows[0].items()
+            if isinstance(v, float) and all(isinstance(r.get(k), float) for r in rows)}
+    result = {**mean, "category": "mean", "method": run.config.method, "per_category": rows}
+    write_json(os.path.join(run.path, "metrics.json"), result)
+    return result
+
+
+def evaluate_run(run: Run, dataset, maps_out: str | None = None, pictures_out: str | None = None,
+                 class_id: int = 0, write_metrics: bool = True) -> dict:
     """Scores the test split; returns (and writes RUN/metrics.json) every metric.
 
     Standard keys for every method (see split_metrics), network_calls_per_image and
@@ -348,7 +373,7 @@ def evaluate_run(run: Run, dataset, maps_out: str | None = None, pictures_out: s
     if test.images.shape[1:] != run.image_shape:
         raise DataError(f"test images are {test.images.shape[1:]} but the run expects {run.image_shape}")
     start = time.perf_counter()
-    maps, scores = run.score(test.images)
+    maps, scores = run.score(test.images, np.full(len(test), class_id, np.int32))
     seconds = time.perf_counter() - start
     cal = run.calibration
     decided = run.decide(scores)
@@ -361,7 +386,8 @@ def evaluate_run(run: Run, dataset, maps_out: str | None = None, pictures_out: s
     result.update(run.cost())
     result.update({"category": dataset.category, "method": run.config.method, "num_test_images": len(test),
                    "score_seconds": seconds, "images_per_s": len(test) / max(seconds, 1e-9)})
-    write_json(os.path.join(run.path, "metrics.json"), result)
+    if write_metrics:
+        write_json(os.path.join(run.path, "metrics.json"), result)
     if maps_out:
         write_maps(maps_out, dataset.category, test, maps)
     if pictures_out:

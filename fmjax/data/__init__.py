@@ -9,7 +9,8 @@ import numpy as np
 
 from fmjax.data.base import DataError, Dataset, Split, normal_split
 
-__all__ = ["DataError", "Dataset", "Split", "normal_split", "load", "parse_spec", "split_holdout"]
+__all__ = ["DataError", "Dataset", "Split", "normal_split", "load", "load_all", "parse_spec", "split_holdout",
+           "unified_train"]
 
 KINDS = ("textures", "folder", "mvtec", "visa", "fashion_mnist")
 
@@ -62,3 +63,51 @@ def split_holdout(train: Split, fraction: float, seed: int):
         raise DataError(f"data.holdout_fraction {fraction} leaves no training images out of {len(train)}")
     order = np.random.default_rng([seed, 7]).permutation(len(train))
     return train.subset(np.sort(order[n_hold:])), train.subset(np.sort(order[:n_hold]))
+
+
+def categories_of(spec: str) -> list[str]:
+    """The categories under a folder/mvtec/visa root, sorted (the class ids of `--category all`)."""
+    import os
+
+    kind, root = parse_spec(spec)
+    if kind not in ("folder", "mvtec", "visa"):
+        raise DataError(f"--category all needs folder:, mvtec: or visa: data, not {spec!r}")
+    from fmjax.data import folder
+
+    if kind == "visa" and os.path.isdir(root) and not folder.list_categories(root):
+        from fmjax.data import visa
+
+        return [c for c in visa.CATEGORIES if os.path.isdir(os.path.join(root, c))]
+    cats = folder.list_categories(root)
+    if not cats:
+        raise DataError(f"no category folder with train/good under {root}")
+    return cats
+
+
+def load_all(spec: str, config, categories=None) -> list[Dataset]:
+    """Every category of `spec` (or the given ones) at one channel count: when grey and
+    colour categories mix and config.channels is 0, grey ones are read as 3 channels."""
+    import dataclasses
+
+    categories = categories or categories_of(spec)
+    datasets = [load(spec, c, config) for c in categories]
+    if len({d.train.images.shape[-1] for d in datasets}) > 1:
+        if config.channels:
+            raise DataError(f"categories of {spec} have different channel counts at data.channels={config.channels}")
+        rgb = dataclasses.replace(config, channels=3)
+        datasets = [d if d.train.images.shape[-1] == 3 else load(spec, d.category, rgb) for d in datasets]
+    return datasets
+
+
+def unified_train(datasets) -> Split:
+    """All categories' training images in one split whose `labels` are the category
+    indices (the class ids a class-conditional model is trained with)."""
+    parts = [d.train for d in datasets]
+    return Split(
+        images=np.concatenate([p.images for p in parts]),
+        masks=np.concatenate([p.masks for p in parts]),
+        labels=np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)]),
+        names=tuple(f"{d.category}/{n}" for d, p in zip(datasets, parts) for n in p.names),
+        defect_types=tuple(t for p in parts for t in p.defect_types),
+        original_sizes=np.concatenate([p.original_sizes for p in parts]),
+    )
