@@ -13,9 +13,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax.flow import path_point, target_velocity, to_model_range
+from fmjax.sharded import ImageBatches
 
 
 class ScoreRuleError(ValueError):
@@ -225,53 +225,24 @@ class Scorer:
         time_weights(jnp.zeros(1), config.time_weight)
         self.noise = path_noise(jax.random.PRNGKey(config.seed), config.num_paths, self.image_shape)
         self.times = jnp.asarray(interior_times(config.num_times))
-        devices = list(devices if devices is not None else jax.local_devices())
-        self.mesh = Mesh(np.array(devices), ("data",))
-        self._replicated = NamedSharding(self.mesh, P())
-        self.batch = config.image_batch * len(devices)
 
         def local_delta(params, images_u8, labels, noise, times):
             velocity = lambda x, t, y: apply_fn(params, x, t, y)
-            return mismatch_delta(velocity, to_model_range(images_u8), noise, times, config.chunk_size, labels)
+            return (mismatch_delta(velocity, to_model_range(images_u8), noise, times, config.chunk_size, labels),)
 
         def local_maps(params, images_u8, labels, noise, times):
-            delta = local_delta(params, images_u8, labels, noise, times)
+            delta = local_delta(params, images_u8, labels, noise, times)[0]
             maps = heat_maps(delta, times, config.aggregate, config.time_weight, config.smooth_sigma)
             return maps, image_score(maps, config.image_score)
 
-        def sharded(fn, out_specs):
-            return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P("data"), P("data"), P(), P()),
-                                         out_specs=out_specs, check_vma=False))
-
-        self._maps = sharded(local_maps, (P("data"), P("data")))
-        self._delta = sharded(local_delta, P("data"))
-
-    def _batches(self, images, labels):
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1:] != self.image_shape:
-            raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}], got {list(images.shape)}")
-        labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
-        for start in range(0, len(images), self.batch):
-            part = images[start:start + self.batch]
-            pad = self.batch - len(part)
-            yield (len(part), np.pad(part, ((0, pad),) + ((0, 0),) * 3),
-                   np.pad(labels[start:start + self.batch], (0, pad)))
+        self._maps = ImageBatches(local_maps, self.image_shape, config.image_batch, 2, 2, devices)
+        self._delta = ImageBatches(local_delta, self.image_shape, config.image_batch, 2, 1, devices)
+        self.mesh = self._maps.mesh
 
     def score(self, params, images, labels=None):
         """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy."""
-        params = jax.device_put(params, self._replicated)  # a no-op when already replicated
-        maps, scores = [], []
-        for n, batch, batch_labels in self._batches(images, labels):
-            m, s = self._maps(params, batch, batch_labels, self.noise, self.times)
-            maps.append(np.asarray(m)[:n])
-            scores.append(np.asarray(s)[:n])
-        shape = (0,) + self.image_shape[:2]
-        return (np.concatenate(maps) if maps else np.zeros(shape, np.float32),
-                np.concatenate(scores) if scores else np.zeros((0,), np.float32))
+        return self._maps(params, images, labels, self.noise, self.times)
 
     def delta(self, params, images, labels=None):
         """images uint8 [N,H,W,C] -> raw mismatch float32 [N, T, K, H, W] as numpy."""
-        params = jax.device_put(params, self._replicated)
-        out = [np.asarray(self._delta(params, batch, lab, self.noise, self.times))[:n]
-               for n, batch, lab in self._batches(images, labels)]
-        return np.concatenate(out)
+        return self._delta(params, images, labels, self.noise, self.times)[0]

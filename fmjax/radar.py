@@ -23,13 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fmjax import train as fm_train
-from fmjax.config import Config, ConfigError, RadarConfig  # RadarConfig is re-exported here
+from fmjax.config import (  # RadarConfig is re-exported here
+    Config,
+    ConfigError,
+    RadarConfig,
+)
 from fmjax.flow import to_model_range
 from fmjax.mismatch import gaussian_smooth
 from fmjax.nets import unet
+from fmjax.sharded import ImageBatches
 
 SCHEDULES = ("linear", "cosine")
 MAP_KINDS = ("eps_diff", "eps_hat")
@@ -428,35 +434,16 @@ class RadarScorer:
                                      radar_config.patch_stride)
         self.noise = radar_noise(jax.random.PRNGKey(radar_config.noise_seed), len(self.origins),
                                  radar_config.patch_size, self.image_shape[2])
-        devices = list(devices if devices is not None else jax.local_devices())
-        self.mesh = Mesh(np.array(devices), ("data",))
-        self._replicated = NamedSharding(self.mesh, P())
-        self.batch = radar_config.image_batch * len(devices)
-
         def local(params, images_u8, labels, noise):
             return radar_maps(apply_fn, params, to_model_range(images_u8), noise, radar_config, labels)
 
-        self._fn = jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(P(), P("data"), P("data"), P()),
-                                         out_specs=(P("data"), P("data")), check_vma=False))
+        self._batches = ImageBatches(local, self.image_shape, radar_config.image_batch, 1, 2, devices)
+        self.mesh = self._batches.mesh
+        self._fn = self._batches.fn
 
     def score(self, params, images, labels=None):
         """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,2]) as numpy."""
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1:] != self.image_shape:
-            raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}], got {list(images.shape)}")
-        labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
-        params = jax.device_put(params, self._replicated)
-        maps, feats = [], []
-        for start in range(0, len(images), self.batch):
-            part = images[start:start + self.batch]
-            pad = self.batch - len(part)
-            m, f = self._fn(params, np.pad(part, ((0, pad),) + ((0, 0),) * 3),
-                            np.pad(labels[start:start + self.batch], (0, pad)), self.noise)
-            maps.append(np.asarray(m)[:len(part)])
-            feats.append(np.asarray(f)[:len(part)])
-        if not maps:
-            return np.zeros((0,) + self.image_shape[:2], np.float32), np.zeros((0, 2), np.float32)
-        return np.concatenate(maps), np.concatenate(feats)
+        return self._batches(params, images, labels, self.noise)
 
 
 def network_calls_per_image(rc: RadarConfig, image_shape) -> int:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fmjax.config import ConfigError, RadarConfig, ReconConfig, ScoreConfig  # ReconConfig is re-exported here
+from fmjax.config import (  # ReconConfig is re-exported here
+    ConfigError,
+    RadarConfig,
+    ReconConfig,
+    ScoreConfig,
+)
 from fmjax.flow import integrate, path_point, to_model_range
 from fmjax.mismatch import gaussian_smooth, image_score, parse_image_score
+from fmjax.sharded import ImageBatches
 
 METHODS = ("euler", "heun")
 
@@ -71,37 +75,18 @@ class ReconScorer:
         self.config = config
         self.image_shape = tuple(int(s) for s in image_shape)
         self.noise = jax.random.normal(jax.random.PRNGKey(config.noise_seed), self.image_shape, jnp.float32)
-        devices = list(devices if devices is not None else jax.local_devices())
-        self.mesh = Mesh(np.array(devices), ("data",))
-        self._replicated = NamedSharding(self.mesh, P())
-        self.batch = config.image_batch * len(devices)
-
         def local(params, images_u8, labels, noise):
             maps = recon_maps(apply_fn, params, images_u8, noise, config.t0, config.steps, config.method, labels)
             maps = gaussian_smooth(maps, config.smooth_sigma)
             return maps, image_score(maps, config.image_score)
 
-        self._fn = jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(P(), P("data"), P("data"), P()),
-                                         out_specs=(P("data"), P("data")), check_vma=False))
+        self._batches = ImageBatches(local, self.image_shape, config.image_batch, 1, 2, devices)
+        self.mesh = self._batches.mesh
+        self._fn = self._batches.fn
 
     def score(self, params, images, labels=None):
         """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy."""
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1:] != self.image_shape:
-            raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}], got {list(images.shape)}")
-        labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
-        params = jax.device_put(params, self._replicated)
-        maps, scores = [], []
-        for start in range(0, len(images), self.batch):
-            part = images[start:start + self.batch]
-            pad = self.batch - len(part)
-            m, s = self._fn(params, np.pad(part, ((0, pad),) + ((0, 0),) * 3),
-                            np.pad(labels[start:start + self.batch], (0, pad)), self.noise)
-            maps.append(np.asarray(m)[:len(part)])
-            scores.append(np.asarray(s)[:len(part)])
-        if not maps:
-            return np.zeros((0,) + self.image_shape[:2], np.float32), np.zeros((0,), np.float32)
-        return np.concatenate(maps), np.concatenate(scores)
+        return self._batches(params, images, labels, self.noise)
 
 
 def network_calls_per_image(config, image_shape=None) -> int:

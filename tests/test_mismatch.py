@@ -160,10 +160,10 @@ def test_no_recompile_for_other_image_counts():
     scorer = mismatch.Scorer(toy_apply, cfg, (8, 8, 1))
     rng = np.random.default_rng(5)
     scorer.score(PARAMS, rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8))
-    compiled = scorer._maps._cache_size()
+    compiled = scorer._maps.fn._cache_size()
     for n in (1, 2, 5, 9):
         scorer.score(PARAMS, rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8))
-    assert scorer._maps._cache_size() == compiled == 1
+    assert scorer._maps.fn._cache_size() == compiled == 1
 
 
 def test_delta_tensor_reaggregates_to_maps():

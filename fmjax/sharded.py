@@ -1,0 +1,50 @@
+"""The batching every scorer shares: images spread over a 1-D `data` mesh, a fixed
+number of images per device and call (the last batch padded), so one compiled program
+serves any number of images."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+class ImageBatches:
+    """Runs local_fn(params, images_u8 [b,H,W,C], labels [b], *consts) -> tuple of per-image
+    arrays on every device's share of each batch, and reassembles them in image order.
+
+    `image_batch` images per device per call; `consts` (noise, times, ...) are replicated.
+    """
+
+    def __init__(self, local_fn, image_shape, image_batch: int, num_consts: int, num_outputs: int, devices=None):
+        self.image_shape = tuple(image_shape)
+        devices = list(devices if devices is not None else jax.local_devices())
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch = image_batch * len(devices)
+        self.num_outputs = num_outputs
+        out_specs = tuple(P("data") for _ in range(num_outputs))
+        self.fn = jax.jit(jax.shard_map(local_fn, mesh=self.mesh,
+                                        in_specs=(P(), P("data"), P("data")) + (P(),) * num_consts,
+                                        out_specs=out_specs, check_vma=False))
+
+    def __call__(self, params, images, labels, *consts) -> tuple:
+        """images uint8 [N,H,W,C], labels int [N] or None -> tuple of numpy arrays [N, ...]."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != self.image_shape:
+            raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}], got {list(images.shape)}")
+        labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
+        params = jax.device_put(params, self.replicated)  # a no-op when already replicated
+        parts = [[] for _ in range(self.num_outputs)]
+        for start in range(0, len(images), self.batch):
+            chunk = images[start:start + self.batch]
+            pad = self.batch - len(chunk)
+            outs = self.fn(params, np.pad(chunk, ((0, pad),) + ((0, 0),) * 3),
+                           np.pad(labels[start:start + self.batch], (0, pad)), *consts)
+            for store, out in zip(parts, outs):
+                store.append(np.asarray(out)[:len(chunk)])
+        if not parts[0]:
+            shapes = [jax.eval_shape(self.fn, params, np.zeros((self.batch,) + self.image_shape, np.uint8),
+                                     np.zeros(self.batch, np.int32), *consts)[i].shape[1:]
+                      for i in range(self.num_outputs)]
+            return tuple(np.zeros((0,) + s, np.float32) for s in shapes)
+        return tuple(np.concatenate(store) for store in parts)
