@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from no_tensorflow import TENSORFLOW_IMPORT_RECORDER
 from PIL import Image
 
 from fmjax.data import mvtec
@@ -212,25 +213,7 @@ def test_tfds_custom_category(root, tmp_path):
     assert_same(ds, mvtec.load_mvtec(root, "my_part", S))
 
 
-_NO_TF_SCRIPT = r"""
-import importlib.abc, json, sys, traceback
-
-attempts = []
-
-
-class Recorder(importlib.abc.MetaPathFinder):
-    # Records every attempt to import tensorflow; importlib.util.find_spec probes
-    # (libraries asking whether it is installed) are not imports and are ignored.
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "tensorflow":
-            probe = any(f.name == "find_spec" and "importlib" in f.filename and "util" in f.filename
-                        for f in traceback.extract_stack())
-            if not probe:
-                attempts.append(name)
-        return None
-
-
-sys.meta_path.insert(0, Recorder())
+_NO_TF_SCRIPT = TENSORFLOW_IMPORT_RECORDER + r"""
 from fmjax.data import mvtec
 
 data_dir, manual_dir = sys.argv[1:3]

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from no_tensorflow import TENSORFLOW_IMPORT_RECORDER
 from PIL import Image
 
 from fmjax.data import visa
@@ -220,25 +221,7 @@ def test_tfds_errors(raw, tmp_path):
     assert "must match their image size" in message and str(raw / "candle/Data/Masks/Anomaly/000.png") in message
 
 
-_NO_TF_SCRIPT = r"""
-import importlib.abc, json, sys, traceback
-
-attempts = []
-
-
-class Recorder(importlib.abc.MetaPathFinder):
-    # Records every attempt to import tensorflow; importlib.util.find_spec probes
-    # (libraries asking whether it is installed) are not imports and are ignored.
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "tensorflow":
-            probe = any(f.name == "find_spec" and "importlib" in f.filename and "util" in f.filename
-                        for f in traceback.extract_stack())
-            if not probe:
-                attempts.append(name)
-        return None
-
-
-sys.meta_path.insert(0, Recorder())
+_NO_TF_SCRIPT = TENSORFLOW_IMPORT_RECORDER + r"""
 from fmjax.data import visa
 
 ds = visa.load_visa_tfds(sys.argv[1], sys.argv[2], "candle", 16)
