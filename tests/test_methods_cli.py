@@ -9,11 +9,20 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
+from test_cli import (
+    CATEGORY,
+    METRIC_KEYS,
+    TEST_IDS,
+    H,
+    W,
+    assert_one_line_error,
+    cli,
+    make_tree,
+)
 
 from fmjax import radar, runs
 from fmjax.cli import main
 from fmjax.config import Config, ConfigError, apply_overrides, preset
-from test_cli import CATEGORY, METRIC_KEYS, TEST_IDS, H, W, assert_one_line_error, cli, make_tree
 
 SIZE = 16
 TRAIN_ARGS = ["--preset", "tiny", "--set", "train.steps=4", "--set", f"data.image_size={SIZE}", "--no-progress"]

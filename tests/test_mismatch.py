@@ -10,7 +10,6 @@ import scipy.ndimage
 from fmjax import mismatch
 from fmjax.config import ScoreConfig
 
-
 # ----------------------------------------------------------------------------- Gaussian check
 
 def gauss_a(t, s):

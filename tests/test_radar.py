@@ -13,7 +13,6 @@ from fmjax.config import PRESETS, NetConfig
 from fmjax.flow import to_model_range
 from fmjax.radar import RadarConfig
 
-
 # ----------------------------------------------------------------------------- Sobel
 
 def test_sobel_step_edge_and_ramp_by_hand():

@@ -14,8 +14,16 @@ import pytest
 
 from fmjax import flow
 from fmjax.config import TrainConfig, preset
-from fmjax.train import (TrainError, augment, batch_indices, checkpoint_manager, init_state, make_optimizer,
-                         restore_state, train)
+from fmjax.train import (
+    TrainError,
+    augment,
+    batch_indices,
+    checkpoint_manager,
+    init_state,
+    make_optimizer,
+    restore_state,
+    train,
+)
 
 
 def structured_images(n=16, size=16):

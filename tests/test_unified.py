@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from test_cli import CATEGORY, TRAIN_ARGS, cli, make_tree
 
 from fmjax import data as data_lib
 from fmjax.cli import main
 from fmjax.config import preset
-from test_cli import CATEGORY, TRAIN_ARGS, cli, make_tree
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from no_tensorflow import TENSORFLOW_IMPORT_RECORDER
+from dataset_checks import TENSORFLOW_IMPORT_RECORDER, assert_same
 from PIL import Image
 
 from fmjax.data import visa
@@ -82,19 +82,6 @@ def converted(raw, tmp_path):
 def _copy(src, dst):
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
-
-
-def assert_same(a, b):
-    """Two Datasets hold identical arrays, labels, names and masks."""
-    assert (a.category, a.name) == (b.category, b.name)
-    for split_a, split_b in ((a.train, b.train), (a.test, b.test)):
-        for field in ("images", "masks", "labels", "original_sizes"):
-            x, y = getattr(split_a, field), getattr(split_b, field)
-            assert x.dtype == y.dtype and x.shape == y.shape and (x == y).all(), field
-        assert split_a.names == split_b.names and split_a.defect_types == split_b.defect_types
-        assert (split_a.full_masks is None) == (split_b.full_masks is None)
-        for x, y in zip(split_a.full_masks or [], split_b.full_masks or []):
-            assert x.dtype == y.dtype and x.shape == y.shape and (x == y).all()
 
 
 def _error(fn, *args, **kw):
