@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.flow import path_point, target_velocity, to_model_range
-from fmjax.sharded import ImageBatches
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fmjax.sharded import ImageBatches, check_images
 
 
 class ScoreRuleError(ValueError):
@@ -168,23 +170,29 @@ def gaussian_smooth(maps, sigma: float):
 
 # ----------------------------------------------------------------------------- mismatch
 
-def mismatch_delta(velocity_fn, images, noise, times, chunk_size: int, labels=None):
-    """Per-pixel mismatch for every (image, time, path).
+def grid_index(num_images: int, num_times: int, num_paths: int, chunk_size: int, num_shards: int = 1) -> np.ndarray:
+    """(image, time, path) of every network input, int32 [num_chunks, chunk_size, 3].
 
-    velocity_fn(x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
-    images: float [B,H,W,C] in [-1, 1]; noise: [K,H,W,C]; times: [T]; labels: int [B] or None.
-    Returns delta float32 [B, T, K, H, W].  The B*T*K network inputs are evaluated in
-    ceil(B*T*K / chunk_size) sequential calls of exactly chunk_size inputs each.
+    Item order is image-major, then time, then path.  num_chunks = ceil(B*T*K / chunk_size)
+    rounded up to a multiple of num_shards; padding repeats early items.
     """
-    num_images, num_paths, num_times = images.shape[0], noise.shape[0], times.shape[0]
     total = num_images * num_times * num_paths
     num_chunks = -(-total // chunk_size)
-    flat = np.arange(num_chunks * chunk_size) % total  # padding repeats early items
+    num_chunks = -(-num_chunks // num_shards) * num_shards
+    flat = np.arange(num_chunks * chunk_size) % total
     b_idx = flat // (num_times * num_paths)
     t_idx = (flat // num_paths) % num_times
     k_idx = flat % num_paths
-    index = jnp.asarray(np.stack([b_idx, t_idx, k_idx], -1).reshape(num_chunks, chunk_size, 3), jnp.int32)
+    return np.stack([b_idx, t_idx, k_idx], -1).reshape(num_chunks, chunk_size, 3).astype(np.int32)
 
+
+def delta_chunks(velocity_fn, images, noise, times, index, labels=None):
+    """Per-pixel mismatch of the network inputs named by `index` [n_chunks, chunk, 3]
+    (from grid_index), one sequential network call per chunk -> float32 [n_chunks, chunk, H, W].
+
+    velocity_fn(x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
+    images: float [B,H,W,C] in [-1, 1]; noise: [K,H,W,C]; times: [T]; labels: int [B] or None.
+    """
     def one_item(y, eps, t):
         return path_point(eps[None], y[None], t[None])[0], target_velocity(eps, y)
 
@@ -196,9 +204,28 @@ def mismatch_delta(velocity_fn, images, noise, times, chunk_size: int, labels=No
         v = velocity_fn(x, t, None if labels is None else labels[idx[:, 0]])
         return jnp.sum(jnp.square(v.astype(jnp.float32) - u), axis=-1)
 
-    delta = jax.lax.map(chunk, index)
-    delta = delta.reshape((num_chunks * chunk_size,) + delta.shape[2:])[:total]
-    return delta.reshape((num_images, num_times, num_paths) + delta.shape[1:])
+    return jax.lax.map(chunk, jnp.asarray(index))
+
+
+def grid_to_delta(chunks, num_images: int, num_times: int, num_paths: int):
+    """delta_chunks output [n_chunks, chunk, H, W] -> delta [B, T, K, H, W] (padding dropped)."""
+    total = num_images * num_times * num_paths
+    flat = chunks.reshape((-1,) + chunks.shape[2:])[:total]
+    return flat.reshape((num_images, num_times, num_paths) + chunks.shape[2:])
+
+
+def mismatch_delta(velocity_fn, images, noise, times, chunk_size: int, labels=None):
+    """Per-pixel mismatch for every (image, time, path).
+
+    velocity_fn(x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
+    images: float [B,H,W,C] in [-1, 1]; noise: [K,H,W,C]; times: [T]; labels: int [B] or None.
+    Returns delta float32 [B, T, K, H, W].  The B*T*K network inputs are evaluated in
+    ceil(B*T*K / chunk_size) sequential calls of exactly chunk_size inputs each.
+    """
+    num_images, num_paths, num_times = images.shape[0], noise.shape[0], times.shape[0]
+    index = grid_index(num_images, num_times, num_paths, chunk_size)
+    chunks = delta_chunks(velocity_fn, images, noise, times, index, labels)
+    return grid_to_delta(chunks, num_images, num_times, num_paths)
 
 
 def heat_maps(delta, times, aggregate: str, time_weight: str, smooth_sigma: float = 0.0):
@@ -214,12 +241,15 @@ class Scorer:
 
     apply_fn(params, x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
     Images are spread over `devices` (default: all local devices); each device scores
-    `config.image_batch` images per call, so every call has the same shapes.
+    `config.image_batch` images per call, so every call has the same shapes.  A request
+    with fewer images than devices spreads its (time, path) grid over the devices instead,
+    so none sits idle (one compiled program per such request size).
     """
 
     def __init__(self, apply_fn, config, image_shape, devices=None):
         self.config = config
         self.image_shape = tuple(image_shape)
+        self.apply_fn = apply_fn
         parse_aggregate(config.aggregate, config.num_paths)
         parse_image_score(config.image_score)
         time_weights(jnp.zeros(1), config.time_weight)
@@ -231,18 +261,56 @@ class Scorer:
             return (mismatch_delta(velocity, to_model_range(images_u8), noise, times, config.chunk_size, labels),)
 
         def local_maps(params, images_u8, labels, noise, times):
-            delta = local_delta(params, images_u8, labels, noise, times)[0]
-            maps = heat_maps(delta, times, config.aggregate, config.time_weight, config.smooth_sigma)
-            return maps, image_score(maps, config.image_score)
+            return self._finish(local_delta(params, images_u8, labels, noise, times)[0], times)
 
         self._maps = ImageBatches(local_maps, self.image_shape, config.image_batch, 2, 2, devices)
         self._delta = ImageBatches(local_delta, self.image_shape, config.image_batch, 2, 1, devices)
         self.mesh = self._maps.mesh
+        self._grids = {}
+
+    def _finish(self, delta, times):
+        """delta [B,T,K,H,W] -> (maps [B,H,W], scores [B])."""
+        cfg = self.config
+        maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma)
+        return maps, image_score(maps, cfg.image_score)
+
+    def _grid(self, want_maps: bool, num_images: int):
+        """(jitted fn, sharded index) scoring `num_images` images in one call with their
+        B*T*K network inputs split over the devices in equal runs of whole chunks."""
+        key = (want_maps, num_images)
+        if key not in self._grids:
+            cfg, shards = self.config, self.mesh.devices.size
+            index = grid_index(num_images, cfg.num_times, cfg.num_paths, cfg.chunk_size, shards)
+
+            def local(params, images_u8, labels, noise, times, index):
+                velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
+                return delta_chunks(velocity, to_model_range(images_u8), noise, times, index, labels)
+
+            spread = jax.shard_map(local, mesh=self.mesh, in_specs=(P(),) * 5 + (P("data"),),
+                                   out_specs=P("data"), check_vma=False)
+
+            def full(params, images_u8, labels, noise, times, index):
+                delta = grid_to_delta(spread(params, images_u8, labels, noise, times, index),
+                                      num_images, cfg.num_times, cfg.num_paths)
+                return self._finish(delta, times) if want_maps else (delta,)
+
+            self._grids[key] = (jax.jit(full), jax.device_put(index, NamedSharding(self.mesh, P("data"))))
+        return self._grids[key]
+
+    def _run(self, want_maps: bool, params, images, labels):
+        images, labels = check_images(images, labels, self.image_shape)
+        if not 0 < len(images) < self.mesh.devices.size:
+            batches = self._maps if want_maps else self._delta
+            return batches(params, images, labels, self.noise, self.times)
+        fn, index = self._grid(want_maps, len(images))
+        params = jax.device_put(params, self._maps.replicated)
+        outs = fn(params, images, labels, self.noise, self.times, index)
+        return tuple(np.asarray(out) for out in outs)
 
     def score(self, params, images, labels=None):
         """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy."""
-        return self._maps(params, images, labels, self.noise, self.times)
+        return self._run(True, params, images, labels)
 
     def delta(self, params, images, labels=None):
         """images uint8 [N,H,W,C] -> raw mismatch float32 [N, T, K, H, W] as numpy."""
-        return self._delta(params, images, labels, self.noise, self.times)[0]
+        return self._run(False, params, images, labels)[0]

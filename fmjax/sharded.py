@@ -8,6 +8,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+def check_images(images, labels, image_shape):
+    """-> (uint8-compatible images [N,H,W,C], int32 labels [N] (zeros when None)); a clear
+    error for any other shape."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != tuple(image_shape):
+        raise ValueError(f"images must be [N, {', '.join(map(str, image_shape))}], got {list(images.shape)}")
+    labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels must be [{len(images)}], got {list(labels.shape)}")
+    return images, labels
+
+
 class ImageBatches:
     """Runs local_fn(params, images_u8 [b,H,W,C], labels [b], *consts) -> tuple of per-image
     arrays on every device's share of each batch, and reassembles them in image order.
@@ -29,10 +41,7 @@ class ImageBatches:
 
     def __call__(self, params, images, labels, *consts) -> tuple:
         """images uint8 [N,H,W,C], labels int [N] or None -> tuple of numpy arrays [N, ...]."""
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1:] != self.image_shape:
-            raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}], got {list(images.shape)}")
-        labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
+        images, labels = check_images(images, labels, self.image_shape)
         params = jax.device_put(params, self.replicated)  # a no-op when already replicated
         parts = [[] for _ in range(self.num_outputs)]
         for start in range(0, len(images), self.batch):

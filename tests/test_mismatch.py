@@ -154,6 +154,24 @@ def test_same_image_same_score_anywhere_and_single_device_equal():
     np.testing.assert_allclose(one_device.score(PARAMS, images)[1], scores, rtol=1e-6)
 
 
+def test_fewer_images_than_devices_spread_the_grid():
+    assert jax.local_device_count() >= 2
+    images = np.random.default_rng(7).integers(0, 256, (1, 8, 8, 1), dtype=np.uint8)
+    cfg = ScoreConfig(num_paths=3, num_times=3, chunk_size=2, image_batch=1)  # 9 inputs: 5 chunks, padded to 6
+    spread = mismatch.Scorer(toy_apply, cfg, (8, 8, 1))
+    alone = mismatch.Scorer(toy_apply, cfg, (8, 8, 1), devices=jax.local_devices()[:1])
+    maps, scores = spread.score(PARAMS, images)
+    assert list(spread._grids) == [(True, 1)]
+    assert spread._maps.fn._cache_size() == 0  # the per-image path never ran
+    want_maps, want_scores = alone.score(PARAMS, images)
+    np.testing.assert_allclose(maps, want_maps, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
+    np.testing.assert_allclose(spread.delta(PARAMS, images), alone.delta(PARAMS, images), rtol=1e-6, atol=1e-7)
+    index = mismatch.grid_index(1, 3, 3, 2, num_shards=2)
+    assert index.shape == (6, 2, 3)
+    assert sorted(map(tuple, index.reshape(-1, 3)[:9].tolist())) == [(0, t, k) for t in range(3) for k in range(3)]
+
+
 def test_no_recompile_for_other_image_counts():
     cfg = ScoreConfig(num_paths=2, num_times=2, chunk_size=3, image_batch=2)
     scorer = mismatch.Scorer(toy_apply, cfg, (8, 8, 1))

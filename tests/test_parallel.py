@@ -119,6 +119,18 @@ EQUALITY_SCRIPT = textwrap.dedent("""
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg="train(use_pmap=True)")
         with open(os.path.join(run_dir, "train_log.jsonl")) as f:
             result["train_pmap_log"] = [json.loads(line) for line in f]
+    # sharded scoring: 1 and 3 images spread their (time, path) grid over the 4 devices,
+    # 6 images go 4 + 2 by image; every count scores as on one device
+    from fmjax import mismatch
+    _, apply_fn = train.build_model(config, shape)
+    score_cfg = dataclasses.replace(config.score, num_paths=3, num_times=2, chunk_size=2, image_batch=1)
+    spread, alone = (mismatch.Scorer(apply_fn, score_cfg, shape, devices=d) for d in (devices, devices[:1]))
+    for n in (1, 3, 6):
+        for got, want in zip(spread.score(ref_state.params, images[:n]), alone.score(ref_state.params, images[:n])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"score {n} images")
+        np.testing.assert_allclose(spread.delta(ref_state.params, images[:n]), alone.delta(ref_state.params, images[:n]),
+                                   rtol=1e-5, atol=1e-6, err_msg=f"delta {n} images")
+    result["grid_programs"] = sorted(spread._grids)
     print(json.dumps(result))
 """)
 
@@ -152,6 +164,7 @@ def test_pmap_mesh4_and_mesh1_agree_on_four_devices(tmp_path):
     for name in ("pmap4", "mesh1"):
         np.testing.assert_allclose(result[name]["loss"], ref["loss"], rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(result[name]["grad_norm"], ref["grad_norm"], rtol=1e-4, err_msg=name)
+    assert result["grid_programs"] == [[False, 1], [False, 3], [True, 1], [True, 3]]
     if "use_pmap" in inspect.signature(train).parameters:
         log = result["train_pmap_log"]
         assert [r["step"] for r in log] == [1, 2, 3, 4]
