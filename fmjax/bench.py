@@ -1,5 +1,16 @@
-"""Throughput measurements behind `fmjax bench`: warmed-up, compile time reported apart,
-data loading excluded. Every figure comes from the same jitted scorer the CLI uses."""
+"""Throughput measurements behind `fmjax bench` and experiments/bench.py: warmed-up
+per-call timings, compile time reported apart, data loading excluded. Every scoring
+figure comes from the same jitted scorer the CLI uses; every training figure from the
+CLI's jitted train step.
+
+Figures (per case):
+  scorer_vs_loop     scorer images/s over a plain Python loop over (path, time) calling
+                     a jitted single network evaluation (same maps, checked)
+  scorer_vs_forward  scorer network evaluations/s over those of a plain jitted forward
+                     pass on the same devices with the same number of inputs per call
+  train_vs_forward   train step time over the forward time of the same batch
+  scorer_gflops      network FLOPs (XLA cost analysis of the forward) x evaluations/s
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +21,19 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax import mismatch
 from fmjax.config import preset
 from fmjax.flow import to_model_range
 
+QUICK_SCORING = [("small", 64, 8, 8, 2)]
+FULL_SCORING = [(p, s, k, t, n) for p in ("small", "paper") for s in (64, 128) for k, t, n in ((8, 8, 2), (16, 30, 1))]
+QUICK_TRAINING = [("small", 64)]
+FULL_TRAINING = [("small", 64), ("small", 128), ("paper", 64)]
 
-def _timed(fn, repeats: int):
+
+def timed(fn, repeats: int):
     """(seconds of the first call, mean seconds of `repeats` further calls)."""
     start = time.perf_counter()
     jax.block_until_ready(fn())
@@ -27,64 +44,198 @@ def _timed(fn, repeats: int):
     return first, (time.perf_counter() - start) / repeats
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 5) -> float:
-    """float32 matmul GFLOP/s of one jitted call on the default device."""
+def flops_of(fn, *args) -> float:
+    """FLOPs of one call of jitted `fn` on `args`, from XLA's cost analysis (0 if unknown)."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
+def matmul_peak_gflops(devices=None, size: int = 1024, repeats: int = 5) -> float:
+    """float32 matmul GFLOP/s of the machine: the better of one jitted matmul on one device
+    and one independent matmul per device at once (XLA:CPU runs a device on about a core)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    single = jax.jit(lambda x: x @ x)
     a = jnp.ones((size, size), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    _, sec = _timed(lambda: f(a), repeats)
-    return 2 * size**3 / sec / 1e9
+    _, one_s = timed(lambda: single(a), repeats)
+    mesh = Mesh(np.array(devices), ("data",))
+    many = jax.device_put(jnp.ones((len(devices), size, size), jnp.float32), NamedSharding(mesh, P("data")))
+    batched = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
+    _, all_s = timed(lambda: batched(many), repeats)
+    return max(2 * size**3 / one_s, 2 * len(devices) * size**3 / all_s) / 1e9
 
 
-def scorer_vs_loop(preset_name: str = "small", image_size: int = 64, num_paths: int = 8, num_times: int = 8,
-                   num_images: int = 4, channels: int = 1, repeats: int = 2, seed: int = 0) -> dict:
-    """Images/s of the jitted, vmapped, chunked scorer against a plain Python loop over
-    (image, time, path) calling a jitted single network evaluation; same maps (checked)."""
+def bench_model(preset_name: str, image_size: int, channels: int = 1, seed: int = 0):
+    """(config, image shape, params, module, apply_fn) of a preset with non-trivial weights
+    (zero-initialised output layers would make every map zero)."""
     from fmjax.nets import unet
     from fmjax.train import build_model
 
     config = preset(preset_name)
-    config = config.replace(data=dataclasses.replace(config.data, image_size=image_size, channels=channels),
-                            score=dataclasses.replace(config.score, num_paths=num_paths, num_times=num_times,
-                                                      aggregate="mean", smooth_sigma=0.0))
+    config = config.replace(data=dataclasses.replace(config.data, image_size=image_size, channels=channels))
     shape = (image_size, image_size, channels)
     _, params = unet.create(config.net, shape, jax.random.PRNGKey(seed))
-    # non-trivial weights (zero-initialised output layers would make every map zero)
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-    _, apply_fn = build_model(config, shape)
-    images = np.random.default_rng(seed).integers(0, 256, (num_images,) + shape, dtype=np.uint8)
+    module, apply_fn = build_model(config, shape)
+    return config, shape, params, module, apply_fn
 
-    scorer = mismatch.Scorer(apply_fn, config.score, shape)
-    compile_s, scorer_s = _timed(lambda: scorer.score(params, images), repeats)
 
+def _loop_maps(apply_fn, params, images, noise, times):
+    """The plain way: one jitted network evaluation per (image, time, path), mean over
+    paths, t^2-weighted mean over times -> maps [N,H,W] and seconds."""
     one = jax.jit(lambda p, y, eps, t: jnp.sum(jnp.square(apply_fn(p, (1 - t) * eps + t * y, t, None)
                                                           - (y - eps)), axis=-1))
-    noise, times = scorer.noise, np.asarray(scorer.times)
 
     def loop():
         maps = []
         for img in images:
             y = to_model_range(img[None])
             per_time = [np.mean([np.asarray(one(params, y, noise[k:k + 1], jnp.full((1,), t)))[0]
-                                 for k in range(num_paths)], axis=0) for t in times]
+                                 for k in range(len(noise))], axis=0) for t in times]
             maps.append(np.mean(np.square(times)[:, None, None] * np.stack(per_time), axis=0))
         return np.stack(maps)
 
-    _, loop_s = _timed(loop, 1)
-    max_diff = float(np.max(np.abs(loop() - scorer.score(params, images)[0])))
+    loop()  # warm-up: compiles the single call
+    start = time.perf_counter()
+    maps = loop()
+    return maps, time.perf_counter() - start
+
+
+def scoring_case(preset_name: str, image_size: int, num_paths: int, num_times: int, num_images: int,
+                 devices=None, with_loop: bool = True, repeats: int = 2, seed: int = 0) -> dict:
+    """Scorer images/s and evaluations/s on `devices`, against a plain loop (optional) and a
+    plain batched forward pass; achieved GFLOP/s from the forward's cost analysis."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    config, shape, params, _, apply_fn = bench_model(preset_name, image_size, seed=seed)
+    score_cfg = dataclasses.replace(config.score, num_paths=num_paths, num_times=num_times, aggregate="mean",
+                                    time_weight="t2", smooth_sigma=0.0)
+    images = np.random.default_rng(seed).integers(0, 256, (num_images,) + shape, dtype=np.uint8)
+    scorer = mismatch.Scorer(apply_fn, score_cfg, shape, devices=devices)
+    params = jax.device_put(params, NamedSharding(scorer.mesh, P()))
+    compile_s, scorer_s = timed(lambda: scorer.score(params, images), repeats)
+    compile_s -= scorer_s
     evals = num_images * num_paths * num_times
-    return {"preset": preset_name, "image_size": image_size, "K": num_paths, "T": num_times,
-            "devices": len(jax.local_devices()), "scorer_images_per_s": num_images / scorer_s,
-            "scorer_evals_per_s": evals / scorer_s, "loop_images_per_s": num_images / loop_s,
-            "scorer_vs_loop": loop_s / scorer_s, "compile_s": compile_s, "max_abs_diff": max_diff}
+
+    chunk = score_cfg.chunk_size
+    rows = NamedSharding(scorer.mesh, P("data"))
+    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (chunk * len(devices),) + shape), rows)
+    t = jax.device_put(jnp.full((chunk * len(devices),), 0.5), rows)
+    forward = jax.jit(lambda p, x, t: apply_fn(p, x, t, None))
+    _, forward_s = timed(lambda: forward(params, x, t), 3)
+    flops_per_eval = flops_of(jax.jit(lambda p, x, t: apply_fn(p, x, t, None)), params, x[:chunk], t[:chunk]) / chunk
+    forward_evals_per_s = chunk * len(devices) / forward_s
+
+    result = {"preset": preset_name, "image_size": image_size, "K": num_paths, "T": num_times,
+              "images": num_images, "devices": len(devices), "chunk_size": chunk,
+              "score_images_per_s": num_images / scorer_s, "scorer_evals_per_s": evals / scorer_s,
+              "forward_evals_per_s": forward_evals_per_s,
+              "scorer_vs_forward": evals / scorer_s / forward_evals_per_s,
+              "gflops_per_eval": flops_per_eval / 1e9, "scorer_gflops": flops_per_eval * evals / scorer_s / 1e9,
+              "compile_s": compile_s}
+    if with_loop:
+        loop_maps, loop_s = _loop_maps(apply_fn, params, images, scorer.noise, np.asarray(scorer.times))
+        result.update(loop_images_per_s=num_images / loop_s, scorer_vs_loop=loop_s / scorer_s,
+                      max_abs_diff=float(np.max(np.abs(loop_maps - scorer.score(params, images)[0]))))
+    return result
+
+
+def training_case(preset_name: str, image_size: int, devices=None, steps: int = 3, seed: int = 0) -> dict:
+    """Train-step time and images/s of the CLI's jitted step (state donated, batch split over
+    `devices`) for the preset's batch size, and the forward time of the same batch."""
+    from fmjax import train
+
+    devices = list(devices if devices is not None else jax.local_devices())
+    config, shape, _, module, apply_fn = bench_model(preset_name, image_size, seed=seed)
+    batch = config.train.batch_size
+    if batch % len(devices):
+        raise ValueError(f"bench: batch size {batch} does not split over {len(devices)} devices")
+    mesh = train.data_mesh(devices)
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    state = jax.device_put(train.init_state(config, shape, jax.random.PRNGKey(seed)), replicated)
+    step_fn = train.make_step_fn(module, config, mesh)
+    images = jax.device_put(np.random.default_rng(seed).integers(0, 256, (batch,) + shape, dtype=np.uint8), rows)
+    labels = jax.device_put(np.zeros(batch, np.int32), rows)
+    key = jax.device_put(jax.random.PRNGKey(seed), replicated)
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = step_fn(holder["state"], images, labels, key)
+        return metrics
+
+    compile_s, step_s = timed(step, steps)
+    compile_s -= step_s
+    side = config.train.patch_size or image_size  # the step trains on patches of this side
+    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (batch, side, side, shape[-1])), rows)
+    t = jax.device_put(jnp.full((batch,), 0.5), rows)
+    forward = jax.jit(lambda p, x, t: apply_fn(p, x, t, None))
+    _, forward_s = timed(lambda: forward(holder["state"].params, x, t), 3)
+    return {"preset": preset_name, "image_size": image_size, "patch_size": side, "batch_size": batch,
+            "devices": len(devices), "step_s": step_s, "train_images_per_s": batch / step_s,
+            "forward_s": forward_s, "train_vs_forward": step_s / forward_s, "compile_s": compile_s}
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(quick: bool = True) -> dict:
-    """The bench: scorer vs loop at K=8, T=8 (and 16x30 unless quick), matmul peak, memory."""
-    cases = [("small", 64, 8, 8)] + ([] if quick else [("small", 64, 16, 30), ("tiny", 32, 8, 8)])
-    results = [scorer_vs_loop(p, s, k, t, num_images=2 if quick else 4) for p, s, k, t in cases]
-    return {"cases": results, "peak_gflops": matmul_peak_gflops(), "peak_rss_mb": peak_rss_mb(),
-            "cpu_count": os.cpu_count()}
+def device_peak_mb():
+    """Peak device memory in MB where the backend reports it (None on CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def run(quick: bool = True, log=print) -> dict:
+    """The bench. Scoring and training on all devices and on one; the top-level figures
+    summarise the first (headline) case of each."""
+    devices = jax.local_devices()
+    device_sets = [devices] + ([devices[:1]] if len(devices) > 1 else [])
+    scoring, training = [], []
+    for i, (name, size, k, t, n) in enumerate(QUICK_SCORING if quick else FULL_SCORING):
+        for devs in device_sets if i == 0 else device_sets[:1]:
+            log(f"scoring: {name} {size}x{size} K={k} T={t} on {len(devs)} device(s)")
+            scoring.append(scoring_case(name, size, k, t, n, devs, with_loop=devs is devices))
+    for i, (name, size) in enumerate(QUICK_TRAINING if quick else FULL_TRAINING):
+        for devs in device_sets if i == 0 else device_sets[:1]:
+            log(f"training: {name} {size}x{size} on {len(devs)} device(s)")
+            training.append(training_case(name, size, devs))
+    peak = matmul_peak_gflops(devices)
+    head, head1 = scoring[0], next((c for c in scoring if c["devices"] == 1), scoring[0])
+    train_head, train1 = training[0], next((c for c in training if c["devices"] == 1), training[0])
+    return {
+        "scorer_vs_loop": head["scorer_vs_loop"],
+        "scorer_vs_forward": head["scorer_vs_forward"],
+        "train_vs_forward": train_head["train_vs_forward"],
+        "scorer_peak_fraction": head["scorer_gflops"] / peak,
+        "peak_gflops": peak,
+        "scorer_gflops": head["scorer_gflops"],
+        "train_images_per_s": train_head["train_images_per_s"],
+        "train_images_per_s_1_device": train1["train_images_per_s"],
+        "score_images_per_s": head["score_images_per_s"],
+        "score_images_per_s_1_device": head1["score_images_per_s"],
+        "compile_s": head["compile_s"],
+        "peak_rss_mb": peak_rss_mb(),
+        "device_peak_mb": device_peak_mb(),
+        "devices": len(devices), "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+        "quick": quick, "scoring": scoring, "training": training,
+    }
+
+
+SCORING_COLUMNS = ["preset", "image_size", "K", "T", "devices", "score_images_per_s", "scorer_evals_per_s",
+                   "forward_evals_per_s", "scorer_vs_forward", "loop_images_per_s", "scorer_vs_loop", "scorer_gflops",
+                   "compile_s", "max_abs_diff"]
+TRAINING_COLUMNS = ["preset", "image_size", "patch_size", "batch_size", "devices", "train_images_per_s", "step_s",
+                    "forward_s", "train_vs_forward", "compile_s"]
+SUMMARY_KEYS = ["scorer_vs_loop", "scorer_vs_forward", "train_vs_forward", "scorer_peak_fraction", "peak_gflops",
+                "scorer_gflops", "train_images_per_s", "train_images_per_s_1_device", "score_images_per_s",
+                "score_images_per_s_1_device", "compile_s", "peak_rss_mb", "device_peak_mb"]
+
+
+def report(result: dict) -> str:
+    """Markdown: the scoring table, the training table, the summary figures."""
+    from fmjax.viz import markdown_table
+
+    summary = [{"figure": k, "value": result[k] if result[k] is not None else "n/a"} for k in SUMMARY_KEYS]
+    return "\n\n".join([markdown_table(result["scoring"], SCORING_COLUMNS),
+                        markdown_table(result["training"], TRAINING_COLUMNS),
+                        markdown_table(summary, ["figure", "value"])])

@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--textures", default="brick,grass,gravel")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--no-progress", action="store_true")
-    b = sub.add_parser("bench", help="scorer throughput against a plain loop, matmul peak, memory")
-    b.add_argument("--quick", action="store_true", help="reduced set (about a minute)")
+    b = sub.add_parser("bench", help="scoring and training throughput against a plain loop, a plain forward "
+                                     "pass and the matmul peak; memory")
+    b.add_argument("--quick", action="store_true", help="reduced set, same keys (2-3 minutes on 2 CPU cores)")
     b.add_argument("--json", help="also write the figures as JSON here")
     return p
 
@@ -185,13 +186,12 @@ def cmd_demo(args):
 
 def cmd_bench(args):
     from fmjax import bench, runs
-    from fmjax.viz import markdown_table
 
-    result = bench.run(quick=args.quick)
-    cols = ["preset", "image_size", "K", "T", "devices", "scorer_images_per_s", "scorer_evals_per_s",
-            "loop_images_per_s", "scorer_vs_loop", "compile_s", "max_abs_diff"]
-    print(markdown_table(result["cases"], cols))
-    print(f"float32 matmul peak {result['peak_gflops']:.1f} GFLOP/s, peak RSS {result['peak_rss_mb']:.0f} MB")
+    start = time.perf_counter()
+    result = bench.run(quick=args.quick, log=lambda line: print(line, flush=True))
+    result["wall_s"] = time.perf_counter() - start
+    print(bench.report(result))
+    print(f"wall time {result['wall_s']:.0f} s")
     if args.json:
         runs.write_json(args.json, result)
 
