@@ -4,6 +4,7 @@ with the same metrics and their cost.
 Command:
     python experiments/compare_methods.py [--textures brick,grass,gravel] [--preset small]
         [--set KEY=VALUE ...] [--out experiments/results/compare_methods]
+    python experiments/compare_methods.py --textures "" --fashion-mnist 0 --test-limit 1000
 
 Per embedded texture (real photos, synthetic defects on held-out crops):
   flow_mismatch  one flow-matching model, Flow Mismatching scores (K*T parallel calls)
@@ -19,6 +20,10 @@ Writes OUT/compare_methods.{md,csv,json} (one row per texture and method, plus t
 over textures) and the run folders OUT/runs/<texture>/<method>; a rerun with the same
 settings reuses finished runs.  --set overrides go to every method (score.*, radar.*,
 recon.*, train.*, ...).
+One-class Fashion-MNIST (--fashion-mnist CLASSES): train on one class's training images
+at 32x32 (as experiments/fashion_mnist_oneclass.py), test on the 10,000 test images or,
+with --test-limit N, on a class-stratified random subset of N of them (fixed seed, so
+every method sees the same images); image metrics only (the images carry no masks).
 Expected run time on a 2-core CPU with --preset small: about 20 minutes per texture, so
 about an hour for all three: two trainings of 600 steps (flow matching and RADAR, about
 35 images/s each, 9 minutes apiece), then about 2 minutes of scoring (Flow Mismatching
@@ -40,7 +45,7 @@ import numpy as np
 
 NAMES = {"flow_mismatch": "Flow Mismatching", "radar": "RADAR", "recon": "flow reconstruction",
          "pca": "PCA floor"}
-COLUMNS = ["texture", "method", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
+COLUMNS = ["dataset", "method", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
            "pixel_f1_max", "aupro", "image_f1_at_threshold", "network_calls_per_image",
            "sequential_calls_per_image", "images_per_s", "train_s"]
 
@@ -48,6 +53,10 @@ COLUMNS = ["texture", "method", "image_auroc", "image_ap", "image_f1_max", "pixe
 def _parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--textures", default="brick,grass,gravel", help="comma-separated (default: all three)")
+    p.add_argument("--fashion-mnist", default="", metavar="CLASSES",
+                   help="comma-separated Fashion-MNIST classes (ids or names) to compare on as well")
+    p.add_argument("--test-limit", type=int, default=0,
+                   help="Fashion-MNIST: score a class-stratified subset of this many test images (default: all)")
     p.add_argument("--preset", default="small")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every method")
     p.add_argument("--out", default=os.path.join("experiments", "results", "compare_methods"))
@@ -91,6 +100,25 @@ def train_or_reuse(config, spec, run_dir, runs, progress, source=None, reuse=Tru
         train_s = 0.0  # no training of its own: the flow model's
     runs.write_json(os.path.join(run_dir, "timing.json"), {"train_s": train_s})
     return run, train_s, False
+
+
+FASHION_MNIST_SETTINGS = ["data.image_size=32", "data.holdout_fraction=0.02"]
+
+
+def stratified_subset(split, limit: int, seed: int = 0):
+    """`limit` images of `split` keeping each defect type's (class's) share (largest remainders), in the
+    split's order; the whole split when limit is 0 or not smaller."""
+    if not 0 < limit < len(split):
+        return split
+    rng = np.random.default_rng(seed)
+    kinds = np.asarray(split.defect_types)
+    groups = {c: np.flatnonzero(kinds == c) for c in np.unique(kinds)}
+    exact = {c: limit * len(idx) / len(split) for c, idx in groups.items()}
+    take = {c: int(np.floor(v)) for c, v in exact.items()}
+    for c in sorted(exact, key=lambda c: take[c] - exact[c])[:limit - sum(take.values())]:
+        take[c] += 1
+    chosen = np.sort(np.concatenate([rng.choice(groups[c], take[c], replace=False) for c in groups]))
+    return split.subset(chosen)
 
 
 def evaluate(run, dataset, runs):
@@ -143,21 +171,30 @@ def main(argv=None):
     import jax
 
     from fmjax import data as data_lib, runs
-    from fmjax.data import textures
+    from fmjax.data import fashion_mnist, textures
     from fmjax.viz import markdown_table
 
     names = [n.strip() for n in args.textures.split(",") if n.strip()]
     for name in names:
         if name not in textures.TEXTURES:
             raise SystemExit(f"compare_methods: unknown texture {name!r} (known: {', '.join(textures.TEXTURES)})")
-    base = _build_config(args.preset, "flow_mismatch", args.set)
+    datasets = [(name, f"textures:{name}", []) for name in names]
+    for cls in filter(None, (c.strip() for c in args.fashion_mnist.split(","))):
+        try:
+            label = f"fmnist-{fashion_mnist.CLASSES[fashion_mnist.class_index(cls)]}"
+        except ValueError as err:
+            raise SystemExit(f"compare_methods: {err}") from None
+        datasets.append((label, f"fashion_mnist:{fashion_mnist.class_index(cls)}", FASHION_MNIST_SETTINGS))
+    if not datasets:
+        raise SystemExit("compare_methods: nothing to compare (give --textures and/or --fashion-mnist)")
     os.makedirs(args.out, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out, ".jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     wall = time.perf_counter()
     rows = []
-    for name in names:
-        spec, root = f"textures:{name}", os.path.join(args.out, "runs", name)
+    for name, spec, settings in datasets:
+        base = _build_config(args.preset, "flow_mismatch", settings + list(args.set))
+        root = os.path.join(args.out, "runs", name)
         print(f"== {name}", flush=True)
         progress = not args.no_progress
         trained = {}
@@ -171,24 +208,27 @@ def main(argv=None):
         trained["radar"] = train_or_reuse(base.replace(method="radar"), spec, os.path.join(root, "radar"), runs,
                                           progress)
         dataset = data_lib.load(spec, None, trained["flow_mismatch"][0].config.data)
+        if spec.startswith("fashion_mnist:"):
+            dataset = dataclasses.replace(dataset, test=stratified_subset(dataset.test, args.test_limit))
         results = {method: dict(evaluate(run, dataset, runs), train_s=train_s)
                    for method, (run, train_s, _) in trained.items()}
         results["recon"]["train_s"] = results["flow_mismatch"]["train_s"]  # the same model
         results["pca"] = pca_floor(dataset, trained["flow_mismatch"][0].config, args.pca_components, runs)
         for method in ("flow_mismatch", "radar", "recon", "pca"):
-            row = {"texture": name, "method": method, **results[method]}
+            row = {"dataset": name, "method": method, **results[method]}
             rows.append(row)
             print(f"   {NAMES[method]:<20} image AUROC {row['image_auroc']:.3f}  pixel AUROC "
                   f"{row['pixel_auroc']:.3f}  AUPRO {row['aupro']:.3f}  {row['images_per_s']:.1f} img/s", flush=True)
     if len(names) > 1:
         for method in ("flow_mismatch", "radar", "recon", "pca"):
-            mine = [r for r in rows if r["method"] == method]
-            rows.append({"texture": "mean", "method": method,
+            mine = [r for r in rows if r["method"] == method and r["dataset"] in names]
+            rows.append({"dataset": "texture mean", "method": method,
                          **{c: float(np.mean([r[c] for r in mine])) for c in COLUMNS[2:]}})
     seconds = time.perf_counter() - wall
     display = [dict(r, method=NAMES[r["method"]]) for r in rows]
     table = markdown_table(display, COLUMNS)
-    title = (f"Methods on the embedded textures (preset {args.preset}"
+    title = (f"Methods on {', '.join(d[0] for d in datasets)} (preset {args.preset}"
+             + (f", {args.test_limit} Fashion-MNIST test images" if args.test_limit and len(datasets) > len(names) else "")
              + (f", {' '.join(args.set)}" if args.set else "") + f"; {len(jax.devices())} CPU devices)")
     print(f"\n{title}\n{table}\nwall time {seconds:.0f} s")
     with open(os.path.join(args.out, "compare_methods.md"), "w") as f:
@@ -199,7 +239,7 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     runs.write_json(os.path.join(args.out, "compare_methods.json"),
-                    {"preset": args.preset, "overrides": args.set, "textures": names,
+                    {"preset": args.preset, "overrides": args.set, "datasets": [d[0] for d in datasets], "test_limit": args.test_limit,
                      "config": json.loads(base.to_json()), "wall_s": seconds, "rows": rows})
     print(f"-> {os.path.join(args.out, 'compare_methods.md')} (.csv, .json)")
 

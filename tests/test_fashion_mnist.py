@@ -159,3 +159,15 @@ def test_real_files(monkeypatch):
     assert ds.train.images[:, :2].max() == 0 and ds.train.images[:, 2:30, 2:30].max() == 255
     counts = np.bincount(fm.read_idx(pathlib.Path(fm.DEFAULT_DIR) / "train-labels-idx1-ubyte.gz"), minlength=10)
     assert counts.tolist() == [6000] * 10
+
+
+def test_stored_category_name_reloads_the_same_class(data, monkeypatch):
+    """A run stores the class name; loading `fashion_mnist:1` with it (evaluate --run) works."""
+    from fmjax import data as data_lib
+    from fmjax.config import DataConfig
+
+    monkeypatch.setenv(fm.ENV_VAR, str(data))
+    cfg = DataConfig(image_size=32)
+    by_name = data_lib.load("fashion_mnist:1", "trouser", cfg)
+    assert by_name.category == "trouser" and by_name.train.names == data_lib.load("fashion_mnist:1", None, cfg).train.names
+    assert "contradicts" in _message(data_lib.load, "fashion_mnist:1", "dress", cfg)

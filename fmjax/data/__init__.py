@@ -35,7 +35,7 @@ def load(spec: str, category: str | None, config) -> Dataset:
     if kind == "fashion_mnist":
         from fmjax.data import fashion_mnist
 
-        if category not in (None, value):
+        if category is not None and fashion_mnist.class_index(category) != fashion_mnist.class_index(value):
             raise DataError(f"--category {category!r} contradicts --data {spec!r}; drop --category")
         return fashion_mnist.load_fashion_mnist(value, config.image_size)
     if not category:
