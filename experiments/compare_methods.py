@@ -105,22 +105,6 @@ def train_or_reuse(config, spec, run_dir, runs, progress, source=None, reuse=Tru
 FASHION_MNIST_SETTINGS = ["data.image_size=32", "data.holdout_fraction=0.02"]
 
 
-def stratified_subset(split, limit: int, seed: int = 0):
-    """`limit` images of `split` keeping each defect type's (class's) share (largest remainders), in the
-    split's order; the whole split when limit is 0 or not smaller."""
-    if not 0 < limit < len(split):
-        return split
-    rng = np.random.default_rng(seed)
-    kinds = np.asarray(split.defect_types)
-    groups = {c: np.flatnonzero(kinds == c) for c in np.unique(kinds)}
-    exact = {c: limit * len(idx) / len(split) for c, idx in groups.items()}
-    take = {c: int(np.floor(v)) for c, v in exact.items()}
-    for c in sorted(exact, key=lambda c: take[c] - exact[c])[:limit - sum(take.values())]:
-        take[c] += 1
-    chosen = np.sort(np.concatenate([rng.choice(groups[c], take[c], replace=False) for c in groups]))
-    return split.subset(chosen)
-
-
 def evaluate(run, dataset, runs):
     """evaluate_run after one warm-up call, so images_per_s excludes compilation."""
     run.score(dataset.test.images[:1])
@@ -209,7 +193,7 @@ def main(argv=None):
                                           progress)
         dataset = data_lib.load(spec, None, trained["flow_mismatch"][0].config.data)
         if spec.startswith("fashion_mnist:"):
-            dataset = dataclasses.replace(dataset, test=stratified_subset(dataset.test, args.test_limit))
+            dataset = dataclasses.replace(dataset, test=data_lib.stratified_subset(dataset.test, args.test_limit))
         results = {method: dict(evaluate(run, dataset, runs), train_s=train_s)
                    for method, (run, train_s, _) in trained.items()}
         results["recon"]["train_s"] = results["flow_mismatch"]["train_s"]  # the same model

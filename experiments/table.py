@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -45,6 +46,8 @@ def run_table(spec_of, categories, args, title: str) -> list[dict]:
         run = runs.train_run(config, spec, cat, run_dir, resume=os.path.isdir(run_dir), progress=False)
         train_s = time.perf_counter() - start
         dataset = data_lib.load(spec, cat, run.config.data)
+        if getattr(args, "test_limit", 0):
+            dataset = dataclasses.replace(dataset, test=data_lib.stratified_subset(dataset.test, args.test_limit))
         start = time.perf_counter()
         result = runs.evaluate_run(run, dataset)
         result.update(category=category, train_seconds=train_s, eval_seconds=time.perf_counter() - start)

@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import pathlib
 
@@ -171,3 +172,23 @@ def test_stored_category_name_reloads_the_same_class(data, monkeypatch):
     by_name = data_lib.load("fashion_mnist:1", "trouser", cfg)
     assert by_name.category == "trouser" and by_name.train.names == data_lib.load("fashion_mnist:1", None, cfg).train.names
     assert "contradicts" in _message(data_lib.load, "fashion_mnist:1", "dress", cfg)
+
+
+def test_stratified_subset_keeps_shares_and_is_the_same_for_every_class():
+    from fmjax.data import stratified_subset
+    from fmjax.data.base import normal_split
+
+    true_class = np.repeat(np.arange(10), 30)  # 30 test images per class
+    subsets = []
+    for normal in (0, 3):
+        split = normal_split(np.zeros((300, 4, 4, 1), np.uint8), [f"test/{i:03d}" for i in range(300)])
+        kinds = tuple("good" if c == normal else fm.CLASSES[c] for c in true_class)
+        split = dataclasses.replace(split, defect_types=kinds, labels=(true_class != normal).astype(np.int32))
+        sub = stratified_subset(split, 50, seed=0)
+        assert len(sub) == 50 and list(sub.names) == sorted(sub.names)
+        assert sorted(np.bincount(true_class[[int(n[5:]) for n in sub.names]], minlength=10)) == [5] * 10
+        subsets.append(sub.names)
+    assert subsets[0] == subsets[1]
+    assert stratified_subset(split, 0) is split and stratified_subset(split, 300) is split
+    odd = stratified_subset(split, 7, seed=1)
+    assert len(odd) == 7 and len(set(odd.names)) == 7

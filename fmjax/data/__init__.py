@@ -65,6 +65,25 @@ def split_holdout(train: Split, fraction: float, seed: int):
     return train.subset(np.sort(order[n_hold:])), train.subset(np.sort(order[:n_hold]))
 
 
+def stratified_subset(split: Split, limit: int, seed: int = 0) -> Split:
+    """`limit` images of `split`, each defect type (class) keeping its share (largest
+    remainders), kept in the split's order; the whole split when limit is 0 or not smaller.
+
+    Each group takes its first images in one fixed random order of the split, so splits of
+    the same images with renamed groups (the one-class protocols) give the same subset.
+    """
+    if not 0 < limit < len(split):
+        return split
+    order = np.random.default_rng([seed, 11]).permutation(len(split))
+    kinds = np.asarray(split.defect_types)[order]
+    names, counts = np.unique(kinds, return_counts=True)
+    exact = limit * counts / len(split)
+    take = np.floor(exact).astype(int)
+    take[np.argsort(take - exact, kind="stable")[:limit - take.sum()]] += 1
+    chosen = np.concatenate([order[kinds == name][:n] for name, n in zip(names, take)])
+    return split.subset(np.sort(chosen))
+
+
 def categories_of(spec: str) -> list[str]:
     """The categories under a folder/mvtec/visa root, sorted (the class ids of `--category all`)."""
     import os
