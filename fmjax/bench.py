@@ -185,17 +185,23 @@ def device_peak_mb():
     return None if peak is None else peak / 2**20
 
 
-def run(quick: bool = True, log=print) -> dict:
-    """The bench. Scoring and training on all devices and on one; the top-level figures
-    summarise the first (headline) case of each."""
+def run(quick: bool = True, log=print, scoring_cases=None, training_cases=None, loop_max_evals: int = 64) -> dict:
+    """The bench. Scoring and training on all devices, the first case of each also on one
+    device; the top-level figures summarise those first (headline) cases.
+
+    scoring_cases: [(preset, size, K, T, images)], training_cases: [(preset, size)]
+    (default: the quick or the full set).  The plain loop runs where K*T <= loop_max_evals.
+    """
     devices = jax.local_devices()
     device_sets = [devices] + ([devices[:1]] if len(devices) > 1 else [])
+    scoring_cases = scoring_cases or (QUICK_SCORING if quick else FULL_SCORING)
+    training_cases = training_cases or (QUICK_TRAINING if quick else FULL_TRAINING)
     scoring, training = [], []
-    for i, (name, size, k, t, n) in enumerate(QUICK_SCORING if quick else FULL_SCORING):
+    for i, (name, size, k, t, n) in enumerate(scoring_cases):
         for devs in device_sets if i == 0 else device_sets[:1]:
             log(f"scoring: {name} {size}x{size} K={k} T={t} on {len(devs)} device(s)")
-            scoring.append(scoring_case(name, size, k, t, n, devs, with_loop=devs is devices))
-    for i, (name, size) in enumerate(QUICK_TRAINING if quick else FULL_TRAINING):
+            scoring.append(scoring_case(name, size, k, t, n, devs, with_loop=devs is devices and k * t <= loop_max_evals))
+    for i, (name, size) in enumerate(training_cases):
         for devs in device_sets if i == 0 else device_sets[:1]:
             log(f"training: {name} {size}x{size} on {len(devs)} device(s)")
             training.append(training_case(name, size, devs))
@@ -203,7 +209,7 @@ def run(quick: bool = True, log=print) -> dict:
     head, head1 = scoring[0], next((c for c in scoring if c["devices"] == 1), scoring[0])
     train_head, train1 = training[0], next((c for c in training if c["devices"] == 1), training[0])
     return {
-        "scorer_vs_loop": head["scorer_vs_loop"],
+        "scorer_vs_loop": head.get("scorer_vs_loop"),
         "scorer_vs_forward": head["scorer_vs_forward"],
         "train_vs_forward": train_head["train_vs_forward"],
         "scorer_peak_fraction": head["scorer_gflops"] / peak,
