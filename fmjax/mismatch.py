@@ -13,10 +13,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from fmjax.flow import path_point, target_velocity, to_model_range
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fmjax.flow import path_point, target_velocity, to_model_range
 from fmjax.sharded import ImageBatches, check_images
 
 
