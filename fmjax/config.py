@@ -77,7 +77,8 @@ class ScoreConfig:
     time_weight: str = "t2"  # t2 | none
     image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f
     smooth_sigma: float = 0.0  # Gaussian smoothing of the map, in pixels; 0 = off
-    chunk_size: int = 64  # network inputs per call (fixed: no recompiles)
+    chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
+    memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
     image_batch: int = 4  # images per jitted call (padded: no recompiles)
     seed: int = 0
     use_ema: bool = True
@@ -247,8 +248,10 @@ def validate(config: Config) -> None:
     mismatch.parse_image_score(config.score.image_score)
     if config.score.time_weight not in ("t2", "none"):
         raise ConfigError(f"score.time_weight must be t2 or none, got {config.score.time_weight!r}")
-    if config.score.chunk_size < 1 or config.score.image_batch < 1:
-        raise ConfigError("score.chunk_size and score.image_batch must be >= 1")
+    if config.score.chunk_size < 0 or config.score.image_batch < 1:
+        raise ConfigError("score.chunk_size must be >= 0 (0: from score.memory_budget_mb) and score.image_batch >= 1")
+    if config.score.chunk_size == 0 and config.score.memory_budget_mb < 1:
+        raise ConfigError("score.memory_budget_mb must be >= 1 when score.chunk_size = 0")
     patch = config.train.patch_size
     if patch and (patch > config.data.image_size or patch % (2 ** (len(config.net.channel_mult) - 1))):
         raise ConfigError(f"train.patch_size {patch} must be <= data.image_size and divisible by "
@@ -296,7 +299,7 @@ PRESETS = {
         net=NetConfig(),
         data=DataConfig(image_size=256, crop_size=256),
         train=TrainConfig(steps=100_000, batch_size=32, learning_rate=1e-4, warmup_steps=1000),
-        score=ScoreConfig(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=64, image_batch=1),
+        score=ScoreConfig(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=0, image_batch=1),
     ),
 }
 

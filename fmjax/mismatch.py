@@ -8,19 +8,21 @@ a fixed number of network inputs, so memory stays bounded and nothing recompiles
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax.flow import path_point, target_velocity, to_model_range
 from fmjax.sharded import ImageBatches, check_images
 
 
 class ScoreRuleError(ValueError):
-    """An unknown or out-of-range aggregation / weight / image-score rule."""
+    """A scoring setting that cannot work: an unknown or out-of-range aggregation / weight /
+    image-score rule, or a memory budget below one network call."""
 
 
 # ----------------------------------------------------------------------------- rules
@@ -227,6 +229,38 @@ def mismatch_delta(velocity_fn, images, noise, times, chunk_size: int, labels=No
     return grid_to_delta(chunks, num_images, num_times, num_paths)
 
 
+def forward_bytes(apply_fn, params, image_shape, chunk: int) -> int:
+    """Device bytes XLA reserves for one call of apply_fn on `chunk` inputs: temporaries
+    plus output, from the compiled program's memory analysis (nothing runs)."""
+    x = jax.ShapeDtypeStruct((chunk,) + tuple(image_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((chunk,), jnp.float32)
+    y = jax.ShapeDtypeStruct((chunk,), jnp.int32)
+    memory = jax.jit(apply_fn).lower(params, x, t, y).compile().memory_analysis()
+    if memory is None:
+        raise ScoreRuleError(f"the {jax.default_backend()} backend reports no memory analysis; set score.chunk_size")
+    return int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
+
+
+def chunk_size_for_budget(apply_fn, params, image_shape, budget_bytes: int, max_chunk: int,
+                          fixed_bytes: int = 0, probe: int = 4) -> int:
+    """The largest chunk (network inputs per call, <= max_chunk) whose call fits in
+    `budget_bytes` of one device beside the params and `fixed_bytes` (the stored mismatch).
+
+    A call's memory is affine in the chunk; two compiled probes (1 and `probe` inputs) give
+    the intercept and the bytes per input.  Raises ScoreRuleError when not even one input fits.
+    """
+    params_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(params))
+    one = forward_bytes(apply_fn, params, image_shape, 1)
+    per_input = max((forward_bytes(apply_fn, params, image_shape, probe) - one) / (probe - 1), 1.0)
+    free = budget_bytes - params_bytes - fixed_bytes - (one - per_input)
+    chunk = int(free // per_input)
+    if chunk < 1:
+        need = (params_bytes + fixed_bytes + one) / 2 ** 20
+        raise ScoreRuleError(f"score.memory_budget_mb = {budget_bytes / 2 ** 20:.0f} is below one network call "
+                         f"({need:.0f} MB with params and stored mismatch); raise it or set score.chunk_size")
+    return min(chunk, max_chunk)
+
+
 def heat_maps(delta, times, aggregate: str, time_weight: str, smooth_sigma: float = 0.0):
     """delta [B, T, K, H, W] -> maps H [B, H, W] (paths aggregated, times weighted, smoothed)."""
     per_time = aggregate_paths(delta, aggregate, axis=2)
@@ -243,6 +277,8 @@ class Scorer:
     `config.image_batch` images per call, so every call has the same shapes.  A request
     with fewer images than devices spreads its (time, path) grid over the devices instead,
     so none sits idle (one compiled program per such request size).
+    `config.chunk_size = 0` picks the chunk from `config.memory_budget_mb` on the first call
+    (`chunk_size_for_budget`); `self.config` then holds the chosen size.
     """
 
     def __init__(self, apply_fn, config, image_shape, devices=None):
@@ -254,18 +290,31 @@ class Scorer:
         time_weights(jnp.zeros(1), config.time_weight)
         self.noise = path_noise(jax.random.PRNGKey(config.seed), config.num_paths, self.image_shape)
         self.times = jnp.asarray(interior_times(config.num_times))
+        self.devices = list(devices if devices is not None else jax.local_devices())
+        self.mesh = Mesh(np.array(self.devices), ("data",))
+        self._batches = None
+        self._grids = {}
+
+    def _build(self, params):
+        """The per-image-batch programs; settles chunk_size = 0 from the memory budget first."""
+        if self._batches is not None:
+            return
+        cfg = self.config
+        if cfg.chunk_size == 0:
+            cfg = self.config = dataclasses.replace(cfg, chunk_size=chunk_size_for_budget(
+                self.apply_fn, params, self.image_shape, cfg.memory_budget_mb * 2 ** 20,
+                max_chunk=cfg.image_batch * cfg.num_times * cfg.num_paths,
+                fixed_bytes=4 * cfg.image_batch * cfg.num_times * cfg.num_paths * math.prod(self.image_shape[:2])))
 
         def local_delta(params, images_u8, labels, noise, times):
-            velocity = lambda x, t, y: apply_fn(params, x, t, y)
-            return (mismatch_delta(velocity, to_model_range(images_u8), noise, times, config.chunk_size, labels),)
+            velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
+            return (mismatch_delta(velocity, to_model_range(images_u8), noise, times, cfg.chunk_size, labels),)
 
         def local_maps(params, images_u8, labels, noise, times):
             return self._finish(local_delta(params, images_u8, labels, noise, times)[0], times)
 
-        self._maps = ImageBatches(local_maps, self.image_shape, config.image_batch, 2, 2, devices)
-        self._delta = ImageBatches(local_delta, self.image_shape, config.image_batch, 2, 1, devices)
-        self.mesh = self._maps.mesh
-        self._grids = {}
+        self._batches = {True: ImageBatches(local_maps, self.image_shape, cfg.image_batch, 2, 2, self.devices),
+                         False: ImageBatches(local_delta, self.image_shape, cfg.image_batch, 2, 1, self.devices)}
 
     def _finish(self, delta, times):
         """delta [B,T,K,H,W] -> (maps [B,H,W], scores [B])."""
@@ -298,11 +347,11 @@ class Scorer:
 
     def _run(self, want_maps: bool, params, images, labels):
         images, labels = check_images(images, labels, self.image_shape)
+        self._build(params)
         if not 0 < len(images) < self.mesh.devices.size:
-            batches = self._maps if want_maps else self._delta
-            return batches(params, images, labels, self.noise, self.times)
+            return self._batches[want_maps](params, images, labels, self.noise, self.times)
         fn, index = self._grid(want_maps, len(images))
-        params = jax.device_put(params, self._maps.replicated)
+        params = jax.device_put(params, NamedSharding(self.mesh, P()))
         outs = fn(params, images, labels, self.noise, self.times, index)
         return tuple(np.asarray(out) for out in outs)
 

@@ -74,11 +74,13 @@ def test_method_sections_round_trip_and_override():
     del old["radar"], old["recon"]
     assert Config.from_json(json.dumps(old)).radar == Config().radar
     for bad in (["method=nope"], ["radar.contamination=often"], ["recon.t0=1.5"],
-                ["method=radar", "radar.patch_size=32"]):
+                ["method=radar", "radar.patch_size=32"], ["score.chunk_size=-1"],
+                ["score.chunk_size=0", "score.memory_budget_mb=0"]):
         with pytest.raises(ConfigError):
             apply_overrides(preset("tiny"), bad)
     # radar's image-size checks bind radar runs only
     assert apply_overrides(preset("tiny"), ["radar.patch_size=32"]).radar.patch_size == 32
+    assert apply_overrides(preset("tiny"), ["score.chunk_size=0"]).score.chunk_size == 0
 
 
 def test_flow_mismatch_cost_is_k_times_t():

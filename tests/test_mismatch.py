@@ -162,7 +162,7 @@ def test_fewer_images_than_devices_spread_the_grid():
     alone = mismatch.Scorer(toy_apply, cfg, (8, 8, 1), devices=jax.local_devices()[:1])
     maps, scores = spread.score(PARAMS, images)
     assert list(spread._grids) == [(True, 1)]
-    assert spread._maps.fn._cache_size() == 0  # the per-image path never ran
+    assert spread._batches[True].fn._cache_size() == 0  # the per-image path never ran
     want_maps, want_scores = alone.score(PARAMS, images)
     np.testing.assert_allclose(maps, want_maps, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
@@ -177,10 +177,10 @@ def test_no_recompile_for_other_image_counts():
     scorer = mismatch.Scorer(toy_apply, cfg, (8, 8, 1))
     rng = np.random.default_rng(5)
     scorer.score(PARAMS, rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8))
-    compiled = scorer._maps.fn._cache_size()
+    compiled = scorer._batches[True].fn._cache_size()
     for n in (1, 2, 5, 9):
         scorer.score(PARAMS, rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8))
-    assert scorer._maps.fn._cache_size() == compiled == 1
+    assert scorer._batches[True].fn._cache_size() == compiled == 1
 
 
 def test_delta_tensor_reaggregates_to_maps():
@@ -245,3 +245,46 @@ def test_smoothing_matches_scipy(sigma):
     ours = np.asarray(mismatch.gaussian_smooth(jnp.asarray(maps), sigma))
     ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma, mode="reflect") for m in maps])
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- chunk size from a memory budget
+
+def test_forward_memory_is_affine_and_budget_picks_the_chunk_that_fits():
+    from fmjax.config import NetConfig
+    from fmjax.nets import UNet
+    from fmjax.nets.unet import abstract_params
+
+    net = NetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_rates=(2,),
+                    num_head_channels=8, dropout=0.0, num_groups=4)
+    shape = (16, 16, 1)
+    module = UNet(net, out_channels=1)
+    params = abstract_params(net, shape)  # shapes are all the memory analysis needs
+    apply = lambda p, x, t, y: module.apply(p, x, t)
+    sizes = {c: mismatch.forward_bytes(apply, params, shape, c) for c in (1, 4, 12)}
+    per_input = (sizes[4] - sizes[1]) / 3
+    assert per_input > 4 * math.prod(shape)  # at least the activations of one image
+    assert sizes[12] == pytest.approx(sizes[1] + 11 * per_input, rel=0.1)
+
+    params_bytes = sum(leaf.size * 4 for leaf in jax.tree_util.tree_leaves(params))
+    fixed = 10_000
+    budget = params_bytes + fixed + sizes[12]
+    chunk = mismatch.chunk_size_for_budget(apply, params, shape, budget, max_chunk=1000, fixed_bytes=fixed)
+    assert 10 <= chunk <= 14
+    assert mismatch.chunk_size_for_budget(apply, params, shape, 2 * budget, max_chunk=1000,
+                                          fixed_bytes=fixed) > 2 * chunk
+    assert mismatch.chunk_size_for_budget(apply, params, shape, budget, max_chunk=6, fixed_bytes=fixed) == 6
+    with pytest.raises(mismatch.ScoreRuleError, match="memory_budget_mb"):
+        mismatch.chunk_size_for_budget(apply, params, shape, params_bytes, max_chunk=8, fixed_bytes=fixed)
+
+
+def test_auto_chunk_scorer_equals_fixed_chunk():
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (3, 12, 12, 2), dtype=np.uint8)
+    fixed = ScoreConfig(num_paths=3, num_times=4, chunk_size=5, image_batch=2)
+    auto = ScoreConfig(**{**fixed.__dict__, "chunk_size": 0, "memory_budget_mb": 1})
+    scorer = mismatch.Scorer(toy_apply, auto, (12, 12, 2))
+    maps, scores = scorer.score(PARAMS, images)
+    assert 1 <= scorer.config.chunk_size <= 2 * 4 * 3
+    ref_maps, ref_scores = mismatch.Scorer(toy_apply, fixed, (12, 12, 2)).score(PARAMS, images)
+    np.testing.assert_allclose(maps, ref_maps, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6, atol=1e-7)
