@@ -58,8 +58,10 @@ class TrainConfig:
     t_sampler: str = "uniform"  # uniform | logit_normal
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
-    hflip: bool = False
-    vflip: bool = False
+    # flips: None = auto, on only where the data declares orientation meaningless (textures;
+    # fmjax.data.orientation_free); objects keep theirs (a flipped metal nut is a defect)
+    hflip: bool | None = None
+    vflip: bool | None = None
     patch_size: int = 0  # > 0: train on random square crops of this side (fully convolutional net)
     seed: int = 0
     log_every: int = 50
@@ -172,6 +174,10 @@ def from_dict(cls, values: dict):
 
 
 def _coerce(value, default, name):
+    if default is None:  # bool | None fields (auto when None)
+        if value is None or isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {name!r} must be true, false or null (auto), got {value!r}")
     if isinstance(default, tuple):
         return tuple(value)
     if isinstance(default, bool):
@@ -185,14 +191,18 @@ def _coerce(value, default, name):
 
 def _parse_value(text: str, default, key: str, hint=None):
     """Parses an override string into the type of the field's default (for a
-    `float | str` field such as radar.contamination: a number if it reads as one)."""
+    `float | str` field such as radar.contamination: a number if it reads as one; for a
+    `bool | None` field such as train.hflip: true, false or auto)."""
     if str in typing.get_args(hint) and float in typing.get_args(hint):
         try:
             return float(text)
         except ValueError:
             return text
     try:
-        if isinstance(default, bool):
+        optional_bool = bool in typing.get_args(hint) and type(None) in typing.get_args(hint)
+        if optional_bool and text.lower() in ("auto", "none", "null"):
+            return None
+        if isinstance(default, bool) or optional_bool:
             if text.lower() in ("true", "1", "yes"):
                 return True
             if text.lower() in ("false", "0", "no"):
@@ -207,7 +217,8 @@ def _parse_value(text: str, default, key: str, hint=None):
             return tuple(int(s) if s.strip().lstrip("-").isdigit() else float(s) for s in items)
         return text
     except ValueError:
-        raise ConfigError(f"bad value {text!r} for {key} (expected {type(default).__name__})") from None
+        expected = "true, false or auto" if optional_bool else type(default).__name__
+        raise ConfigError(f"bad value {text!r} for {key} (expected {expected})") from None
 
 
 def apply_overrides(config: Config, overrides) -> Config:
@@ -277,7 +288,7 @@ PRESETS = {
                       num_head_channels=8, dropout=0.0, num_groups=4),
         data=DataConfig(image_size=16, crop_size=32, num_train=32, num_test=8),
         train=TrainConfig(steps=20, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every=5,
-                          checkpoint_every=10, ema_decay=0.9),
+                          checkpoint_every=10, ema_decay=0.9, hflip=False, vflip=False),
         score=ScoreConfig(num_paths=4, num_times=4, aggregate="rank:2", chunk_size=16, image_batch=2),
         radar=RadarConfig(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2),
         recon=ReconConfig(steps=4, image_batch=2),
@@ -288,7 +299,7 @@ PRESETS = {
                       num_head_channels=32, dropout=0.0, num_groups=8),
         data=DataConfig(image_size=64, crop_size=128, num_train=256, num_test=40),
         train=TrainConfig(steps=600, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50,
-                          log_every=50, checkpoint_every=200, ema_decay=0.995, hflip=True, vflip=True),
+                          log_every=50, checkpoint_every=200, ema_decay=0.995),
         score=ScoreConfig(num_paths=16, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16,
                           image_batch=1),
         # the same smoothing as the Flow Mismatching map, so a comparison isolates the scoring rule

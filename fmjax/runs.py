@@ -66,6 +66,15 @@ def resolve_channels(config: Config, dataset) -> Config:
     return config.replace(data=dataclasses.replace(config.data, channels=int(channels)))
 
 
+def resolve_flips(config: Config, spec: str, categories) -> Config:
+    """Settles train.hflip / train.vflip left at None (auto) from the data: on for
+    orientation-free data (fmjax.data.orientation_free), off otherwise."""
+    free = data_lib.orientation_free(spec, categories)
+    tc = config.train
+    return config.replace(train=dataclasses.replace(tc, hflip=free if tc.hflip is None else tc.hflip,
+                                                    vflip=free if tc.vflip is None else tc.vflip))
+
+
 # ----------------------------------------------------------------------------- train
 
 def train_run(config: Config, spec: str, category: str | None, run_dir: str, resume: bool = False,
@@ -89,7 +98,8 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
     else:
         dataset = data_lib.load(spec, category, config.data)
         data_info = {"spec": spec, "category": dataset.category}
-    config = resolve_channels(config, dataset)
+    config = resolve_flips(resolve_channels(config, dataset), spec,
+                           data_info.get("categories", [dataset.category]))
     fit, holdout = data_lib.split_holdout(dataset.train, config.data.holdout_fraction, config.data.seed)
     data_path = os.path.join(run_dir, "data.json")
     if resume and os.path.exists(data_path) and json.load(open(data_path)) != data_info:

@@ -83,6 +83,32 @@ def test_method_sections_round_trip_and_override():
     assert apply_overrides(preset("tiny"), ["score.chunk_size=0"]).score.chunk_size == 0
 
 
+def test_flips_are_auto_by_default_and_follow_the_data():
+    from fmjax.data import orientation_free
+
+    assert preset("small").train.hflip is None and preset("small").train.vflip is None
+    auto = apply_overrides(preset("tiny"), ["train.hflip=auto", "train.vflip=Auto"])
+    assert auto.train.hflip is None and auto.train.vflip is None
+    assert Config.from_json(auto.to_json()) == auto
+    assert apply_overrides(auto, ["train.hflip=true"]).train.hflip is True
+    with pytest.raises(ConfigError, match="true, false or auto"):
+        apply_overrides(auto, ["train.vflip=sometimes"])
+    with pytest.raises(ConfigError, match="true, false or null"):
+        Config.from_json(json.dumps({"train": {"hflip": "yes"}}))
+
+    assert orientation_free("textures:brick", ["brick"])
+    assert orientation_free("mvtec:/data", ["carpet"]) and orientation_free("mvtec:/data", ["grid", "wood"])
+    assert not orientation_free("mvtec:/data", ["metal_nut"])
+    assert not orientation_free("mvtec:/data", ["carpet", "bottle"])  # --category all over both kinds
+    for spec in ("fashion_mnist:0", "visa:/data", "folder:/data"):
+        assert not orientation_free(spec, ["x"])
+
+    on = runs.resolve_flips(auto, "textures:grass", ["grass"]).train
+    off = runs.resolve_flips(auto, "mvtec:/data", ["metal_nut"]).train
+    kept = runs.resolve_flips(apply_overrides(auto, ["train.vflip=true"]), "fashion_mnist:0", ["0"]).train
+    assert (on.hflip, on.vflip, off.hflip, off.vflip, kept.hflip, kept.vflip) == (True, True, False, False, False, True)
+
+
 def test_flow_mismatch_cost_is_k_times_t():
     config = apply_overrides(preset("tiny"), ["score.num_paths=3", "score.num_times=5"])
     run = runs.Run("unused", config, {}, None, {})

@@ -53,6 +53,20 @@ def load(spec: str, category: str | None, config) -> Dataset:
     return folder.load_folder(value, category, config.image_size, config.channels)
 
 
+def orientation_free(spec: str, categories) -> bool:
+    """Whether flipped normal images of these categories are still normal: true for
+    textures (the embedded ones, MVTec-AD's five), false for objects and unknown folders,
+    whose defects can be a flip (MVTec's metal_nut "flip") or a misplacement."""
+    kind, _ = parse_spec(spec)
+    if kind == "textures":
+        return True
+    if kind == "mvtec":
+        from fmjax.data import mvtec
+
+        return bool(categories) and all(c in mvtec.TEXTURE_CATEGORIES for c in categories)
+    return False
+
+
 def split_holdout(train: Split, fraction: float, seed: int):
     """(fit, holdout): a random `fraction` of the normal training images held out for
     fitting thresholds on normal images only. holdout is None when fraction is 0."""

@@ -31,6 +31,7 @@ from fmjax.data.base import DataError, Dataset, Split, normal_split
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
               "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 GREY_CATEGORIES = ("grid", "screw", "zipper")
+TEXTURE_CATEGORIES = ("carpet", "grid", "leather", "tile", "wood")  # orientation carries no meaning
 
 
 def check_category(category: str, known, root, dataset: str) -> None:
