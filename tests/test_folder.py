@@ -192,3 +192,20 @@ def test_load_images(root):
     _one_line_error([str(root / "missing.png")], load_images, root / "missing.png", S)
     (root / "empty").mkdir()
     _one_line_error([str(root / "empty")], load_images, root / "empty", S)
+
+
+def test_btad_layout_with_ok_and_ko(tmp_path):
+    """BTAD names its normal folders "ok": train/ok, test/ok, test/ko, ground_truth/ko/<id>.png."""
+    product = tmp_path / "01"
+    for i in range(2):
+        _save(product / "train/ok" / f"{i:04d}.bmp", _rgb(40 + i))
+    _save(product / "test/ok/0000.bmp", _rgb(50))
+    _save(product / "test/ko/0000.bmp", _rgb(51))
+    _save(product / "ground_truth/ko/0000.png", _mask(4, 6))
+    assert list_categories(tmp_path) == ["01"]
+    ds = load_folder(tmp_path, "01", S)
+    assert ds.train.images.shape == (2, S, S, 3) and ds.train.names == ("train/ok/0000", "train/ok/0001")
+    assert ds.test.labels.tolist() == [1, 0]  # ko sorts before ok
+    assert ds.test.defect_types == ("ko", "good")
+    assert ds.test.names == ("test/ko/0000", "test/ok/0000")
+    assert ds.test.full_masks[0].sum() == 8 * 10 and ds.test.full_masks[1].sum() == 0

@@ -6,6 +6,9 @@ Layout of one category:
   ROOT/<category>/test/<defect or good>/*
   ROOT/<category>/ground_truth/<defect>/<id>_mask.png   (or <id>.png; 0 / 255)
 
+The normal folders may be called "ok" instead of "good" (BTAD's layout: train/ok,
+test/ok, test/ko); either way normal test images get the defect type "good".
+
 Images are resized to the working resolution as they are read, so full-size
 images are never kept; only the binarised full-size masks are (uint8 {0, 1}),
 for evaluation at the original resolution.
@@ -20,6 +23,7 @@ from PIL import Image
 from fmjax.data.base import DataError, Dataset, Split, normal_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NORMAL_FOLDERS = ("good", "ok")  # MVTec-AD, VisA converted, MPDD | BTAD
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -125,12 +129,17 @@ def _mask_path(gt_dir: pathlib.Path, defect: str, stem: str) -> pathlib.Path | N
     return None
 
 
+def _train_dir(folder: pathlib.Path) -> pathlib.Path | None:
+    """folder/train/good, or folder/train/ok; None if neither exists."""
+    return next((folder / "train" / n for n in NORMAL_FOLDERS if (folder / "train" / n).is_dir()), None)
+
+
 def list_categories(root) -> list[str]:
-    """Sorted names of the sub-folders of `root` that have train/good."""
+    """Sorted names of the sub-folders of `root` that have train/good (or train/ok)."""
     root = pathlib.Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder: pass the folder that holds the category folders")
-    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _train_dir(p) is not None)
 
 
 def _read_all(paths, image_size: int, channels: int):
@@ -161,9 +170,10 @@ def load_folder(root, category: str, image_size: int, channels: int = 0) -> Data
         known = ", ".join(list_categories(root)) or "none"
         raise DataError(f"category folder {folder} not found (categories with train/good: {known}): "
                         f"check the category name")
-    train_dir = folder / "train" / "good"
-    if not train_dir.is_dir():
-        raise DataError(f"training folder {train_dir} not found: put the normal training images there")
+    train_dir = _train_dir(folder)
+    if train_dir is None:
+        raise DataError(f"training folder {folder / 'train' / 'good'} not found: put the normal training images "
+                        f"there (train/ok is accepted too)")
     train_paths = _image_files(train_dir)
     if not train_paths:
         raise DataError(f"training folder {train_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
@@ -180,6 +190,7 @@ def load_folder(root, category: str, image_size: int, channels: int = 0) -> Data
 
     gt_dir = folder / "ground_truth"
     mask_paths = []
+    test_items = [("good" if d in NORMAL_FOLDERS else d, p) for d, p in test_items]
     for defect, path in test_items:
         if defect == "good":
             mask_paths.append(None)
@@ -194,7 +205,7 @@ def load_folder(root, category: str, image_size: int, channels: int = 0) -> Data
     if channels == 0:
         channels = _channels_of(train_paths[0])
     train_images, train_sizes = _read_all(train_paths, image_size, channels)
-    train = normal_split(train_images, [f"train/good/{p.stem}" for p in train_paths], train_sizes)
+    train = normal_split(train_images, [f"train/{train_dir.name}/{p.stem}" for p in train_paths], train_sizes)
 
     n = len(test_items)
     images = np.zeros((n, image_size, image_size, channels), np.uint8)
@@ -219,7 +230,7 @@ def load_folder(root, category: str, image_size: int, channels: int = 0) -> Data
         images=images,
         masks=masks,
         labels=np.array([d != "good" for d in defects], np.int32).reshape(n),
-        names=tuple(f"test/{d}/{p.stem}" for d, p in test_items),
+        names=tuple(f"test/{p.parent.name}/{p.stem}" for _, p in test_items),
         defect_types=defects,
         original_sizes=sizes,
         full_masks=full_masks,
