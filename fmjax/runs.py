@@ -437,7 +437,8 @@ def write_pictures(out_dir: str, split, maps, scores, vmax: float, limit: int = 
 # ----------------------------------------------------------------------------- predict
 
 def predict(run: Run, input_path: str, out_dir: str) -> list[dict]:
-    """Scores image files; writes OUT/scores.csv, OUT/overlays/*.png, OUT/maps/*.tiff.
+    """Scores image files; writes OUT/scores.csv, OUT/overlays/*.png, OUT/maps/*.tiff
+    (overlays and maps at each image's own size).
 
     anomalous: the run's decision (Run.decide): score >= the calibrated threshold, or for
     radar the Isolation Forest's label (score > threshold 0)."""
@@ -446,7 +447,8 @@ def predict(run: Run, input_path: str, out_dir: str) -> list[dict]:
     from fmjax.data import folder
 
     d = run.config.data
-    images, names, sizes = folder.load_images(input_path, d.image_size, d.channels)
+    paths = folder.image_paths(input_path)
+    images, names, sizes = folder.load_images(paths, d.image_size, d.channels)
     maps, scores = run.score(images)
     decided = run.decide(scores)
     threshold = 0.0 if run.config.method == "radar" else run.calibration.get("image_threshold")
@@ -455,11 +457,12 @@ def predict(run: Run, input_path: str, out_dir: str) -> list[dict]:
     with staged_dir(out_dir) as tmp:
         os.makedirs(os.path.join(tmp, "overlays"))
         os.makedirs(os.path.join(tmp, "maps"))
-        for i, (image, name, size, m, s) in enumerate(zip(images, names, sizes, maps, scores)):
+        for i, (path, name, size, m, s) in enumerate(zip(paths, names, sizes, maps, scores)):
             stem = os.path.splitext(name)[0].replace("/", "_")
             full = viz.resize_map(m, tuple(size))
             tifffile.imwrite(os.path.join(tmp, "maps", stem + ".tiff"), full.astype(np.float32))
-            viz.save_png(os.path.join(tmp, "overlays", stem + ".png"), viz.overlay(image, m, vmax))
+            image = folder.read_full_size(path, images.shape[-1])  # overlays at the image's own size
+            viz.save_png(os.path.join(tmp, "overlays", stem + ".png"), viz.overlay(image, full, vmax))
             rows.append({"image": name, "score": float(s),
                          "anomalous": "" if decided is None else int(decided[i]),
                          "threshold": "" if threshold is None else threshold})

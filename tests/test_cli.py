@@ -159,7 +159,7 @@ def test_evaluate_then_predict(run_copy, data_root, tmp_path, capsys):
         heat = tifffile.imread(out_dir / "maps" / f"{stem}.tiff")
         assert heat.dtype == np.float32 and heat.shape == (H, W)
         with Image.open(out_dir / "overlays" / f"{stem}.png") as overlay:
-            assert overlay.mode == "RGB"
+            assert overlay.mode == "RGB" and overlay.size == (W, H)  # the input's own size
     # predict's scores are evaluate's scores for the same images (same scorer, same noise)
     evaluate_maps = tifffile.imread(maps_dir / CATEGORY / "test" / "crack" / "000.tiff")
     np.testing.assert_allclose(tifffile.imread(out_dir / "maps" / "crack_000.tiff"), evaluate_maps,

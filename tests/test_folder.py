@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from fmjax.data.base import DataError
-from fmjax.data.folder import list_categories, load_folder, load_images
+from fmjax.data.folder import list_categories, load_folder, load_images, read_full_size
 
 W, H = 40, 30  # source images are 40 wide, 30 high
 S = 16
@@ -190,6 +190,10 @@ def test_load_images(root):
     both, names, _ = load_images([root / "greycat/test/good/000.png", root / "rgbcat/test/good/001.jpg"], S, 3)
     assert both.shape == (2, S, S, 3)
     _one_line_error([str(root / "missing.png")], load_images, root / "missing.png", S)
+    full = read_full_size(root / "rgbcat/test/good/000.png", 3)
+    assert full.shape == (H, W, 3) and (full == _rgb(10)).all()
+    grey = read_full_size(root / "greycat/test/good/000.png", 1)
+    assert grey.shape == (H, W, 1) and (grey[..., 0] == _grey(30)).all()
     (root / "empty").mkdir()
     _one_line_error([str(root / "empty")], load_images, root / "empty", S)
 

@@ -238,16 +238,9 @@ def load_folder(root, category: str, image_size: int, channels: int = 0) -> Data
     return Dataset(name="folder", category=category, train=train, test=test)
 
 
-def load_images(paths_or_dir, image_size: int, channels: int = 0):
-    """Arbitrary images for prediction.
-
-    paths_or_dir: an image file, a folder (its image files, sorted by name, not
-    recursive), or a list of those. channels: 0 decides grey/RGB from the
-    first image; 1 or 3 converts. Returns (images uint8 [N, S, S, C] in
-    [0, 255], names (file stems), original_sizes int32 [N, 2] (H, W)).
-    """
-    _check_channels(channels)
-    _check_size(image_size)
+def image_paths(paths_or_dir) -> list[pathlib.Path]:
+    """The image files named by `paths_or_dir`: an image file, a folder (its image files,
+    sorted by name, not recursive), or a list of those."""
     items = [paths_or_dir] if isinstance(paths_or_dir, (str, pathlib.Path)) else list(paths_or_dir)
     paths = []
     for item in items:
@@ -264,6 +257,26 @@ def load_images(paths_or_dir, image_size: int, channels: int = 0):
             raise DataError(f"image path {item} does not exist: pass an image file or a folder of images")
     if not paths:
         raise DataError("no images given: pass an image file or a folder of images")
+    return paths
+
+
+def read_full_size(path, channels: int) -> np.ndarray:
+    """One image at its own size as uint8 [H, W, channels] (channels 1 or 3)."""
+    _check_channels(channels)
+    array = np.asarray(_to_8bit(_open(pathlib.Path(path)), channels), np.uint8)
+    return array.reshape(array.shape[:2] + (channels,))
+
+
+def load_images(paths_or_dir, image_size: int, channels: int = 0):
+    """Arbitrary images for prediction.
+
+    paths_or_dir: as for `image_paths`. channels: 0 decides grey/RGB from the
+    first image; 1 or 3 converts. Returns (images uint8 [N, S, S, C] in
+    [0, 255], names (file stems), original_sizes int32 [N, 2] (H, W)).
+    """
+    _check_channels(channels)
+    _check_size(image_size)
+    paths = image_paths(paths_or_dir)
     if channels == 0:
         channels = _channels_of(paths[0])
     images, sizes = _read_all(paths, image_size, channels)
