@@ -67,8 +67,11 @@ def _parser():
 
 
 def _same_settings(saved, wanted) -> bool:
-    """saved: a run's config (channels resolved from the data); wanted: the requested one."""
-    return saved == wanted.replace(data=dataclasses.replace(wanted.data, channels=saved.data.channels))
+    """saved: a run's config (channels and auto flips resolved from the data); wanted: the
+    requested one."""
+    flips = {k: getattr(saved.train, k) for k in ("hflip", "vflip") if getattr(wanted.train, k) is None}
+    return saved == wanted.replace(data=dataclasses.replace(wanted.data, channels=saved.data.channels),
+                                   train=dataclasses.replace(wanted.train, **flips))
 
 
 def _finished(run_dir, config, runs):
@@ -175,9 +178,10 @@ def main(argv=None):
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out, ".jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     wall = time.perf_counter()
-    rows = []
+    rows, configs = [], {}
     for name, spec, settings in datasets:
         base = _build_config(args.preset, "flow_mismatch", settings + list(args.set))
+        configs[name] = json.loads(base.to_json())
         root = os.path.join(args.out, "runs", name)
         print(f"== {name}", flush=True)
         progress = not args.no_progress
@@ -224,7 +228,7 @@ def main(argv=None):
         writer.writerows(rows)
     runs.write_json(os.path.join(args.out, "compare_methods.json"),
                     {"preset": args.preset, "overrides": args.set, "datasets": [d[0] for d in datasets], "test_limit": args.test_limit,
-                     "config": json.loads(base.to_json()), "wall_s": seconds, "rows": rows})
+                     "configs": configs, "wall_s": seconds, "rows": rows})
     print(f"-> {os.path.join(args.out, 'compare_methods.md')} (.csv, .json)")
 
 

@@ -77,7 +77,8 @@ def bench_model(preset_name: str, image_size: int, channels: int = 1, seed: int 
     config = config.replace(data=dataclasses.replace(config.data, image_size=image_size, channels=channels))
     shape = (image_size, image_size, channels)
     _, params = unet.create(config.net, shape, jax.random.PRNGKey(seed))
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    rng = np.random.default_rng(seed + 1)  # numpy: per-leaf jax draws would each compile
+    params = jax.tree.map(lambda p: p + 0.02 * rng.standard_normal(p.shape).astype(np.float32), params)
     module, apply_fn = build_model(config, shape)
     return config, shape, params, module, apply_fn
 
