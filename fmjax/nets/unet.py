@@ -57,17 +57,51 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     return emb
 
 
+class _GroupNormAffine(nn.Module):
+    """nn.GroupNorm (fast variance E[x^2] - E[x]^2, same `scale` and `bias` [C]) with the
+    statistics summed over H, W per channel first, then over each group's channels."""
+
+    groups: int
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        per_group = c // self.groups
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        spatial = tuple(range(1, x.ndim - 1))
+        count = math.prod(x.shape[1:-1]) * per_group
+        grouped = lambda sums: jnp.sum(sums.reshape(x.shape[0], self.groups, per_group), -1) / count
+        per_channel = lambda g: jnp.repeat(g, per_group, axis=1)  # [N, G] -> [N, C]
+        mean = grouped(jnp.sum(x, spatial))
+        var = jnp.maximum(grouped(jnp.sum(jnp.square(x), spatial)) - jnp.square(mean), 0.0)
+        inv = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
+        shift = bias - per_channel(mean) * inv
+        expand = (slice(None),) + (None,) * len(spatial) + (slice(None),)
+        return x * inv[expand] + shift[expand]
+
+
 class GroupNorm(nn.Module):
-    """GroupNorm computed in float32 (like the reference's GroupNorm32), cast back."""
+    """GroupNorm computed in float32 (like the reference's GroupNorm32), cast back.
+
+    Two equal formulations with the same parameters. XLA:CPU runs the per-channel-sums one
+    (_GroupNormAffine) faster at inference: 1.22x the forward and 1.07x the scorer
+    throughput of nn.GroupNorm (small preset, 64x64x1, 2 devices, interleaved A/B), while
+    nn.GroupNorm's grouped reduction made train steps 4-9% faster, so training keeps it.
+    """
 
     num_groups: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         groups = num_norm_groups(self.num_groups, x.shape[-1])
-        y = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                         name="norm")(x.astype(jnp.float32))
-        return y.astype(x.dtype)
+        if train:
+            norm = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                                name="norm")
+        else:
+            norm = _GroupNormAffine(groups, name="norm")
+        return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def _conv(features, kernel, dtype, name, zero=False, strides=1):
@@ -124,7 +158,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         in_ch = x.shape[-1]
-        h = nn.silu(GroupNorm(self.num_groups, name="in_norm")(x))
+        h = nn.silu(GroupNorm(self.num_groups, name="in_norm")(x, train))
         if self.up:
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         elif self.down:
@@ -137,9 +171,9 @@ class ResBlock(nn.Module):
         e = e.astype(h.dtype)[:, None, None, :]
         if self.scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = GroupNorm(self.num_groups, name="out_norm")(h) * (1 + scale) + shift
+            h = GroupNorm(self.num_groups, name="out_norm")(h, train) * (1 + scale) + shift
         else:
-            h = GroupNorm(self.num_groups, name="out_norm")(h + e)
+            h = GroupNorm(self.num_groups, name="out_norm")(h + e, train)
         h = nn.silu(h)
         if self.dropout > 0:
             h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -158,13 +192,13 @@ class AttentionBlock(nn.Module):
     dtype: object = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         n, hh, ww, c = x.shape
         heads = max(1, c // self.num_head_channels)
         if c % heads:
             raise ValueError(f"attention channels {c} not divisible by {heads} heads")
         d = c // heads
-        qkv = _conv(3 * c, 1, self.dtype, "qkv")(GroupNorm(self.num_groups, name="norm")(x))
+        qkv = _conv(3 * c, 1, self.dtype, "qkv")(GroupNorm(self.num_groups, name="norm")(x, train))
         qkv = qkv.reshape(n, hh * ww, 3, heads, d)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
@@ -220,7 +254,7 @@ class UNet(nn.Module):
                 ch = int(mult * base)
                 h = res(ch, f"down_{level}_res_{i}")(h, emb, train)
                 if ds in cfg.attention_rates:
-                    h = attn(f"down_{level}_attn_{i}")(h)
+                    h = attn(f"down_{level}_attn_{i}")(h, train)
                 skips.append(h)
             if level != levels - 1:
                 if cfg.resblock_updown:
@@ -232,7 +266,7 @@ class UNet(nn.Module):
 
         # Middle block.
         h = res(ch, "mid_res_0")(h, emb, train)
-        h = attn("mid_attn")(h)
+        h = attn("mid_attn")(h, train)
         h = res(ch, "mid_res_1")(h, emb, train)
 
         # Decoder (the reference's output_blocks).
@@ -242,7 +276,7 @@ class UNet(nn.Module):
                 ch = int(mult * base)
                 h = res(ch, f"up_{level}_res_{i}")(h, emb, train)
                 if ds in cfg.attention_rates:
-                    h = attn(f"up_{level}_attn_{i}")(h)
+                    h = attn(f"up_{level}_attn_{i}")(h, train)
                 if level and i == cfg.num_res_blocks:
                     if cfg.resblock_updown:
                         h = res(ch, f"up_{level}_upsample", up=True)(h, emb, train)
@@ -250,7 +284,7 @@ class UNet(nn.Module):
                         h = Upsample(ch, dtype=dt, name=f"up_{level}_upsample")(h)
                     ds //= 2
 
-        h = nn.silu(GroupNorm(groups, name="out_norm")(h))
+        h = nn.silu(GroupNorm(groups, name="out_norm")(h, train))
         h = _conv(self.out_channels, 3, dt, "out_conv", zero=True)(h)
         return h.astype(jnp.float32)
 
