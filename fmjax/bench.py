@@ -119,7 +119,7 @@ def scoring_case(preset_name: str, image_size: int, num_paths: int, num_times: i
     compile_s -= scorer_s
     evals = num_images * num_paths * num_times
 
-    chunk = scorer.config.chunk_size  # settled by the first call when the preset says 0 (memory budget)
+    chunk = scorer.chunk_for(num_images)  # settled by the first call when the preset says 0 (memory budget)
     rows = NamedSharding(scorer.mesh, P("data"))
     x = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (chunk * len(devices),) + shape), rows)
     t = jax.device_put(jnp.full((chunk * len(devices),), 0.5), rows)

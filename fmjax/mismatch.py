@@ -241,6 +241,14 @@ def forward_bytes(apply_fn, params, image_shape, chunk: int) -> int:
     return int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
 
 
+def even_chunk(inputs: int, max_chunk: int) -> int:
+    """The smallest chunk that covers `inputs` network inputs in as few calls as chunks of
+    `max_chunk` do: padding then wastes less than one input per call (480 inputs at most
+    236 per call: 3 calls of 160, not 3 of 236 with 228 padded)."""
+    calls = -(-inputs // max_chunk)
+    return -(-inputs // calls)
+
+
 def chunk_size_for_budget(apply_fn, params, image_shape, budget_bytes: int, max_chunk: int,
                           fixed_bytes: int = 0, probe: int = 4) -> int:
     """The largest chunk (network inputs per call, <= max_chunk) whose call fits in
@@ -277,8 +285,9 @@ class Scorer:
     `config.image_batch` images per call, so every call has the same shapes.  A request
     with fewer images than devices spreads its (time, path) grid over the devices instead,
     so none sits idle (one compiled program per such request size).
-    `config.chunk_size = 0` picks the chunk from `config.memory_budget_mb` on the first call
-    (`chunk_size_for_budget`); `self.config` then holds the chosen size.
+    `config.chunk_size` is the most network inputs per call, evened out over each device's
+    calls (`chunk_for`); 0 picks it from `config.memory_budget_mb` on the first call
+    (`chunk_size_for_budget`) and `self.config` then holds the chosen size.
     """
 
     def __init__(self, apply_fn, config, image_shape, devices=None):
@@ -306,15 +315,26 @@ class Scorer:
                 max_chunk=cfg.image_batch * cfg.num_times * cfg.num_paths,
                 fixed_bytes=4 * cfg.image_batch * cfg.num_times * cfg.num_paths * math.prod(self.image_shape[:2])))
 
+        chunk = self.chunk_for(cfg.image_batch * len(self.devices))
+
         def local_delta(params, images_u8, labels, noise, times):
             velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
-            return (mismatch_delta(velocity, to_model_range(images_u8), noise, times, cfg.chunk_size, labels),)
+            return (mismatch_delta(velocity, to_model_range(images_u8), noise, times, chunk, labels),)
 
         def local_maps(params, images_u8, labels, noise, times):
             return self._finish(local_delta(params, images_u8, labels, noise, times)[0], times)
 
         self._batches = {True: ImageBatches(local_maps, self.image_shape, cfg.image_batch, 2, 2, self.devices),
                          False: ImageBatches(local_delta, self.image_shape, cfg.image_batch, 2, 1, self.devices)}
+
+    def chunk_for(self, num_images: int) -> int:
+        """Network inputs per call when `num_images` images are scored at once (after the
+        first call when config.chunk_size = 0): config.chunk_size at most, evened out over
+        each device's calls (`even_chunk`)."""
+        cfg, shards = self.config, len(self.devices)
+        if num_images >= shards:  # whole images per device, config.image_batch per call
+            return even_chunk(cfg.image_batch * cfg.num_times * cfg.num_paths, cfg.chunk_size)
+        return even_chunk(-(-num_images * cfg.num_times * cfg.num_paths // shards), cfg.chunk_size)
 
     def _finish(self, delta, times):
         """delta [B,T,K,H,W] -> (maps [B,H,W], scores [B])."""
@@ -328,7 +348,7 @@ class Scorer:
         key = (want_maps, num_images)
         if key not in self._grids:
             cfg, shards = self.config, self.mesh.devices.size
-            index = grid_index(num_images, cfg.num_times, cfg.num_paths, cfg.chunk_size, shards)
+            index = grid_index(num_images, cfg.num_times, cfg.num_paths, self.chunk_for(num_images), shards)
 
             def local(params, images_u8, labels, noise, times, index):
                 velocity = lambda x, t, y: self.apply_fn(params, x, t, y)

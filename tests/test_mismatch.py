@@ -142,6 +142,30 @@ def test_scorer_equals_plain_loop_and_chunking_is_invisible():
         np.testing.assert_allclose(s, scores, rtol=1e-6, atol=1e-7)
 
 
+def test_calls_are_evened_out_under_the_chunk_size():
+    assert mismatch.even_chunk(480, 236) == 160  # 3 calls either way, no padded input
+    assert mismatch.even_chunk(64, 16) == 16
+    assert mismatch.even_chunk(10, 100) == 10
+    for inputs in range(1, 60):
+        for most in range(1, 70):
+            chunk = mismatch.even_chunk(inputs, most)
+            calls = -(-inputs // most)
+            assert chunk <= most and -(-inputs // chunk) == calls and chunk * calls - inputs < calls
+    cfg = ScoreConfig(num_paths=3, num_times=5, chunk_size=8, image_batch=2)
+    scorer = mismatch.Scorer(toy_apply, cfg, (8, 8, 1), devices=jax.local_devices()[:2])
+    assert scorer.chunk_for(4) == 8  # 30 inputs per device and call: 4 calls of 8 (2 padded)
+    assert scorer.chunk_for(1) == 8  # 15 inputs over 2 devices: 8 each, one call
+    cfg = ScoreConfig(num_paths=3, num_times=5, chunk_size=11, image_batch=2, aggregate="mean",
+                      time_weight="t2", image_score="max", smooth_sigma=0.0)
+    scorer = mismatch.Scorer(toy_apply, cfg, (8, 8, 1), devices=jax.local_devices()[:2])
+    assert scorer.chunk_for(4) == 10  # 30 inputs: 3 calls of 10, not of 11
+    assert scorer.chunk_for(1) == 8
+    images = np.random.default_rng(6).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    for part in (images, images[:1]):  # whole images per device; one image's grid over both
+        ref = loop_reference(part, scorer.noise, np.asarray(scorer.times), "mean", "t2", "max", 0.0)[0]
+        np.testing.assert_allclose(scorer.score(PARAMS, part)[0], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_same_image_same_score_anywhere_and_single_device_equal():
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
