@@ -332,6 +332,8 @@ class Scorer:
         first call when config.chunk_size = 0): config.chunk_size at most, evened out over
         each device's calls (`even_chunk`)."""
         cfg, shards = self.config, len(self.devices)
+        if cfg.chunk_size == 0:
+            raise ScoreRuleError("the chunk is settled from score.memory_budget_mb by the first scoring call")
         if num_images >= shards:  # whole images per device, config.image_batch per call
             return even_chunk(cfg.image_batch * cfg.num_times * cfg.num_paths, cfg.chunk_size)
         return even_chunk(-(-num_images * cfg.num_times * cfg.num_paths // shards), cfg.chunk_size)

@@ -308,6 +308,8 @@ def test_auto_chunk_scorer_equals_fixed_chunk():
     auto = ScoreConfig(**{**fixed.__dict__, "chunk_size": 0, "memory_budget_mb": 1})
     scorer = mismatch.Scorer(toy_apply, auto, (12, 12, 2))
     maps, scores = scorer.score(PARAMS, images)
+    with pytest.raises(mismatch.ScoreRuleError, match="first scoring call"):
+        mismatch.Scorer(toy_apply, auto, (12, 12, 2)).chunk_for(3)
     assert 1 <= scorer.config.chunk_size <= 2 * 4 * 3
     ref_maps, ref_scores = mismatch.Scorer(toy_apply, fixed, (12, 12, 2)).score(PARAMS, images)
     np.testing.assert_allclose(maps, ref_maps, rtol=1e-6, atol=1e-7)
