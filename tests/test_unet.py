@@ -1,5 +1,6 @@
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from fmjax.config import NetConfig
 from fmjax.nets import UNet, create, param_count
-from fmjax.nets.unet import abstract_params, num_norm_groups
+from fmjax.nets.unet import Conv, abstract_params, conv3x3_as_matmul, num_norm_groups
 
 TINY = NetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_rates=(2,),
                  num_head_channels=8, dropout=0.0, num_groups=4)
@@ -215,3 +216,31 @@ def test_group_norm_formulations_agree():
     reference = nn.GroupNorm(num_groups=4, epsilon=1e-5).apply({"params": params["params"]["norm"]}, x)
     np.testing.assert_allclose(module.apply(params, x), reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(module.apply(params, x, train=True), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 2), (3, 3), (5, 4)])
+def test_conv3x3_as_matmul_matches_the_convolution_and_its_gradients(hw):
+    rng = np.random.default_rng(hw[0] * 10 + hw[1])
+    x = jnp.asarray(rng.standard_normal((3, *hw, 5)).astype(np.float32))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 4)).astype(np.float32))
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(conv3x3_as_matmul(x, kernel), conv(x, kernel), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+    for got, want in zip(jax.grad(loss(conv3x3_as_matmul), (0, 1))(x, kernel), jax.grad(loss(conv), (0, 1))(x, kernel)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,strides,size", [(3, 1, 2), (3, 1, 1), (3, 1, 6), (3, 2, 6), (1, 1, 2)])
+def test_conv_has_nn_conv_parameters_and_result(kernel, strides, size):
+    x = jnp.asarray(np.random.default_rng(size).standard_normal((2, size, size, 6)).astype(np.float32))
+    ours = Conv(7, kernel, strides=strides)
+    pad = ((1, 1), (1, 1)) if kernel == 3 else ((0, 0), (0, 0))
+    flax_conv = nn.Conv(7, (kernel, kernel), strides=(strides, strides), padding=pad,
+                        kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"))
+    params = ours.init(jax.random.PRNGKey(3), x)
+    want_params = flax_conv.init(jax.random.PRNGKey(3), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, want_params)
+    np.testing.assert_array_equal(params["params"]["kernel"], want_params["params"]["kernel"])
+    params = perturb(params, seed=size)  # a non-zero bias too
+    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-5, atol=1e-5)
