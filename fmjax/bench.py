@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fmjax import mismatch
+from fmjax import mismatch, xla_options
 from fmjax.config import preset
 from fmjax.flow import to_model_range
 
@@ -86,7 +86,7 @@ def bench_model(preset_name: str, image_size: int, channels: int = 1, seed: int 
 def _loop_maps(apply_fn, params, images, noise, times):
     """The plain way: one jitted network evaluation per (image, time, path), mean over
     paths, t^2-weighted mean over times -> maps [N,H,W] and seconds."""
-    one = jax.jit(lambda p, y, eps, t: jnp.sum(jnp.square(apply_fn(p, (1 - t) * eps + t * y, t, None)
+    one = xla_options.jit(lambda p, y, eps, t: jnp.sum(jnp.square(apply_fn(p, (1 - t) * eps + t * y, t, None)
                                                           - (y - eps)), axis=-1))
 
     def loop():
@@ -123,9 +123,9 @@ def scoring_case(preset_name: str, image_size: int, num_paths: int, num_times: i
     rows = NamedSharding(scorer.mesh, P("data"))
     x = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (chunk * len(devices),) + shape), rows)
     t = jax.device_put(jnp.full((chunk * len(devices),), 0.5), rows)
-    forward = jax.jit(lambda p, x, t: apply_fn(p, x, t, None))
+    forward = xla_options.jit(lambda p, x, t: apply_fn(p, x, t, None))
     _, forward_s = timed(lambda: forward(params, x, t), 3)
-    flops_per_eval = flops_of(jax.jit(lambda p, x, t: apply_fn(p, x, t, None)), params, x[:chunk], t[:chunk]) / chunk
+    flops_per_eval = flops_of(xla_options.jit(lambda p, x, t: apply_fn(p, x, t, None)), params, x[:chunk], t[:chunk]) / chunk
     forward_evals_per_s = chunk * len(devices) / forward_s
 
     result = {"preset": preset_name, "image_size": image_size, "K": num_paths, "T": num_times,
@@ -170,7 +170,7 @@ def training_case(preset_name: str, image_size: int, devices=None, steps: int = 
     side = config.train.patch_size or image_size  # the step trains on patches of this side
     x = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (batch, side, side, shape[-1])), rows)
     t = jax.device_put(jnp.full((batch,), 0.5), rows)
-    forward = jax.jit(lambda p, x, t: apply_fn(p, x, t, None))
+    forward = xla_options.jit(lambda p, x, t: apply_fn(p, x, t, None))
     _, forward_s = timed(lambda: forward(holder["state"].params, x, t), 3)
     return {"preset": preset_name, "image_size": image_size, "patch_size": side, "batch_size": batch,
             "devices": len(devices), "step_s": step_s, "train_images_per_s": batch / step_s,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fmjax import xla_options
 from fmjax.flow import path_point, target_velocity, to_model_range
 from fmjax.sharded import ImageBatches, check_images
 
@@ -235,7 +236,7 @@ def forward_bytes(apply_fn, params, image_shape, chunk: int) -> int:
     x = jax.ShapeDtypeStruct((chunk,) + tuple(image_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((chunk,), jnp.float32)
     y = jax.ShapeDtypeStruct((chunk,), jnp.int32)
-    memory = jax.jit(apply_fn).lower(params, x, t, y).compile().memory_analysis()
+    memory = xla_options.jit(apply_fn).lower(params, x, t, y).compile().memory_analysis()
     if memory is None:
         raise ScoreRuleError(f"the {jax.default_backend()} backend reports no memory analysis; set score.chunk_size")
     return int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
@@ -364,7 +365,7 @@ class Scorer:
                                       num_images, cfg.num_times, cfg.num_paths)
                 return self._finish(delta, times) if want_maps else (delta,)
 
-            self._grids[key] = (jax.jit(full), jax.device_put(index, NamedSharding(self.mesh, P("data"))))
+            self._grids[key] = (xla_options.jit(full), jax.device_put(index, NamedSharding(self.mesh, P("data"))))
         return self._grids[key]
 
     def _run(self, want_maps: bool, params, images, labels):

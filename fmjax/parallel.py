@@ -5,7 +5,8 @@ Two ways to spread one global batch over devices, with the same result:
 * the mesh path, `fmjax.train.make_step_fn`: `jax.jit` over a 1-D `data` mesh, batch
   sharded with `P('data')`, state replicated (the recommended path);
 * the pmap path, `make_pmap_step_fn` here: `jax.pmap(axis_name='data')` over the same
-  pure step, gradients and metrics averaged with `lax.pmean`.
+  pure step, gradients and metrics averaged with `lax.pmean`. `jax.pmap` takes no compiler
+  options, so on CPU this path runs without `fmjax.xla_options` (slower convolutions).
 
 Equality: the mesh path draws the step's randomness (flips, patch corners, times t,
 noise eps, dropout masks) for the whole global batch from fold_in(run key, step). The

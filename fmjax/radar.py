@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fmjax import train as fm_train
+from fmjax import train as fm_train, xla_options
 from fmjax.config import (  # RadarConfig is re-exported here
     Config,
     ConfigError,
@@ -232,10 +232,10 @@ def train_radar(config: Config, radar_config: RadarConfig, images: np.ndarray, s
     state = jax.device_put(state, replicated)
     run_key = jax.device_put(run_key, replicated)
     module = unet.UNet(config.net, out_channels=images.shape[-1])
-    step_fn = jax.jit(lambda s, x, k: radar_train_step(s, x, k, module=module, config=config,
-                                                       radar_config=radar_config),
-                      in_shardings=(replicated, batch_sharding, replicated),
-                      out_shardings=(replicated, replicated), donate_argnums=0)
+    step_fn = xla_options.jit(lambda s, x, k: radar_train_step(s, x, k, module=module, config=config,
+                                                               radar_config=radar_config),
+                              in_shardings=(replicated, batch_sharding, replicated),
+                              out_shardings=(replicated, replicated), donate_argnums=0)
     first = int(state.step)
     if log_path and first == 0 and os.path.exists(log_path):
         os.remove(log_path)

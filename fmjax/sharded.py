@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fmjax import xla_options
+
 
 def check_images(images, labels, image_shape):
     """-> (uint8-compatible images [N,H,W,C], int32 labels [N] (zeros when None)); a clear
@@ -35,9 +37,9 @@ class ImageBatches:
         self.batch = image_batch * len(devices)
         self.num_outputs = num_outputs
         out_specs = tuple(P("data") for _ in range(num_outputs))
-        self.fn = jax.jit(jax.shard_map(local_fn, mesh=self.mesh,
-                                        in_specs=(P(), P("data"), P("data")) + (P(),) * num_consts,
-                                        out_specs=out_specs, check_vma=False))
+        self.fn = xla_options.jit(jax.shard_map(local_fn, mesh=self.mesh,
+                                                in_specs=(P(), P("data"), P("data")) + (P(),) * num_consts,
+                                                out_specs=out_specs, check_vma=False))
 
     def __call__(self, params, images, labels, *consts) -> tuple:
         """images uint8 [N,H,W,C], labels int [N] or None -> tuple of numpy arrays [N, ...]."""

@@ -20,7 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fmjax import flow
+from fmjax import flow, xla_options
 from fmjax.config import Config, ConfigError, TrainConfig
 from fmjax.nets import unet
 
@@ -181,8 +181,8 @@ def make_step_fn(module, config: Config, mesh):
     replicated = NamedSharding(mesh, P())
     batch = NamedSharding(mesh, P("data"))
     step = lambda state, images, labels, key: train_step(state, images, labels, key, module=module, config=config)
-    return jax.jit(step, in_shardings=(replicated, batch, batch, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return xla_options.jit(step, in_shardings=(replicated, batch, batch, replicated),
+                           out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> np.ndarray:

@@ -33,7 +33,7 @@ EQUALITY_SCRIPT = textwrap.dedent("""
     import dataclasses, functools, inspect, json, os, sys
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from fmjax import parallel, train
+    from fmjax import parallel, train, xla_options
     from fmjax.config import preset
     from fmjax.nets import unet
 
@@ -78,7 +78,7 @@ EQUALITY_SCRIPT = textwrap.dedent("""
         return jax.device_get(parallel.unreplicate(state)), out
 
     def shared_step_path(device):  # parallel.train_step: the step built from the shared pieces
-        step_fn = jax.jit(functools.partial(parallel.train_step, module=module, config=config))
+        step_fn = xla_options.jit(functools.partial(parallel.train_step, module=module, config=config))
         state, out = jax.device_put(init, device), []
         for idx in batches:
             state, m = step_fn(state, images[idx], labels[idx], run_key)
