@@ -9,11 +9,12 @@ def conv(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def test_cpu_options_leave_convolutions_out_of_ynnpack_only_on_cpu(monkeypatch):
+def test_cpu_options_leave_convolutions_out_of_ynn_fusions_only_on_cpu(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     options = xla_options.compiler_options("cpu")
     fusions = options["xla_cpu_experimental_ynn_fusion_type"].split(",")
     assert "LIBRARY_FUSION_TYPE_DOT" in fusions and not any("CONVOLUTION" in f for f in fusions)
+    assert xla_options.compiler_options("cpu", training=True) == {"xla_cpu_experimental_ynn_fusion_type": ""}
     assert xla_options.compiler_options("gpu") == {} and xla_options.compiler_options("tpu") == {}
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
     assert xla_options.compiler_options("cpu") == {}
@@ -28,5 +29,8 @@ def test_jit_compiles_convolutions_without_ynnpack_and_same_result(monkeypatch):
     assert "ynn_fusion" in jax.jit(conv).lower(x, kernel).compile().as_text()
     assert "ynn_fusion" not in xla_options.jit(conv).lower(x, kernel).compile().as_text()
     np.testing.assert_allclose(xla_options.jit(conv)(x, kernel), jax.jit(conv)(x, kernel), rtol=1e-4, atol=1e-4)
-    grad = lambda k, x: jax.grad(lambda k: jnp.sum(jnp.tanh(conv(x, k))))(k)
-    np.testing.assert_allclose(xla_options.jit(grad)(kernel, x), jax.jit(grad)(kernel, x), rtol=1e-4, atol=1e-3)
+    grad = lambda k, x: jax.grad(lambda k: jnp.sum(jnp.tanh(conv(x, k) + 0.5)))(k)
+    assert "ynn_fusion" in jax.jit(grad).lower(kernel, x).compile().as_text()
+    training = xla_options.jit(grad, training=True)
+    assert "ynn_fusion" not in training.lower(kernel, x).compile().as_text()
+    np.testing.assert_allclose(training(kernel, x), jax.jit(grad)(kernel, x), rtol=1e-4, atol=1e-3)
