@@ -8,15 +8,16 @@ around them, to YNNPACK by default. For the U-Net that is not the fastest choice
       batch 32, 64x64x64 -> 64:   forward 100.8 -> 48.0,  kernel gradient 342.6 -> 97.4
       batch 32, 32x32x128 -> 128: forward  50.5 -> 40.6,  kernel gradient 176.7 -> 58.3
 * inference programs (scorers, forward passes) keep YNNPACK's dot, elementwise and
-  reduce fusions: the paper preset's forward at 64x64 ran faster with them (batch 32 on
-  2 devices: 2.9-3.2 s against 4.0-4.2 s without YNNPACK);
+  reduce fusions (lone convolutions leave YNNPACK; those fused with elementwise work
+  stay): the paper preset's forward at 64x64 ran faster with them (batch 32 on 2
+  devices: 2.9-3.2 s against 4.0-4.2 s without YNNPACK);
 * training steps run without YNNPACK: the paper preset's train step at 64x64, batch 32
   on 2 devices, took 12.8 and 14.7 s against 15.9 and 17.3 s with the inference options
-  (and 19.0-20.3 s with XLA's defaults).
+  (in an earlier run, 19.0-20.3 s with XLA's defaults against 15.7-16.4 s).
 
 Results are the same up to float32 rounding. Only the CPU backend is affected. An
-`xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is left to win, so XLA's default
-stays one flag away:
+`xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is left to win, e.g. to bring
+YNNPACK convolutions back:
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_convolution`.
 """
 from __future__ import annotations
