@@ -234,7 +234,7 @@ def train_radar(config: Config, radar_config: RadarConfig, images: np.ndarray, s
     module = unet.UNet(config.net, out_channels=images.shape[-1])
     step_fn = xla_options.jit(lambda s, x, k: radar_train_step(s, x, k, module=module, config=config,
                                                                radar_config=radar_config),
-                              training=True, in_shardings=(replicated, batch_sharding, replicated),
+                              in_shardings=(replicated, batch_sharding, replicated),
                               out_shardings=(replicated, replicated), donate_argnums=0)
     first = int(state.step)
     if log_path and first == 0 and os.path.exists(log_path):

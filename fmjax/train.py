@@ -181,7 +181,7 @@ def make_step_fn(module, config: Config, mesh):
     replicated = NamedSharding(mesh, P())
     batch = NamedSharding(mesh, P("data"))
     step = lambda state, images, labels, key: train_step(state, images, labels, key, module=module, config=config)
-    return xla_options.jit(step, training=True, in_shardings=(replicated, batch, batch, replicated),
+    return xla_options.jit(step, in_shardings=(replicated, batch, batch, replicated),
                            out_shardings=(replicated, replicated), donate_argnums=0)
 
 

@@ -78,8 +78,7 @@ EQUALITY_SCRIPT = textwrap.dedent("""
         return jax.device_get(parallel.unreplicate(state)), out
 
     def shared_step_path(device):  # parallel.train_step: the step built from the shared pieces
-        step_fn = xla_options.jit(functools.partial(parallel.train_step, module=module, config=config),
-                                    training=True)
+        step_fn = xla_options.jit(functools.partial(parallel.train_step, module=module, config=config))
         state, out = jax.device_put(init, device), []
         for idx in batches:
             state, m = step_fn(state, images[idx], labels[idx], run_key)
