@@ -203,7 +203,7 @@ def test_jit_vmap_and_grad(tiny):
 
 
 def test_group_norm_equals_flax_group_norm_with_its_gradients():
-    """fmjax's GroupNorm (channel_sum statistics, spread affine map) has nn.GroupNorm's
+    """fmjax's GroupNorm (its affine map broadcast by spread) has nn.GroupNorm's
     parameters, result and gradients (for x and both parameters)."""
     import flax.linen as nn
 
