@@ -202,27 +202,39 @@ def test_jit_vmap_and_grad(tiny):
     assert all(np.isfinite(norms)) and min(norms) > 0  # every parameter gets a gradient
 
 
-def test_group_norm_equals_flax_group_norm_with_its_gradients():
-    """fmjax's GroupNorm (its affine map broadcast by spread) has nn.GroupNorm's
-    parameters, result and gradients (for x and both parameters)."""
+@pytest.mark.parametrize("silu,emb", [(False, False), (True, False), (True, True)])
+def test_group_norm_equals_flax_group_norm_with_its_gradients(silu, emb):
+    """fmjax's GroupNorm has nn.GroupNorm's parameters; its result, with the optional
+    scale-shift h * (1 + scale) + shift and SiLU after it, and its gradients (for x, both
+    parameters and the scale and shift) are those of nn.GroupNorm followed by the same."""
     import flax.linen as nn
 
     from fmjax.nets.unet import GroupNorm
 
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 5, 12)) * 3.0 + 1.5
-    module = GroupNorm(4)
+    scale_shift = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 12)) if emb else None
+    module = GroupNorm(4, silu=silu)
     params = module.init(jax.random.PRNGKey(1), x)
     flax_norm = nn.GroupNorm(num_groups=4, epsilon=1e-5)
     assert jax.tree.map(jnp.shape, params["params"]["norm"]) == jax.tree.map(
         jnp.shape, flax_norm.init(jax.random.PRNGKey(1), x)["params"])
     params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
-    reference = lambda p, x: flax_norm.apply({"params": p["params"]["norm"]}, x)
-    np.testing.assert_allclose(module.apply(params, x), reference(params, x), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(module.apply(params, x, train=True), reference(params, x), rtol=1e-4, atol=1e-5)
+
+    def ours(p, x, e):
+        return module.apply(p, x, *(() if e is None else e))
+
+    def reference(p, x, e):
+        h = flax_norm.apply({"params": p["params"]["norm"]}, x)
+        if e is not None:
+            h = h * (1 + e[0][:, None, None]) + e[1][:, None, None]
+        return nn.silu(h) if silu else h
+
+    np.testing.assert_allclose(ours(params, x, scale_shift), reference(params, x, scale_shift), rtol=1e-4, atol=1e-5)
     weights = jax.random.normal(jax.random.PRNGKey(3), x.shape)
-    loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)) * weights)
-    got = jax.grad(loss(module.apply), (0, 1))(params, x)
-    want = jax.grad(loss(reference), (0, 1))(params, x)
+    loss = lambda f: lambda p, x, e: jnp.sum(jnp.sin(f(p, x, e)) * weights)
+    argnums = (0, 1, 2) if emb else (0, 1)
+    got = jax.grad(loss(ours), argnums)(params, x, scale_shift)
+    want = jax.grad(loss(reference), argnums)(params, x, scale_shift)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 

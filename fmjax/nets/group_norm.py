@@ -1,0 +1,101 @@
+"""GroupNorm with a per-(sample, channel) affine map and an optional SiLU, as one
+function with a hand-written gradient.
+
+Every GroupNorm of the U-Net is followed by an affine map (its own scale and bias, and
+in a ResBlock's scale-shift norm the time embedding's scale and shift as well) and
+mostly by a SiLU. `group_norm` computes
+
+    y = silu?(xhat * scale + shift),   xhat = (x - mean) * rsqrt(var + eps)
+
+with mean and var per sample and channel group, scale and shift [N, C]. The forward pass
+folds the statistics into one multiply-add per element; the backward pass is the
+textbook one (two per-(sample, channel) sums, then the input gradient) instead of the
+autodiff of three separate operations.
+
+Against the previous U-Net (normalisation, scale-shift and SiLU as separate operations),
+interleaved in one process, 2 XLA CPU devices, batch 32 at 64x64, fastest of 4-12 calls:
+
+    forward     small preset 0.405 s against 0.473 s;  paper preset 3.16 s against 3.38 s
+    train step  small preset 1.46 s against 1.49 s;    paper preset 13.5 s against 17.0 s
+
+(the train-step times of this shared machine varied by 20-40% between calls).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fmjax.nets.channel_sums import channel_sum, spread
+
+__all__ = ["group_norm"]
+
+
+def _statistics(x, groups: int, eps: float):
+    """Mean and rsqrt(var + eps) of x [N, ..., C] per sample and group -> two [N, G]."""
+    n, c = x.shape[0], x.shape[-1]
+    spatial = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * (c // groups)
+    per_group = lambda sums: jnp.sum(sums.reshape(n, groups, c // groups), -1) / count
+    mean = per_group(jnp.sum(x, spatial))
+    var = jnp.maximum(per_group(jnp.sum(jnp.square(x), spatial)) - jnp.square(mean), 0.0)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _per_channel(v, channels: int):
+    """[N, G] -> [N, C], each group's value repeated over its channels."""
+    return jnp.repeat(v, channels // v.shape[1], axis=1)
+
+
+def _normalised(x, mean, inv):
+    c = x.shape[-1]
+    return (x - spread(_per_channel(mean, c), x.shape)) * spread(_per_channel(inv, c), x.shape)
+
+
+def _silu_slope(z):
+    """The derivative of silu(z) = z * sigmoid(z): sigmoid(z) * (1 + z * (1 - sigmoid(z)))."""
+    s = jax.nn.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x, scale, shift, groups: int, silu: bool = False, eps: float = 1e-5):
+    """silu?(GroupNorm(x) * scale + shift) for float32 x [N, ..., C] in `groups` groups of
+    channels, scale and shift float32 [N, C] -> [N, ..., C]. The statistics are
+    nn.GroupNorm's (fast variance E[x^2] - E[x]^2, floored at 0)."""
+    return _forward(x, scale, shift, groups, silu, eps)[0]
+
+
+def _forward(x, scale, shift, groups, silu, eps):
+    mean, inv = _statistics(x, groups, eps)
+    c = x.shape[-1]
+    # the same multiply-add as the normalised form, with the statistics folded into it
+    a = _per_channel(inv, c) * scale
+    z = x * spread(a, x.shape) + spread(shift - _per_channel(mean, c) * a, x.shape)
+    y = jax.nn.silu(z) if silu else z
+    return y, (x, scale, shift, mean, inv)
+
+
+def _backward(groups, silu, eps, residuals, g):
+    x, scale, shift, mean, inv = residuals
+    n, c = x.shape[0], x.shape[-1]
+    xhat = _normalised(x, mean, inv)
+    if silu:
+        g = g * _silu_slope(xhat * spread(scale, x.shape) + spread(shift, x.shape))
+    d_shift = channel_sum(g, keep_batch=True)
+    d_scale = channel_sum(g * xhat, keep_batch=True)
+    # d loss / d xhat = g * scale; its means over each group, and those of its product with xhat
+    count = math.prod(x.shape[1:-1]) * (c // groups)
+    group_mean = lambda v: _per_channel(jnp.sum(v.reshape(n, groups, c // groups), -1) / count, c)
+    mean_g = group_mean(scale * d_shift)
+    mean_gx = group_mean(scale * d_scale)
+    inv_c = _per_channel(inv, c)
+    dx = (g * spread(scale * inv_c, x.shape) - spread(mean_g * inv_c, x.shape)
+          - xhat * spread(mean_gx * inv_c, x.shape))
+    return dx, d_scale, d_shift
+
+
+group_norm.defvjp(lambda x, scale, shift, groups, silu, eps: _forward(x, scale, shift, groups, silu, eps),
+                  _backward)
