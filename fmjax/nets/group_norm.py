@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.nets.channel_sums import channel_sum, spread
+from fmjax.nets.scalars import beside
 
 __all__ = ["group_norm"]
 
@@ -54,10 +55,15 @@ def _normalised(x, mean, inv):
     return (x - spread(_per_channel(mean, c), x.shape)) * spread(_per_channel(inv, c), x.shape)
 
 
-def _silu_slope(z):
+def _silu(z, one):
+    """silu(z) with the traced 1.0 `one` (fmjax/nets/scalars.py)."""
+    return z / (one + jnp.exp(-z))
+
+
+def _silu_slope(z, one):
     """The derivative of silu(z) = z * sigmoid(z): sigmoid(z) * (1 + z * (1 - sigmoid(z)))."""
-    s = jax.nn.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s))
+    s = one / (one + jnp.exp(-z))
+    return s * (one + z * (one - s))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -71,10 +77,11 @@ def group_norm(x, scale, shift, groups: int, silu: bool = False, eps: float = 1e
 def _forward(x, scale, shift, groups, silu, eps):
     mean, inv = _statistics(x, groups, eps)
     c = x.shape[-1]
+    scale, one = beside(scale, 1.0)
     # the same multiply-add as the normalised form, with the statistics folded into it
     a = _per_channel(inv, c) * scale
     z = x * spread(a, x.shape) + spread(shift - _per_channel(mean, c) * a, x.shape)
-    y = jax.nn.silu(z) if silu else z
+    y = _silu(z, one) if silu else z
     return y, (x, scale, shift, mean, inv)
 
 
@@ -83,7 +90,8 @@ def _backward(groups, silu, eps, residuals, g):
     n, c = x.shape[0], x.shape[-1]
     xhat = _normalised(x, mean, inv)
     if silu:
-        g = g * _silu_slope(xhat * spread(scale, x.shape) + spread(shift, x.shape))
+        scale, one = beside(scale, 1.0)
+        g = g * _silu_slope(xhat * spread(scale, x.shape) + spread(shift, x.shape), one)
     d_shift = channel_sum(g, keep_batch=True)
     d_scale = channel_sum(g * xhat, keep_batch=True)
     # d loss / d xhat = g * scale; its means over each group, and those of its product with xhat

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from fmjax.config import NetConfig
 from fmjax.nets.channel_sums import spread
 from fmjax.nets.group_norm import group_norm
+from fmjax.nets.scalars import beside
 
 __all__ = ["Conv", "UNet", "conv3x3_as_matmul", "create", "param_count", "timestep_embedding"]
 
@@ -226,7 +227,8 @@ class AttentionBlock(nn.Module):
         qkv = _conv(3 * c, 1, self.dtype, "qkv")(GroupNorm(self.num_groups, name="norm")(x))
         qkv = qkv.reshape(n, hh * ww, 3, heads, d)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        q, inv_sqrt_d = beside(q, 1.0 / math.sqrt(d))
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q * inv_sqrt_d, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         a = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, hh, ww, c)
         return x + _conv(c, 1, self.dtype, "proj", zero=True)(a)

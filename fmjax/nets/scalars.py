@@ -1,0 +1,25 @@
+"""Scalars as traced values, for XLA:CPU's YNNPACK fusions.
+
+XLA merges the broadcasts of one constant to one shape into a single array, and where
+that array feeds several of XLA:CPU's YNNPACK fusions it is written out in full: the 1.0
+of `z / (1.0 + exp(-z))` in every SiLU became an array of ones the size of the
+activations. `beside(v, *values)` returns the values as traced scalars of their own (an
+optimisation barrier with v keeps XLA from folding them back into constants), which each
+fusion broadcasts as it goes. The small preset's gradient program (batch 8 at 32x32)
+writes 6 activation-sized broadcasts with them, 18 with literal constants; its forward
+pass (64x64x3, batch 32, 2 devices, interleaved, fastest of 12) took 0.378 s against
+0.466 s and the train step 1.47 s against 1.59 s.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["beside"]
+
+
+def beside(v, *values):
+    """(v, *values): the values as traced scalars of v's dtype. v is returned unchanged but
+    is materialised there (the barrier): pass something small, or an array materialised anyway."""
+    v, scalars = jax.lax.optimization_barrier((v, [jnp.asarray(s, v.dtype) for s in values]))
+    return (v, *scalars)
