@@ -12,13 +12,13 @@ folds the statistics into one multiply-add per element; the backward pass is the
 textbook one (two per-(sample, channel) sums, then the input gradient) instead of the
 autodiff of three separate operations.
 
-Against the previous U-Net (normalisation, scale-shift and SiLU as separate operations),
-interleaved in one process, 2 XLA CPU devices, batch 32 at 64x64, fastest of 4-12 calls:
-
-    forward     small preset 0.405 s against 0.473 s;  paper preset 3.16 s against 3.38 s
-    train step  small preset 1.46 s against 1.49 s;    paper preset 13.5 s against 17.0 s
-
-(the train-step times of this shared machine varied by 20-40% between calls).
+Train step against the previous U-Net (normalisation, scale-shift and SiLU as separate
+operations), interleaved in one process, 2 XLA CPU devices, batch 32 at 64x64, fastest of
+4-12 steps: small preset 1.46 s against 1.49 s, paper preset 13.5 s against 17.0 s (the
+step times of this shared machine varied by 20-40% between calls). Forward pass of this
+function and `fmjax/nets/scalars.py` together against the previous release's U-Net
+(alternating order, fastest of 20 and 8 calls): small preset 0.293 s against 0.330 s,
+paper preset 2.75 s against 2.69 s (medians 2.98 s and 3.10 s).
 """
 from __future__ import annotations
 

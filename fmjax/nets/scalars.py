@@ -6,9 +6,8 @@ of `z / (1.0 + exp(-z))` in every SiLU became an array of ones the size of the
 activations. `beside(v, *values)` returns the values as traced scalars of their own (an
 optimisation barrier with v keeps XLA from folding them back into constants), which each
 fusion broadcasts as it goes. The small preset's gradient program (batch 8 at 32x32)
-writes 6 activation-sized broadcasts with them, 18 with literal constants; its forward
-pass (64x64x3, batch 32, 2 devices, interleaved, fastest of 12) took 0.378 s against
-0.466 s and the train step 1.47 s against 1.59 s.
+writes 6 activation-sized broadcasts with them, 18 with literal constants; its train
+step (64x64x3, batch 32, 2 devices, interleaved, fastest of 12) took 1.47 s against 1.59 s.
 """
 from __future__ import annotations
 
