@@ -18,7 +18,7 @@ __all__ = ["beside"]
 
 
 def beside(v, *values):
-    """(v, *values): the values as traced scalars of v's dtype. v is returned unchanged but
-    is materialised there (the barrier): pass something small, or an array materialised anyway."""
-    v, scalars = jax.lax.optimization_barrier((v, [jnp.asarray(s, v.dtype) for s in values]))
+    """(v, *values): the values as traced float32 scalars. v is returned unchanged but is
+    materialised there (the barrier): pass something small, or an array materialised anyway."""
+    v, scalars = jax.lax.optimization_barrier((v, [jnp.asarray(s, jnp.float32) for s in values]))
     return (v, *scalars)

@@ -228,7 +228,7 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(n, hh * ww, 3, heads, d)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, inv_sqrt_d = beside(q, 1.0 / math.sqrt(d))
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q * inv_sqrt_d, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * inv_sqrt_d
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         a = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, hh, ww, c)
         return x + _conv(c, 1, self.dtype, "proj", zero=True)(a)
