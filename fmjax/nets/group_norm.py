@@ -34,14 +34,18 @@ from fmjax.nets.scalars import beside
 __all__ = ["group_norm"]
 
 
+def _group_mean(sums, x_shape, groups: int):
+    """Per-(sample, channel) sums [N, C] over the spatial axes of an x of `x_shape` ->
+    the means over each group's elements, [N, G]."""
+    n, c = sums.shape
+    return jnp.sum(sums.reshape(n, groups, c // groups), -1) / (math.prod(x_shape[1:-1]) * (c // groups))
+
+
 def _statistics(x, groups: int, eps: float):
     """Mean and rsqrt(var + eps) of x [N, ..., C] per sample and group -> two [N, G]."""
-    n, c = x.shape[0], x.shape[-1]
     spatial = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1]) * (c // groups)
-    per_group = lambda sums: jnp.sum(sums.reshape(n, groups, c // groups), -1) / count
-    mean = per_group(jnp.sum(x, spatial))
-    var = jnp.maximum(per_group(jnp.sum(jnp.square(x), spatial)) - jnp.square(mean), 0.0)
+    mean = _group_mean(jnp.sum(x, spatial), x.shape, groups)
+    var = jnp.maximum(_group_mean(jnp.sum(jnp.square(x), spatial), x.shape, groups) - jnp.square(mean), 0.0)
     return mean, jax.lax.rsqrt(var + eps)
 
 
@@ -87,7 +91,7 @@ def _forward(x, scale, shift, groups, silu, eps):
 
 def _backward(groups, silu, eps, residuals, g):
     x, scale, shift, mean, inv = residuals
-    n, c = x.shape[0], x.shape[-1]
+    c = x.shape[-1]
     xhat = _normalised(x, mean, inv)
     if silu:
         scale, one = beside(scale, 1.0)
@@ -95,10 +99,8 @@ def _backward(groups, silu, eps, residuals, g):
     d_shift = channel_sum(g, keep_batch=True)
     d_scale = channel_sum(g * xhat, keep_batch=True)
     # d loss / d xhat = g * scale; its means over each group, and those of its product with xhat
-    count = math.prod(x.shape[1:-1]) * (c // groups)
-    group_mean = lambda v: _per_channel(jnp.sum(v.reshape(n, groups, c // groups), -1) / count, c)
-    mean_g = group_mean(scale * d_shift)
-    mean_gx = group_mean(scale * d_scale)
+    mean_g = _per_channel(_group_mean(scale * d_shift, x.shape, groups), c)
+    mean_gx = _per_channel(_group_mean(scale * d_scale, x.shape, groups), c)
     inv_c = _per_channel(inv, c)
     dx = (g * spread(scale * inv_c, x.shape) - spread(mean_g * inv_c, x.shape)
           - xhat * spread(mean_gx * inv_c, x.shape))
