@@ -218,7 +218,7 @@ class AttentionBlock(nn.Module):
     dtype: object = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x):
         n, hh, ww, c = x.shape
         heads = max(1, c // self.num_head_channels)
         if c % heads:
@@ -281,7 +281,7 @@ class UNet(nn.Module):
                 ch = int(mult * base)
                 h = res(ch, f"down_{level}_res_{i}")(h, emb, train)
                 if ds in cfg.attention_rates:
-                    h = attn(f"down_{level}_attn_{i}")(h, train)
+                    h = attn(f"down_{level}_attn_{i}")(h)
                 skips.append(h)
             if level != levels - 1:
                 if cfg.resblock_updown:
@@ -293,7 +293,7 @@ class UNet(nn.Module):
 
         # Middle block.
         h = res(ch, "mid_res_0")(h, emb, train)
-        h = attn("mid_attn")(h, train)
+        h = attn("mid_attn")(h)
         h = res(ch, "mid_res_1")(h, emb, train)
 
         # Decoder (the reference's output_blocks).
@@ -303,7 +303,7 @@ class UNet(nn.Module):
                 ch = int(mult * base)
                 h = res(ch, f"up_{level}_res_{i}")(h, emb, train)
                 if ds in cfg.attention_rates:
-                    h = attn(f"up_{level}_attn_{i}")(h, train)
+                    h = attn(f"up_{level}_attn_{i}")(h)
                 if level and i == cfg.num_res_blocks:
                     if cfg.resblock_updown:
                         h = res(ch, f"up_{level}_upsample", up=True)(h, emb, train)
