@@ -202,6 +202,25 @@ def test_jit_vmap_and_grad(tiny):
     assert all(np.isfinite(norms)) and min(norms) > 0  # every parameter gets a gradient
 
 
+def test_grad_inside_shard_map_equals_grad_of_the_whole_batch(tiny):
+    """Data parallelism written with shard_map: the batch split over a `data` mesh, the
+    parameters replicated; the summed per-device gradients are the whole batch's."""
+    module, _, _, perturbed = tiny
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:2]), ("data",))
+    P = jax.sharding.PartitionSpec
+    x, t = images(6, 4), jnp.array([0.1, 0.4, 0.7, 0.9])
+
+    def loss(params, x, t):
+        return jnp.sum((module.apply(params, x, t) - x) ** 2)
+
+    split = jax.shard_map(lambda p, x, t: jax.lax.psum(loss(p, x, t), "data"), mesh=mesh,
+                          in_specs=(P(), P("data"), P("data")), out_specs=P())
+    got = jax.jit(jax.grad(split))(perturbed, x, t)
+    want = jax.jit(jax.grad(loss))(perturbed, x, t)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.abs(w).max()))
+
+
 @pytest.mark.parametrize("silu,emb", [(False, False), (True, False), (True, True)])
 def test_group_norm_equals_flax_group_norm_with_its_gradients(silu, emb):
     """fmjax's GroupNorm has nn.GroupNorm's parameters; its result, with the optional

@@ -70,11 +70,25 @@ def _silu_slope(z, one):
     return s * (one + z * (one - s))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm(x, scale, shift, groups: int, silu: bool = False, eps: float = 1e-5):
     """silu?(GroupNorm(x) * scale + shift) for float32 x [N, ..., C] in `groups` groups of
     channels, scale and shift float32 [N, C] -> [N, ..., C]. The statistics are
     nn.GroupNorm's (fast variance E[x^2] - E[x]^2, floored at 0)."""
+    return _group_norm(*_varying_alike(x, scale, shift), groups, silu, eps)
+
+
+def _varying_alike(*arrays):
+    """Inside shard_map, the arrays cast to vary over the union of their mesh axes (a
+    hand-written gradient must vary over the same axes as its input: scale and shift
+    built from replicated parameters do not, x does). Elsewhere unchanged."""
+    varying = [jax.typeof(a).manual_axis_type.varying for a in arrays]
+    axes = frozenset().union(*varying)
+    return tuple(jax.lax.pcast(a, tuple(sorted(axes - v)), to="varying") if axes - v else a
+                 for a, v in zip(arrays, varying))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm(x, scale, shift, groups, silu, eps):
     return _forward(x, scale, shift, groups, silu, eps)[0]
 
 
@@ -107,5 +121,5 @@ def _backward(groups, silu, eps, residuals, g):
     return dx, d_scale, d_shift
 
 
-group_norm.defvjp(lambda x, scale, shift, groups, silu, eps: _forward(x, scale, shift, groups, silu, eps),
-                  _backward)
+_group_norm.defvjp(lambda x, scale, shift, groups, silu, eps: _forward(x, scale, shift, groups, silu, eps),
+                   _backward)
