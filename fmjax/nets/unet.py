@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from fmjax.config import NetConfig
 from fmjax.nets.channel_sums import spread
+from fmjax.nets.dropout import Dropout
 from fmjax.nets.group_norm import group_norm
 from fmjax.nets.scalars import beside
 
@@ -202,7 +203,7 @@ class ResBlock(nn.Module):
         else:
             h = out_norm(h + spread(e, h.shape))
         if self.dropout > 0:
-            h = nn.Dropout(self.dropout, deterministic=not train)(h)
+            h = Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_channels, 3, self.dtype, "out_conv", zero=True)(h)
 
         if in_ch != self.out_channels:

@@ -1,0 +1,67 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax import parallel
+from fmjax.nets.dropout import Dropout, keep_mask
+
+
+@pytest.mark.parametrize("channels", [64, 5])
+@pytest.mark.parametrize("rate", [0.05, 0.3])
+def test_keep_mask_frequency_and_independence(channels, rate):
+    shape = (16, 32, 32, channels)
+    keep = np.asarray(keep_mask(jax.random.PRNGKey(0), shape, rate))
+    n = keep.size
+    assert abs(keep.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+    # neighbouring channels (two halves of one random word when the count is even) agree
+    # as often as independent draws would
+    agree = np.mean(keep[..., 0:channels - 1:2] == keep[..., 1:channels:2])
+    p = 1 - rate
+    assert abs(agree - (p * p + (1 - p) * (1 - p))) < 0.01
+    # and every channel keeps at the same rate
+    per_channel = keep.reshape(-1, channels).mean(0)
+    assert np.all(np.abs(per_channel - p) < 6 * np.sqrt(rate * (1 - rate) / (n / channels)))
+
+
+def test_dropout_scales_kept_values_zeroes_the_rest_and_is_keyed():
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 16)) + 3.0
+    drop = Dropout(0.25, deterministic=False)
+    y = drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(2)})
+    kept = np.asarray(y) != 0
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+    assert 0.6 < kept.mean() < 0.9
+    np.testing.assert_array_equal(y, drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(2)}))
+    assert not np.array_equal(y, drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(3)}))
+    # the gradient is the same mask and scale
+    grad = jax.grad(lambda x: jnp.sum(drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(2)})))(x)
+    np.testing.assert_allclose(grad, kept / 0.75, rtol=1e-6)
+
+
+def test_dropout_pass_through_and_edge_rates():
+    x = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4) + 1.0
+    rngs = {"dropout": jax.random.PRNGKey(0)}
+    np.testing.assert_array_equal(Dropout(0.5, deterministic=True).apply({}, x), x)
+    np.testing.assert_array_equal(Dropout(0.5).apply({}, x, deterministic=True), x)
+    np.testing.assert_array_equal(Dropout(0.0, deterministic=False).apply({}, x, rngs=rngs), x)
+    np.testing.assert_array_equal(Dropout(1.0, deterministic=False).apply({}, x, rngs=rngs), 0 * x)
+    with pytest.raises(ValueError, match="broadcast_dims"):
+        Dropout(0.5, broadcast_dims=(1,), deterministic=False).apply({}, x, rngs=rngs)
+
+
+@pytest.mark.parametrize("channels", [4, 3])
+def test_global_dropout_of_the_pmap_step_reproduces_the_unsharded_masks(channels):
+    n = jax.local_device_count()
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, channels))
+    key = jax.random.PRNGKey(7)
+    drop = Dropout(0.3, deterministic=False)
+    apply = lambda rows: drop.apply({}, rows, rngs={"dropout": key})
+
+    def sharded(rows):
+        with parallel.global_dropout(jax.lax.axis_index("data"), jax.lax.axis_size("data")):
+            return apply(rows)
+
+    reference = jax.jit(apply)(x)
+    out = jax.pmap(sharded, axis_name="data")(parallel.shard_batch(x, n))
+    np.testing.assert_array_equal(np.asarray(out).reshape(x.shape), reference)
+    assert 0 < np.mean(np.asarray(reference) == 0) < 1
