@@ -10,6 +10,9 @@ Figures (per case):
                      pass on the same devices with the same number of inputs per call
   train_vs_forward   train step time over the forward time of the same batch
   scorer_gflops      network FLOPs (XLA cost analysis of the forward) x evaluations/s
+The two sides of scorer_vs_forward and of train_vs_forward are timed in alternation
+(`timed_alternating`), so a change in the shared machine's load between calls does not
+land on one side only.
 """
 from __future__ import annotations
 
@@ -36,13 +39,27 @@ FULL_TRAINING = [("small", 64), ("small", 128), ("paper", 64)]
 
 def timed(fn, repeats: int):
     """(seconds of the first call, mean seconds of `repeats` further calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(repeats):
+    return timed_alternating([fn], repeats)[0]
+
+
+def timed_alternating(fns, repeats: int):
+    """[(seconds of the first call, mean seconds of `repeats` further calls)] for each of
+    `fns`, the further calls interleaved (a, b, b, a, a, b, ...) so that a drift in the
+    machine's load between calls touches every fn alike: their ratio is what the bench
+    reports."""
+    firsts = []
+    for fn in fns:
+        start = time.perf_counter()
         jax.block_until_ready(fn())
-    return first, (time.perf_counter() - start) / repeats
+        firsts.append(time.perf_counter() - start)
+    totals = [0.0] * len(fns)
+    for round_ in range(repeats):
+        order = range(len(fns)) if round_ % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            start = time.perf_counter()
+            jax.block_until_ready(fns[i]())
+            totals[i] += time.perf_counter() - start
+    return [(first, total / repeats) for first, total in zip(firsts, totals)]
 
 
 def flops_of(fn, *args) -> float:
@@ -115,16 +132,19 @@ def scoring_case(preset_name: str, image_size: int, num_paths: int, num_times: i
     images = np.random.default_rng(seed).integers(0, 256, (num_images,) + shape, dtype=np.uint8)
     scorer = mismatch.Scorer(apply_fn, score_cfg, shape, devices=devices)
     params = jax.device_put(params, NamedSharding(scorer.mesh, P()))
-    compile_s, scorer_s = timed(lambda: scorer.score(params, images), repeats)
-    compile_s -= scorer_s
+    start = time.perf_counter()
+    scorer.score(params, images)  # compiles; settles the chunk when the preset says 0 (memory budget)
+    first_s = time.perf_counter() - start
     evals = num_images * num_paths * num_times
 
-    chunk = scorer.chunk_for(num_images)  # settled by the first call when the preset says 0 (memory budget)
+    chunk = scorer.chunk_for(num_images)
     rows = NamedSharding(scorer.mesh, P("data"))
     x = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (chunk * len(devices),) + shape), rows)
     t = jax.device_put(jnp.full((chunk * len(devices),), 0.5), rows)
     forward = xla_options.jit(lambda p, x, t: apply_fn(p, x, t, None))
-    _, forward_s = timed(lambda: forward(params, x, t), 3)
+    (_, scorer_s), (_, forward_s) = timed_alternating(
+        [lambda: scorer.score(params, images), lambda: forward(params, x, t)], repeats)
+    compile_s = first_s - scorer_s
     flops_per_eval = flops_of(xla_options.jit(lambda p, x, t: apply_fn(p, x, t, None)), params, x[:chunk], t[:chunk]) / chunk
     forward_evals_per_s = chunk * len(devices) / forward_s
 
@@ -165,13 +185,13 @@ def training_case(preset_name: str, image_size: int, devices=None, steps: int = 
         holder["state"], metrics = step_fn(holder["state"], images, labels, key)
         return metrics
 
-    compile_s, step_s = timed(step, steps)
-    compile_s -= step_s
     side = config.train.patch_size or image_size  # the step trains on patches of this side
     x = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (batch, side, side, shape[-1])), rows)
     t = jax.device_put(jnp.full((batch,), 0.5), rows)
     forward = xla_options.jit(lambda p, x, t: apply_fn(p, x, t, None))
-    _, forward_s = timed(lambda: forward(holder["state"].params, x, t), 3)
+    (first_s, step_s), (_, forward_s) = timed_alternating(
+        [step, lambda: forward(holder["state"].params, x, t)], steps)
+    compile_s = first_s - step_s
     return {"preset": preset_name, "image_size": image_size, "patch_size": side, "batch_size": batch,
             "devices": len(devices), "step_s": step_s, "train_images_per_s": batch / step_s,
             "forward_s": forward_s, "train_vs_forward": step_s / forward_s, "compile_s": compile_s}

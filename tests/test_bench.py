@@ -1,5 +1,6 @@
 """`fmjax bench`: the figures are computed from what they claim (one tiny-preset run)."""
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,20 @@ def bench_run(tmp_path_factory):
         out = tmp_path_factory.mktemp("bench") / "bench.json"
         assert main(["bench", "--quick", "--json", str(out)]) == 0
     return json.loads(out.read_text())
+
+
+def test_timed_alternating_interleaves_the_calls_and_averages_each():
+    calls = []
+
+    def sleeper(name, seconds):
+        def call():
+            calls.append(name)
+            time.sleep(seconds)
+        return call
+
+    (first_a, mean_a), (_, mean_b) = bench.timed_alternating([sleeper("a", 0.001), sleeper("b", 0.1)], 3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert first_a >= 0.001 and 0.001 <= mean_a < 0.1 <= mean_b
 
 
 def test_flops_of_counts_a_matmul_exactly():
