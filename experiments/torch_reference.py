@@ -458,13 +458,15 @@ def scoring_rates(config: Config, image_shape, params, model: TorchUNet, num_ima
     def run_jax():
         maps["jax"] = scorer.score(params, images, labels)[0]
 
-    def run_torch():
-        maps["torch"] = torch_mismatch_maps(model, images, noise, times, cfg.chunk_size, labels, cfg.time_weight)
+    def run_torch():  # after run_jax: a chunk_size of 0 is settled from the memory budget by its first call
+        maps["torch"] = torch_mismatch_maps(model, images, noise, times, scorer.config.chunk_size, labels,
+                                            cfg.time_weight)
 
     timed = _race({"jax": run_jax, "torch": run_torch}, repeats)
     return {"jax_images_per_s": num_images / timed["jax"][1], "torch_images_per_s": num_images / timed["torch"][1],
             "jax_first_call_s": timed["jax"][0], "torch_first_call_s": timed["torch"][0],
-            "network_calls_per_image": cfg.num_paths * cfg.num_times, "jax_devices": int(scorer.mesh.devices.size),
+            "network_calls_per_image": cfg.num_paths * cfg.num_times, "chunk_size": scorer.config.chunk_size,
+            "jax_devices": int(scorer.mesh.devices.size),
             "jax_platform": jax.devices()[0].platform,
             "maps_max_abs_diff": float(np.max(np.abs(maps["jax"] - maps["torch"]))),
             "maps_scale": float(np.max(np.abs(maps["jax"])))}

@@ -86,3 +86,16 @@ def test_torch_mismatch_maps_equal_scorer(ref):
                                          config.score.chunk_size, labels, config.score.time_weight)
     assert maps_torch.shape == maps_jax.shape == (3,) + SHAPE[:2]
     np.testing.assert_allclose(maps_torch, maps_jax, rtol=1e-5, atol=1e-5 * np.abs(maps_jax).max())
+
+
+def test_scoring_rates_with_the_chunk_from_the_memory_budget(ref):
+    """A preset with score.chunk_size = 0 (the paper preset's): both sides score in the
+    chunk the JAX scorer settled from the memory budget, and their maps agree."""
+    config = ref.bench_config("tiny", image_size=SHAPE[0], channels=SHAPE[2], num_paths=3, num_times=2)
+    config = config.replace(score=dataclasses.replace(config.score, chunk_size=0))
+    params = random_params(config.net, 5)
+    model = ref.torch_unet(config.net, SHAPE, params)
+    rates = ref.scoring_rates(config, SHAPE, params, model, num_images=1, repeats=1)
+    assert rates["chunk_size"] > 0
+    assert rates["maps_max_abs_diff"] <= 1e-5 * rates["maps_scale"]
+    assert rates["jax_images_per_s"] > 0 and rates["torch_images_per_s"] > 0
