@@ -1,0 +1,63 @@
+"""Multi-head softmax attention computed in blocks of queries.
+
+The plain form writes the logits and the softmax weights of all queries at once,
+[N, heads, L, L] float32 each: 8 MB per attention block of the small preset at 64x64
+(batch 16, 256 positions, 2 heads), 4.3 GB for 16 inputs of the paper preset at
+256x256 (4096 positions, 4 heads). Those arrays leave the CPU's cache between the matmul,
+the softmax passes and the second matmul. `attention` takes the queries in blocks whose
+logits stay near `LOGITS_BLOCK` elements (1 MB in float32), so each block's softmax
+runs in cache; the result is the plain form's up to float32 rounding (the softmax of a
+row never mixes rows).
+
+Measured against the one-piece form, float32, calls in alternating order, fastest call
+(medians where given):
+* one attention block of the small preset at 64x64 (q, k, v [16, 256, 2, 32]), one XLA
+  CPU device, 9 calls: forward 6.1 ms in blocks of 32 queries against 11.3 ms;
+* the small preset's U-Net forward, batch 32 at 64x64: 0.337 s against 0.454 s on one
+  device (12 calls), 0.318 s against 0.322 s on two (16 calls);
+* the paper preset's U-Net forward, batch 32 at 64x64, two devices, 6 calls: 2.12 s
+  against 2.24 s (medians 2.35 s and 2.55 s);
+* the scorer, small preset at 64x64, K=8, T=8, 2 images, two devices, 6 calls: 1.27 s
+  against 1.41 s.
+The small preset's train step at 64x64 (batch 32, two devices, 16 steps) took 1.13 s
+against 1.05 s (medians 1.51 s and 1.44 s) in blocks, so the U-Net's training mode keeps
+one piece.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["LOGITS_BLOCK", "MAX_BLOCKS", "attention", "query_blocks"]
+
+LOGITS_BLOCK = 1 << 18  # logits elements per block of queries
+MAX_BLOCKS = 16  # the blocks are unrolled in the program: bounds its size
+
+
+def query_blocks(batch: int, heads: int, length: int) -> int:
+    """How many equal blocks the `length` queries are split into: the fewest (a divisor of
+    `length`, at most MAX_BLOCKS) whose logits [batch, heads, length / blocks, length]
+    hold at most LOGITS_BLOCK elements, else the most blocks up to MAX_BLOCKS."""
+    needed = -(-batch * heads * length * length // LOGITS_BLOCK)
+    divisors = [b for b in range(1, min(MAX_BLOCKS, length) + 1) if length % b == 0]
+    return next((b for b in divisors if b >= needed), divisors[-1])
+
+
+def _attend(q, k, v, scale):
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("nhqk,nkhd->nqhd", weights, v)
+
+
+def attention(q, k, v, scale, blocks: int | None = None):
+    """softmax(q k^T * scale) v per head for q, k, v [N, L, heads, d] -> [N, L, heads, d];
+    logits and softmax in float32, `scale` a scalar (traced or not). The queries are taken
+    in `blocks` equal blocks (a divisor of L; default `query_blocks`)."""
+    n, length, heads, _ = q.shape
+    blocks = query_blocks(n, heads, length) if blocks is None else blocks
+    if length % blocks:
+        raise ValueError(f"attention: {blocks} blocks do not divide {length} queries")
+    if blocks == 1:
+        return _attend(q, k, v, scale)
+    size = length // blocks
+    return jnp.concatenate([_attend(q[:, i:i + size], k, v, scale) for i in range(0, length, size)], axis=1)
