@@ -301,6 +301,21 @@ def test_forward_memory_is_affine_and_budget_picks_the_chunk_that_fits():
         mismatch.chunk_size_for_budget(apply, params, shape, params_bytes, max_chunk=8, fixed_bytes=fixed)
 
 
+@pytest.mark.parametrize("max_chunk", [480, 9, 1])
+def test_budget_chunk_fits_when_memory_is_not_affine_at_small_chunks(monkeypatch, max_chunk):
+    """The shape of the paper preset at 256x256: one input reserves more than four."""
+    reserved = lambda chunk: 600 if chunk == 1 else 35 + 115 * chunk
+    compiled = []
+    monkeypatch.setattr(mismatch, "forward_bytes",
+                        lambda apply_fn, params, shape, chunk: compiled.append(chunk) or reserved(chunk))
+    params = {"w": np.zeros(10, np.float32)}  # 40 bytes
+    room = 2000
+    chunk = mismatch.chunk_size_for_budget(None, params, (8, 8, 1), room + 40 + 100, max_chunk, fixed_bytes=100)
+    best = max(c for c in range(1, max_chunk + 1) if reserved(c) <= room)
+    assert chunk == best
+    assert len(compiled) == len(set(compiled)) <= 8
+
+
 def test_auto_chunk_scorer_equals_fixed_chunk():
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (3, 12, 12, 2), dtype=np.uint8)
