@@ -38,7 +38,7 @@ MAX_BLOCKS = 16  # the blocks are unrolled in the program: bounds its size
 def query_blocks(batch: int, heads: int, length: int) -> int:
     """How many equal blocks the `length` queries are split into: the fewest (a divisor of
     `length`, at most MAX_BLOCKS) whose logits [batch, heads, length / blocks, length]
-    hold at most LOGITS_BLOCK elements, else the most blocks up to MAX_BLOCKS."""
+    hold at most LOGITS_BLOCK elements, else the largest such divisor."""
     needed = -(-batch * heads * length * length // LOGITS_BLOCK)
     divisors = [b for b in range(1, min(MAX_BLOCKS, length) + 1) if length % b == 0]
     return next((b for b in divisors if b >= needed), divisors[-1])

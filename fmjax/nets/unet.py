@@ -230,7 +230,7 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(n, hh * ww, 3, heads, d)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, inv_sqrt_d = beside(q, 1.0 / math.sqrt(d))
-        # blocks of queries sped up inference only: a train step ran as fast or faster in one piece
+        # blocks of queries sped up inference only: a train step ran faster in one piece
         a = attention(q, k, v, inv_sqrt_d, blocks=1 if train else None).reshape(n, hh, ww, c)
         return x + _conv(c, 1, self.dtype, "proj", zero=True)(a)
 
