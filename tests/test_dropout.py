@@ -13,15 +13,30 @@ def test_keep_mask_frequency_and_independence(channels, rate):
     shape = (16, 32, 32, channels)
     keep = np.asarray(keep_mask(jax.random.PRNGKey(0), shape, rate))
     n = keep.size
-    assert abs(keep.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
-    # neighbouring channels (two halves of one random word when the count is even) agree
-    # as often as independent draws would
-    agree = np.mean(keep[..., 0:channels - 1:2] == keep[..., 1:channels:2])
     p = 1 - rate
-    assert abs(agree - (p * p + (1 - p) * (1 - p))) < 0.01
+    assert abs(keep.mean() - p) < 5 * np.sqrt(rate * p / n)
+    # neighbours along every axis agree as often as independent draws would
+    for axis in range(4):
+        first, second = np.take(keep, range(shape[axis] - 1), axis), np.take(keep, range(1, shape[axis]), axis)
+        assert abs(np.mean(first == second) - (p * p + rate * rate)) < 0.01, axis
+    # so do the masks of two keys, also with one shifted by a row
+    other = np.asarray(keep_mask(jax.random.PRNGKey(1), shape, rate))
+    assert abs(np.mean(keep == other) - (p * p + rate * rate)) < 0.01
+    assert abs(np.mean(keep[1:] == other[:-1]) - (p * p + rate * rate)) < 0.01
     # and every channel keeps at the same rate
     per_channel = keep.reshape(-1, channels).mean(0)
-    assert np.all(np.abs(per_channel - p) < 6 * np.sqrt(rate * (1 - rate) / (n / channels)))
+    assert np.all(np.abs(per_channel - p) < 6 * np.sqrt(rate * p / (n / channels)))
+
+
+def test_keep_mask_is_the_same_when_the_batch_is_split_over_devices():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    shape = (2 * len(jax.devices()), 8, 8, 6)
+    key = jax.random.PRNGKey(3)
+    split = jax.jit(lambda k: keep_mask(k, shape, 0.3), out_shardings=NamedSharding(mesh, P("data")))(key)
+    assert len(split.sharding.device_set) == len(jax.devices())
+    np.testing.assert_array_equal(np.asarray(split), np.asarray(keep_mask(key, shape, 0.3)))
 
 
 def test_dropout_scales_kept_values_zeroes_the_rest_and_is_keyed():

@@ -1,17 +1,18 @@
-"""Dropout whose masks cost half the random bits of `flax.linen.Dropout`.
+"""Dropout whose masks come from a counter-based hash of each element's position.
 
-`nn.Dropout` compares one float32 uniform, i.e. one 32-bit threefry word, per element.
-Here every 32-bit word gives the masks of two neighbouring channels (its two 16-bit
-halves), so threefry runs on half as many counters. An element is kept when its 16 bits
-are at least round(rate * 65536): the drop probability is the rate rounded to a multiple
-of 1/65536 (0.05 -> 0.0500031), and kept elements are scaled by 1 / (1 - rate) as in
-`nn.Dropout`. Inputs with an odd number of channels draw one word per element.
+`nn.Dropout` compares one float32 uniform per element, one 32-bit threefry word (about
+20 rounds of add, rotate and xor per pair of words). Here the layer's key gives two
+32-bit seeds, and an element's random word is a hash of its flat index under them: two
+rounds of MurmurHash3's 32-bit finaliser (multiply, shift, xor). That is a handful of
+integer operations per element, and XLA fuses them with the select that applies the
+mask, so no random array is written. An element is kept when its word is at least
+round(rate * 2^32), so the drop probability is the rate up to 2^-32; kept elements are
+scaled by 1 / (1 - rate) as in `nn.Dropout`.
 
-Masks of a [32,64,64,64] float32 batch on 2 XLA CPU devices, fastest of 7 calls,
-interleaved: 57 ms against 101 ms with one word per element. The paper preset's forward
-pass in training mode (64x64, batch 32, 2 devices, 12 calls in alternating order):
-2.58 s against 2.98 s with `nn.Dropout` (medians 3.15 s and 3.70 s), and 2.33 s (2.67 s)
-without dropout.
+Measured (2 XLA CPU devices, [32,64,64,64] float32 batch split over them, dropout
+between two SiLUs, fastest of 12 calls in alternating order): forward 21.2 ms against
+62.7 ms with the previous masks (16 threefry bits per element), 10.3 ms without dropout;
+gradient 50.9 ms against 88.7 ms (16.8 ms without).
 """
 from __future__ import annotations
 
@@ -22,17 +23,35 @@ from jax import lax
 
 __all__ = ["Dropout", "keep_mask"]
 
-_LEVELS = 1 << 16
+_WEYL = 0x9E3779B9  # odd: the index times it visits every 32-bit word once
+
+
+def _fmix32(x):
+    """MurmurHash3's 32-bit finaliser (a bijection of uint32 with full avalanche)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _flat_index(shape):
+    """uint32 [*shape]: each element's row-major flat index (mod 2^32), built from
+    per-axis iotas so a batch split over devices computes only its own rows."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % (1 << 32))
+        stride *= shape[axis]
+    return index
 
 
 def keep_mask(key, shape, rate: float):
-    """bool [*shape]: True with probability 1 - rate (rate rounded to a multiple of 1/65536)."""
-    threshold = round(rate * _LEVELS)
-    if shape[-1] % 2:
-        return jax.random.randint(key, shape, 0, _LEVELS) >= threshold
-    words = jax.random.bits(key, tuple(shape[:-1]) + (shape[-1] // 2,), jnp.uint32)
-    halves = lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
-    return halves >= jnp.uint16(threshold)
+    """bool [*shape]: True with probability 1 - rate (up to 2^-32), independently per
+    element; the same key and shape give the same mask."""
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+    words = _fmix32(_fmix32(_flat_index(tuple(shape)) * jnp.uint32(_WEYL) + seeds[0]) ^ seeds[1])
+    return words >= jnp.uint32(min(round(rate * 2.0 ** 32), (1 << 32) - 1))
 
 
 class Dropout(nn.Dropout):
