@@ -2,8 +2,8 @@
 
 `nn.Dropout` compares one float32 uniform per element, one 32-bit threefry word (about
 20 rounds of add, rotate and xor per pair of words). Here the layer's key gives two
-32-bit seeds, and an element's random word is a hash of its flat index under them: two
-rounds of MurmurHash3's 32-bit finaliser (multiply, shift, xor). That is a handful of
+32-bit seeds s0, s1, and an element's random word is fmix(fmix(i * 0x9E3779B9 + s0) ^ s1)
+for its flat index i, fmix being MurmurHash3's 32-bit finaliser (multiply, shift, xor). That is a handful of
 integer operations per element, and XLA fuses them with the select that applies the
 mask, so no random array is written. An element is kept when its word is at least
 round(rate * 2^32), so the drop probability is the rate up to 2^-32; kept elements are
@@ -12,7 +12,9 @@ scaled by 1 / (1 - rate) as in `nn.Dropout`.
 Measured (2 XLA CPU devices, [32,64,64,64] float32 batch split over them, dropout
 between two SiLUs, fastest of 12 calls in alternating order): forward 21.2 ms against
 62.7 ms with the previous masks (16 threefry bits per element), 10.3 ms without dropout;
-gradient 50.9 ms against 88.7 ms (16.8 ms without).
+gradient 50.9 ms against 88.7 ms (16.8 ms without). The paper preset's train step (64x64,
+batch 32, 2 devices, 6 steps each in alternation): 8.14 s against 9.42 s (medians 9.00 s
+and 9.88 s).
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def _flat_index(shape):
 
 def keep_mask(key, shape, rate: float):
     """bool [*shape]: True with probability 1 - rate (up to 2^-32), independently per
-    element; the same key and shape give the same mask."""
+    element; the same key and shape give the same mask. (Flat indices are taken mod 2^32:
+    an array of more than 2^32 elements repeats its mask.)"""
     seeds = jax.random.bits(key, (2,), jnp.uint32)
     words = _fmix32(_fmix32(_flat_index(tuple(shape)) * jnp.uint32(_WEYL) + seeds[0]) ^ seeds[1])
     return words >= jnp.uint32(min(round(rate * 2.0 ** 32), (1 << 32) - 1))
