@@ -11,11 +11,12 @@ Two ways to spread one global batch over devices, with the same result:
 Equality: the mesh path draws the step's randomness (flips, patch corners, times t,
 noise eps, dropout masks) for the whole global batch from fold_in(run key, step). The
 pmap step draws exactly the same global arrays on every device and keeps the rows of its
-own batch shard (`lax.axis_index('data')`); dropout masks too (see `global_dropout`). The
-per-device losses are means over equal-sized shards, so their `pmean` is the global mean
-and the averaged gradients are the global-batch gradients. The two paths then differ only
-by the order of floating-point sums. (The price: each device draws the global batch's
-random numbers, n times the work of its own share; small next to the network.)
+own batch shard (`lax.axis_index('data')`); its dropout masks are those rows of the global
+masks, drawn alone (see `global_dropout`). The per-device losses are means over
+equal-sized shards, so their `pmean` is the global mean and the averaged gradients are
+the global-batch gradients. The two paths then differ only by the order of floating-point
+sums. (The price: each device draws the global batch's flips, times and noise eps, n
+times the work of its own share; small next to the network.)
 
 Both paths build the step from the same pieces of fmjax/train.py (`draw_step_noise`,
 `apply_augment`, `flow_loss`, `apply_gradients`).
@@ -70,6 +71,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import flow
 from fmjax.config import Config
+from fmjax.nets.dropout import Dropout, keep_mask
 # the step's pieces live in fmjax/train.py; re-exported here
 from fmjax.train import (StepNoise, TrainState, apply_augment, apply_gradients, batch_indices,  # noqa: F401
                          draw_augment, draw_step_noise, flow_loss, train_step)
@@ -89,10 +91,12 @@ def slice_noise(noise: StepNoise, start, size: int) -> StepNoise:
 # ----------------------------------------------------------------------------- pmap
 
 def global_dropout(shard_index, num_shards: int):
-    """Context manager: every `nn.Dropout` call inside draws its mask for the global batch
-    (`num_shards` times the local leading axis) with the same key as the unsharded network
-    and applies the rows of shard `shard_index`, so dropout matches the mesh path exactly.
-    Assumes dropout inputs carry the batch on axis 0 (true of every fmjax network)."""
+    """Context manager: every `nn.Dropout` call inside applies the rows of shard
+    `shard_index` of the mask the unsharded network draws for the global batch (`num_shards`
+    times the local leading axis) with the same key, so dropout matches the mesh path
+    exactly. fmjax's `Dropout` draws only those rows (its masks hash global positions);
+    other `nn.Dropout`s draw the global mask and slice it. Assumes dropout inputs carry the
+    batch on axis 0 (true of every fmjax network)."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -104,6 +108,12 @@ def global_dropout(shard_index, num_shards: int):
         if module.rate == 0.0 or module.rate == 1.0 or deterministic:
             return next_fun(*args, **kwargs)
         local = inputs.shape[0]
+        if isinstance(module, Dropout) and not module.broadcast_dims:
+            # fmjax's masks hash each element's global position: draw this shard's rows only
+            rng = kwargs.get("rng", rest[1] if len(rest) > 1 else None)
+            rng = module.make_rng(module.rng_collection) if rng is None else rng
+            keep = keep_mask(rng, inputs.shape, module.rate, first_row=shard_index * local)
+            return lax.select(keep, inputs / (1.0 - module.rate), jnp.zeros_like(inputs))
         # Dropout of ones over the global shape: 1/keep where kept, 0 where dropped
         ones = jnp.ones((local * num_shards,) + inputs.shape[1:], inputs.dtype)
         scaled_mask = next_fun(ones, *rest, **kwargs)

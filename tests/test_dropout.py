@@ -77,6 +77,20 @@ def test_global_dropout_of_the_pmap_step_reproduces_the_unsharded_masks(channels
             return apply(rows)
 
     reference = jax.jit(apply)(x)
-    out = jax.pmap(sharded, axis_name="data")(parallel.shard_batch(x, n))
+    rows = parallel.shard_batch(x, n)
+    out = jax.pmap(sharded, axis_name="data")(rows)
     np.testing.assert_array_equal(np.asarray(out).reshape(x.shape), reference)
     assert 0 < np.mean(np.asarray(reference) == 0) < 1
+    # each device draws its own rows only: nothing of the global batch's shape is built
+    program = jax.pmap(sharded, axis_name="data").lower(rows).as_text()
+    assert f"tensor<{x.shape[0] // n}x4x4x{channels}xf32>" in program
+    assert f"tensor<{x.shape[0]}x4x4x{channels}x" not in program
+
+
+def test_keep_mask_rows_of_a_larger_batch():
+    key = jax.random.PRNGKey(5)
+    full = np.asarray(keep_mask(key, (8, 6, 5, 3), 0.4))
+    np.testing.assert_array_equal(np.asarray(keep_mask(key, (3, 6, 5, 3), 0.4, first_row=4)), full[4:7])
+    traced = jax.jit(lambda r: keep_mask(key, (2, 6, 5, 3), 0.4, first_row=r))
+    np.testing.assert_array_equal(np.asarray(traced(6)), full[6:])
+    assert not np.array_equal(full[:4], full[4:])

@@ -18,6 +18,8 @@ and 9.88 s).
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,12 +50,17 @@ def _flat_index(shape):
     return index
 
 
-def keep_mask(key, shape, rate: float):
+def keep_mask(key, shape, rate: float, first_row=0):
     """bool [*shape]: True with probability 1 - rate (up to 2^-32), independently per
-    element; the same key and shape give the same mask. (Flat indices are taken mod 2^32:
-    an array of more than 2^32 elements repeats its mask.)"""
+    element; the same key and shape give the same mask. With `first_row` r (an int or a
+    traced int), the mask is rows r .. r + shape[0] - 1 of the mask of any larger batch
+    with the same key: a device holding part of a batch draws its own rows alone.
+    (Flat indices are taken mod 2^32: more than 2^32 elements repeat the mask.)"""
+    shape = tuple(shape)
+    row_size = math.prod(shape[1:]) % (1 << 32)
+    index = _flat_index(shape) + jnp.asarray(first_row).astype(jnp.uint32) * jnp.uint32(row_size)
     seeds = jax.random.bits(key, (2,), jnp.uint32)
-    words = _fmix32(_fmix32(_flat_index(tuple(shape)) * jnp.uint32(_WEYL) + seeds[0]) ^ seeds[1])
+    words = _fmix32(_fmix32(index * jnp.uint32(_WEYL) + seeds[0]) ^ seeds[1])
     return words >= jnp.uint32(min(round(rate * 2.0 ** 32), (1 << 32) - 1))
 
 
