@@ -71,7 +71,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import flow
 from fmjax.config import Config
-from fmjax.nets.dropout import Dropout, keep_mask
+from fmjax.nets.dropout import Dropout
 # the step's pieces live in fmjax/train.py; re-exported here
 from fmjax.train import (StepNoise, TrainState, apply_augment, apply_gradients, batch_indices,  # noqa: F401
                          draw_augment, draw_step_noise, flow_loss, train_step)
@@ -108,12 +108,9 @@ def global_dropout(shard_index, num_shards: int):
         if module.rate == 0.0 or module.rate == 1.0 or deterministic:
             return next_fun(*args, **kwargs)
         local = inputs.shape[0]
-        if isinstance(module, Dropout) and not module.broadcast_dims:
+        if isinstance(module, Dropout):
             # fmjax's masks hash each element's global position: draw this shard's rows only
-            rng = kwargs.get("rng", rest[1] if len(rest) > 1 else None)
-            rng = module.make_rng(module.rng_collection) if rng is None else rng
-            keep = keep_mask(rng, inputs.shape, module.rate, first_row=shard_index * local)
-            return lax.select(keep, inputs / (1.0 - module.rate), jnp.zeros_like(inputs))
+            return next_fun(*args, first_row=shard_index * local, **kwargs)
         # Dropout of ones over the global shape: 1/keep where kept, 0 where dropped
         ones = jnp.ones((local * num_shards,) + inputs.shape[1:], inputs.dtype)
         scaled_mask = next_fun(ones, *rest, **kwargs)
