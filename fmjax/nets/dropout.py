@@ -4,10 +4,11 @@
 20 rounds of add, rotate and xor per pair of words). Here the layer's key gives two
 32-bit seeds s0, s1, and an element's random word is
 fmix(fmix(i * 0x9E3779B9 + s0) ^ s1) for its flat index i, fmix being MurmurHash3's
-32-bit finaliser (multiply, shift, xor). That is a handful of integer operations per element, and XLA fuses them with the
-select that applies the mask, so no random array is written. An element is kept when its
-word is at least round(rate * 2^32), so the drop probability is the rate up to 2^-32;
-kept elements are scaled by 1 / (1 - rate) as in `nn.Dropout`.
+32-bit finaliser (multiply, shift, xor). That is a handful of integer operations per
+element, and XLA fuses them with the select that applies the mask, so no random array is
+written. An element is kept when its word is at least round(rate * 2^32), so the drop
+probability is the rate up to 2^-32; kept elements are scaled by 1 / (1 - rate) as in
+`nn.Dropout`.
 
 Measured (2 XLA CPU devices, [32,64,64,64] float32 batch split over them, dropout
 between two SiLUs, fastest of 12 calls in alternating order): forward 21.2 ms against
