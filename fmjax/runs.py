@@ -399,7 +399,7 @@ def evaluate_run(run: Run, dataset, maps_out: str | None = None, pictures_out: s
     if write_metrics:
         write_json(os.path.join(run.path, "metrics.json"), result)
     if maps_out:
-        write_maps(maps_out, dataset.category, test, maps)
+        write_maps(maps_out, dataset.category, test, maps, scores, decided)
     if pictures_out:
         write_pictures(pictures_out, test, maps, scores, display_max(run, maps))
     return result
@@ -410,9 +410,13 @@ def display_max(run: Run, maps) -> float:
     return run.calibration.get("display_max") or float(np.quantile(maps, 0.999))
 
 
-def write_maps(out_dir: str, category: str, split, maps) -> None:
-    """float32 TIFF maps at each image's original size: OUT/<category>/<name>.tiff
-    (names are test/<defect>/<id>: the layout of MVTec's official evaluation)."""
+def write_maps(out_dir: str, category: str, split, maps, scores, decided=None) -> None:
+    """float32 TIFF maps at each image's original size, OUT/<category>/<name>.tiff (names
+    are test/<defect>/<id>: the layout of MVTec's official evaluation), and the image
+    scores behind the image metrics, OUT/<category>/image_scores.csv (image, label: 1 =
+    anomalous, score, anomalous: the run's decision or empty). The scores come from the
+    maps at the model's resolution, so they are given rather than left to be recomputed
+    from the resized TIFFs."""
     import tifffile
 
     with staged_dir(out_dir) as tmp:
@@ -420,6 +424,13 @@ def write_maps(out_dir: str, category: str, split, maps) -> None:
             path = os.path.join(tmp, category, name + ".tiff")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tifffile.imwrite(path, np.asarray(m, np.float32))
+        os.makedirs(os.path.join(tmp, category), exist_ok=True)
+        with open(os.path.join(tmp, category, "image_scores.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "label", "score", "anomalous"])
+            for i, name in enumerate(split.names):
+                writer.writerow([name, int(split.labels[i]), repr(float(scores[i])),
+                                 "" if decided is None else int(decided[i])])
 
 
 def write_pictures(out_dir: str, split, maps, scores, vmax: float, limit: int = 24) -> None:

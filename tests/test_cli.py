@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fmjax.cli import main
 from fmjax.config import Config
@@ -95,6 +96,22 @@ def assert_one_line_error(code, err):
     assert lines[0].startswith("fmjax"), err
 
 
+def image_scores_csv(path):
+    """Rows of an evaluate `image_scores.csv`: {image: (label, score, anomalous)}."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        assert next(reader) == ["image", "label", "score", "anomalous"]
+        return {image: (int(label), float(score), anomalous) for image, label, score, anomalous in reader}
+
+
+def assert_image_metrics_from_csv(rows, metrics):
+    """The exported image scores give the reported image metrics (sklearn recomputes them)."""
+    labels = np.array([label for label, _, _ in rows.values()])
+    scores = np.array([score for _, score, _ in rows.values()])
+    assert roc_auc_score(labels, scores) == pytest.approx(metrics["image_auroc"], abs=1e-12)
+    assert average_precision_score(labels, scores) == pytest.approx(metrics["image_ap"], abs=1e-12)
+
+
 def metric_values(metrics):
     return {k: metrics[k] for k in METRIC_KEYS}
 
@@ -130,6 +147,12 @@ def test_evaluate_then_predict(run_copy, data_root, tmp_path, capsys):
         heat = tifffile.imread(maps_dir / rel)
         assert heat.dtype == np.float32 and heat.shape == (H, W), rel
         assert np.isfinite(heat).all()
+    rows = image_scores_csv(maps_dir / CATEGORY / "image_scores.csv")
+    assert sorted(f"{CATEGORY}/{image}.tiff" for image in rows) == tiffs
+    for image, (label, score, anomalous) in rows.items():
+        assert label == int("/good/" not in image)
+        assert anomalous == str(int(score >= json.loads((run_copy / "calibration.json").read_text())["image_threshold"]))
+    assert_image_metrics_from_csv(rows, metrics)
     pictures = sorted(p.name for p in pictures_dir.glob("*.png"))
     assert "overview.png" in pictures and len(pictures) == 7
 

@@ -15,8 +15,10 @@ from test_cli import (
     TEST_IDS,
     H,
     W,
+    assert_image_metrics_from_csv,
     assert_one_line_error,
     cli,
+    image_scores_csv,
     make_tree,
 )
 
@@ -157,6 +159,11 @@ def test_evaluate_then_predict(trained, data_root, method, tmp_path, capsys):
     heat = tifffile.imread(maps_dir / tiffs[0])
     assert heat.shape == (H, W) and heat.dtype == np.float32 and np.isfinite(heat).all()
     assert (pictures_dir / "overview.png").is_file()
+    rows = image_scores_csv(maps_dir / CATEGORY / "image_scores.csv")
+    assert sorted(f"{CATEGORY}/{image}.tiff" for image in rows) == tiffs
+    assert_image_metrics_from_csv(rows, metrics)
+    if method == "radar":  # the forest's decision: score > 0
+        assert all(anomalous == str(int(score > 0)) for _, score, anomalous in rows.values())
 
     inputs = copy_inputs(data_root, tmp_path / "inputs")
     out_dir = tmp_path / "predictions"

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from test_cli import CATEGORY, TRAIN_ARGS, cli, make_tree
+from test_cli import (
+    CATEGORY,
+    TRAIN_ARGS,
+    assert_image_metrics_from_csv,
+    cli,
+    image_scores_csv,
+    make_tree,
+)
 
 from fmjax import data as data_lib
 from fmjax.cli import main
@@ -56,6 +63,7 @@ def test_unified_train_and_evaluate(two_category_root, tmp_path, capsys):
     for cat in ("gadget", "widget"):
         tiffs = sorted((maps / cat / "test").rglob("*.tiff"))
         assert len(tiffs) == 6 and tifffile.imread(tiffs[0]).shape == (20, 24)
+        assert_image_metrics_from_csv(image_scores_csv(maps / cat / "image_scores.csv"), rows[cat == "widget"])
 
     # one category of the unified run gives the same row as in the full evaluation
     copy = tmp_path / "copy"
