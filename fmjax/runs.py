@@ -414,9 +414,9 @@ def write_maps(out_dir: str, category: str, split, maps, scores, decided=None) -
     """float32 TIFF maps at each image's original size, OUT/<category>/<name>.tiff (names
     are test/<defect>/<id>: the layout of MVTec's official evaluation), and the image
     scores behind the image metrics, OUT/<category>/image_scores.csv (image, label: 1 =
-    anomalous, score, anomalous: the run's decision or empty). The scores come from the
-    maps at the model's resolution, so they are given rather than left to be recomputed
-    from the resized TIFFs."""
+    anomalous, score, anomalous: the run's decision or empty). Map-based methods score the
+    maps at the model's resolution (RADAR scores with its Isolation Forest), so the scores
+    are written out rather than left to be recomputed from the resized TIFFs."""
     import tifffile
 
     with staged_dir(out_dir) as tmp:
