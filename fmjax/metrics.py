@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
@@ -79,43 +78,105 @@ def _map_mask_pairs(maps, masks) -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
-def _flat_pixels(pairs) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.concatenate([amap.ravel() for amap, _ in pairs])
-    labels = np.concatenate([mask.ravel() for _, mask in pairs])
-    return scores, labels
+# ---------------------------------------------------------------- ranking
+
+
+def _order_keys(scores: np.ndarray) -> np.ndarray:
+    """uint64 [P] keys that order like float `scores` [P] and are equal exactly where the
+    scores are: float32 bits mapped to an unsigned order (no sort needed), else the
+    scores' ranks among their distinct values."""
+    if scores.dtype == np.float32:
+        bits = (scores + np.float32(0.0)).view(np.int32)  # + 0 turns -0.0 into +0.0
+        # negative: flip every bit; positive: flip the sign bit
+        flip = (bits >> 31) | np.int32(-2**31)
+        return (bits ^ flip).view(np.uint32).astype(np.uint64)
+    return np.unique(scores, return_inverse=True)[1].ravel().astype(np.uint64)
+
+
+class _Ranking:
+    """Samples ranked by score, highest first, ties grouped: the basis of every curve.
+
+    For each distinct score k (descending), `positives[k]` and `negatives[k]` count the
+    samples scoring at or above it, and `group_ends[k]` is the last position of its run
+    in `region` (the region id of every ranked sample, 0 = negative). One sort of packed
+    64-bit keys (score order in the high half, region id in the low half) ranks them:
+    numpy sorts unsigned integers several times faster than it argsorts floats.
+    """
+
+    def __init__(self, scores: np.ndarray, region: np.ndarray):
+        if scores.size >= 2**32:
+            raise ValueError(f"too many samples to rank ({scores.size})")
+        packed = (_order_keys(scores) << np.uint64(32)) | region.astype(np.uint64)
+        packed.sort()
+        packed = packed[::-1]
+        changes = np.flatnonzero((packed[1:] ^ packed[:-1]) >> np.uint64(32))
+        self.group_ends = np.append(changes, packed.size - 1)
+        self.region = (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        self.positives = np.cumsum(self.region > 0)[self.group_ends]
+        self.negatives = self.group_ends + 1 - self.positives
+
+
+def _pixel_ranking(pairs) -> tuple[_Ranking, int]:
+    """The pooled pixels of (map, mask) pairs ranked, each with its ground-truth region
+    (the masks' 8-connected components, numbered across images; 0 = normal), and the
+    number of regions."""
+    scores, region_ids = [], []
+    n_regions = 0
+    for amap, mask in pairs:
+        ids, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        region_ids.append(np.where(ids > 0, ids + n_regions, 0).ravel())
+        n_regions += count
+        scores.append(amap.ravel())
+    return _Ranking(np.concatenate(scores), np.concatenate(region_ids)), n_regions
 
 
 # ---------------------------------------------------------------- threshold-free metrics
 
 
-def _auroc_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    if labels.all() or not labels.any():
+def _auroc_ap(ranking: _Ranking) -> tuple[float, float]:
+    """ROC AUC (trapezoids between the distinct-score points, from (0, 0)) and average
+    precision (sum over distinct scores of recall gain times precision), as sklearn's
+    roc_auc_score and average_precision_score."""
+    tp, fp = ranking.positives, ranking.negatives
+    n_pos, n_neg = int(tp[-1]), int(fp[-1])
+    if n_pos == 0 or n_neg == 0:
         return math.nan, math.nan
-    return float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+    tp0, fp0 = np.concatenate([[0], tp]), np.concatenate([[0], fp])
+    # twice the area in counts: an exact integer (below 2^63 for under 2^32 samples)
+    twice_area = int(np.sum(np.diff(fp0) * (tp0[1:] + tp0[:-1])))
+    auroc = twice_area / (2.0 * n_pos * n_neg)
+    ap = float(np.sum(np.diff(tp0) / n_pos * (tp / (tp + fp))))
+    return float(auroc), ap
 
 
-def _f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    if not labels.any():
-        return math.nan, math.nan
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    # the final (precision=1, recall=0) point has no threshold
-    precision, recall = precision[:-1], recall[:-1]
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
+def _f1_max(ranking: _Ranking) -> tuple[int, float]:
+    """(index of the distinct score with the best F1 (the lowest such score), that F1);
+    (-1, nan) without positives."""
+    tp, fp = ranking.positives, ranking.negatives
+    n_pos = int(tp[-1])
+    if n_pos == 0:
+        return -1, math.nan
+    f1 = 2.0 * tp / (n_pos + tp + fp)  # 2PR / (P + R) with P = tp / (tp + fp), R = tp / n_pos
+    best = f1.size - 1 - int(np.argmax(f1[::-1]))
+    return best, float(f1[best])
 
 
 def f1_max(scores, labels) -> tuple[float, float]:
     """Oracle F1: the best F1 over all thresholds, and the threshold that attains it.
 
     scores: float [N], higher = more anomalous. labels: {0, 1} [N].
-    Returns (f1 in [0, 1], threshold) with prediction `score >= threshold`.
+    Returns (f1 in [0, 1], threshold) with prediction `score >= threshold`; among
+    thresholds with the best F1, the lowest.
     This is an ORACLE number: the threshold is chosen with the test labels, so it is an
     upper bound on what a deployed detector would reach (see `threshold_from_normals`).
     Returns (nan, nan) when there is no positive label (F1 undefined).
     """
-    return _f1_max(*_check_scores_labels(scores, labels))
+    scores, labels = _check_scores_labels(scores, labels)
+    ranking = _Ranking(scores, labels)
+    best, f1 = _f1_max(ranking)
+    if best < 0:
+        return math.nan, math.nan
+    return f1, float(np.sort(scores)[::-1][ranking.group_ends[best]])
 
 
 def image_metrics(scores, labels) -> dict:
@@ -126,51 +187,29 @@ def image_metrics(scores, labels) -> dict:
     If labels hold one class only, image_auroc and image_ap are nan (undefined);
     image_f1_max is nan when there is no anomalous image.
     """
-    scores, labels = _check_scores_labels(scores, labels)
-    auroc, ap = _auroc_ap(scores, labels)
-    return {"image_auroc": auroc, "image_ap": ap, "image_f1_max": _f1_max(scores, labels)[0]}
+    ranking = _Ranking(*_check_scores_labels(scores, labels))
+    auroc, ap = _auroc_ap(ranking)
+    return {"image_auroc": auroc, "image_ap": ap, "image_f1_max": _f1_max(ranking)[1]}
 
 
 # ---------------------------------------------------------------- AUPRO
 
 
-def _aupro(pairs, fpr_limit: float) -> float:
+def _aupro(ranking: _Ranking, n_regions: int, fpr_limit: float) -> float:
     fpr_limit = _check_fpr_limit(fpr_limit)
-    scores, normal = [], []
-    region_ids = []  # global region id per pixel, 0 = normal
-    n_regions = 0
-    for amap, mask in pairs:
-        ids, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        region_ids.append(np.where(ids > 0, ids + n_regions, 0).ravel())
-        n_regions += count
-        scores.append(amap.ravel())
-        normal.append(~mask.ravel())
     if n_regions == 0:
         return math.nan
-    scores = np.concatenate(scores)
-    normal = np.concatenate(normal)
-    region_ids = np.concatenate(region_ids)
-    n_normal = int(normal.sum())
+    n_normal = int(ranking.negatives[-1])
     if n_normal == 0:
         raise ValueError("AUPRO needs normal pixels (mask == 0) but every pixel is anomalous")
 
     # Each anomalous pixel carries weight 1 / (|its region| * n_regions), so the summed
     # weight of the pixels at or above a threshold is the mean per-region overlap (PRO).
-    region_size = np.bincount(region_ids, minlength=n_regions + 1)
+    region_size = np.bincount(ranking.region, minlength=n_regions + 1)
     weight = np.zeros(n_regions + 1)
     weight[1:] = 1.0 / (region_size[1:] * float(n_regions))
-
-    # Ties are grouped below, so neither sort needs to be stable.
-    descending = np.argsort(scores)[::-1]
-    sorted_scores = np.sort(scores)[::-1]
-    # last index of every run of equal scores: tied pixels enter the curve together
-    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1)
-    normal_sorted = normal[descending]
-    n_normal_above = np.cumsum(normal_sorted)[ends]
-    n_anomalous_above = ends + 1 - n_normal_above
-    anomalous_weight = weight[region_ids[descending[~normal_sorted]]]
-    pro = np.concatenate([[0.0], np.cumsum(anomalous_weight)])[n_anomalous_above]
-    fpr = np.concatenate([[0.0], n_normal_above / n_normal])
+    pro = np.cumsum(weight[ranking.region])[ranking.group_ends]
+    fpr = np.concatenate([[0.0], ranking.negatives / n_normal])
     pro = np.concatenate([[0.0], np.minimum(pro, 1.0)])
 
     # fpr is non-decreasing and reaches 1, so a first point beyond the limit exists
@@ -201,7 +240,8 @@ def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
     Returns a float in [0, 1]; nan when no mask has an anomalous pixel.
     Raises ValueError when there is no normal pixel or fpr_limit is not in (0, 1].
     """
-    return _aupro(_map_mask_pairs(maps, masks), fpr_limit)
+    _check_fpr_limit(fpr_limit)
+    return _aupro(*_pixel_ranking(_map_mask_pairs(maps, masks)), fpr_limit)
 
 
 # ---------------------------------------------------------------- pixel and combined
@@ -216,14 +256,14 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
     "pixel_f1_max", "aupro"}, each in [0, 1]; undefined values are nan (see
     `image_metrics` and `aupro`).
     """
-    pairs = _map_mask_pairs(maps, masks)
-    scores, labels = _flat_pixels(pairs)
-    auroc, ap = _auroc_ap(scores, labels)
+    _check_fpr_limit(fpr_limit)
+    ranking, n_regions = _pixel_ranking(_map_mask_pairs(maps, masks))
+    auroc, ap = _auroc_ap(ranking)
     return {
         "pixel_auroc": auroc,
         "pixel_ap": ap,
-        "pixel_f1_max": _f1_max(scores, labels)[0],
-        "aupro": _aupro(pairs, fpr_limit),
+        "pixel_f1_max": _f1_max(ranking)[1],
+        "aupro": _aupro(ranking, n_regions, fpr_limit),
     }
 
 

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from fmjax import metrics
 
@@ -293,3 +294,50 @@ def test_compute_all():
     assert all(math.isnan(no_defects[k]) for k in metrics.PIXEL_KEYS)
     no_maps = metrics.compute_all([0.2, 0.9], [0, 1])
     assert all(math.isnan(no_maps[k]) for k in metrics.PIXEL_KEYS)
+
+
+# ---------------------------------------------------------------- against sklearn
+
+
+def _sklearn_f1_max(scores, labels):
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+    return float(np.max(f1))
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_curve_metrics_match_sklearn(seed, dtype):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 3000))
+    labels = rng.random(n) < rng.uniform(0.05, 0.6)
+    labels[:2] = [0, 1]
+    if seed % 2:  # few levels: ties within and across classes, negative values and -0.0
+        scores = (rng.integers(-4, 5, n) / 4.0 + 0.5 * labels).astype(dtype)
+        scores[np.flatnonzero(scores == 0)[::2]] = -0.0  # equal to the other zeros
+    else:
+        scores = (rng.standard_normal(n) + labels).astype(dtype)
+    image = metrics.image_metrics(scores, labels)
+    maps, masks = scores.reshape(1, 1, n), labels.reshape(1, 1, n)
+    pixel = metrics.pixel_metrics(maps, masks)
+    expected = (roc_auc_score(labels, scores), average_precision_score(labels, scores), _sklearn_f1_max(scores, labels))
+    for got in ((image["image_auroc"], image["image_ap"], image["image_f1_max"]),
+                (pixel["pixel_auroc"], pixel["pixel_ap"], pixel["pixel_f1_max"])):
+        assert got == pytest.approx(expected, abs=1e-12)
+    f1, threshold = metrics.f1_max(scores, labels)
+    assert f1 == pytest.approx(expected[2], abs=1e-12)
+    # the threshold attains it, and no lower threshold does
+    assert metrics.thresholded_metrics(scores, labels, threshold)["f1"] == pytest.approx(f1, abs=1e-12)
+    lower = scores[scores < threshold]
+    if lower.size:
+        assert metrics.thresholded_metrics(scores, labels, lower.max())["f1"] < f1 - 1e-12
+
+
+def test_float32_maps_rank_like_float64():
+    rng = np.random.default_rng(7)
+    maps = (rng.integers(-50, 50, (3, 40, 30)) * 0.37).astype(np.float32)
+    masks = np.zeros(maps.shape, np.uint8)
+    masks[:, 5:15, 4:20] = 1
+    maps += masks * np.float32(3.0)
+    assert metrics.pixel_metrics(maps, masks) == pytest.approx(
+        metrics.pixel_metrics(maps.astype(np.float64), masks), abs=1e-12)
