@@ -88,8 +88,11 @@ def _order_keys(scores: np.ndarray) -> np.ndarray:
     if scores.dtype == np.float32:
         bits = (scores + np.float32(0.0)).view(np.int32)  # + 0 turns -0.0 into +0.0
         # negative: flip every bit; positive: flip the sign bit
-        flip = (bits >> 31) | np.int32(-2**31)
-        return (bits ^ flip).view(np.uint32).astype(np.uint64)
+        flip = bits >> 31
+        flip |= np.int32(-2**31)
+        bits ^= flip
+        del flip
+        return bits.view(np.uint32).astype(np.uint64)
     return np.unique(scores, return_inverse=True)[1].ravel().astype(np.uint64)
 
 
@@ -106,13 +109,19 @@ class _Ranking:
     def __init__(self, scores: np.ndarray, region: np.ndarray):
         if scores.size >= 2**32:
             raise ValueError(f"too many samples to rank ({scores.size})")
-        packed = (_order_keys(scores) << np.uint64(32)) | region.astype(np.uint64)
+        # in-place steps and early `del`s: the pooled pixels of a test set run to 10^8
+        packed = _order_keys(scores)
+        packed <<= np.uint64(32)
+        packed |= region.astype(np.uint64)
         packed.sort()
         packed = packed[::-1]
-        changes = np.flatnonzero((packed[1:] ^ packed[:-1]) >> np.uint64(32))
-        self.group_ends = np.append(changes, packed.size - 1)
-        self.region = (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        self.positives = np.cumsum(self.region > 0)[self.group_ends]
+        score_changes = packed[1:] ^ packed[:-1]
+        score_changes >>= np.uint64(32)
+        self.group_ends = np.append(np.flatnonzero(score_changes), packed.size - 1)
+        del score_changes
+        self.region = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        del packed
+        self.positives = np.cumsum(self.region > 0, dtype=np.int64)[self.group_ends]
         self.negatives = self.group_ends + 1 - self.positives
 
 
@@ -208,7 +217,9 @@ def _aupro(ranking: _Ranking, n_regions: int, fpr_limit: float) -> float:
     region_size = np.bincount(ranking.region, minlength=n_regions + 1)
     weight = np.zeros(n_regions + 1)
     weight[1:] = 1.0 / (region_size[1:] * float(n_regions))
-    pro = np.cumsum(weight[ranking.region])[ranking.group_ends]
+    pro = weight[ranking.region]
+    np.cumsum(pro, out=pro)
+    pro = pro[ranking.group_ends]
     fpr = np.concatenate([[0.0], ranking.negatives / n_normal])
     pro = np.concatenate([[0.0], np.minimum(pro, 1.0)])
 
