@@ -205,7 +205,6 @@ def image_metrics(scores, labels) -> dict:
 
 
 def _aupro(ranking: _Ranking, n_regions: int, fpr_limit: float) -> float:
-    fpr_limit = _check_fpr_limit(fpr_limit)
     if n_regions == 0:
         return math.nan
     n_normal = int(ranking.negatives[-1])
@@ -251,7 +250,7 @@ def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
     Returns a float in [0, 1]; nan when no mask has an anomalous pixel.
     Raises ValueError when there is no normal pixel or fpr_limit is not in (0, 1].
     """
-    _check_fpr_limit(fpr_limit)
+    fpr_limit = _check_fpr_limit(fpr_limit)
     return _aupro(*_pixel_ranking(_map_mask_pairs(maps, masks)), fpr_limit)
 
 
@@ -267,7 +266,7 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
     "pixel_f1_max", "aupro"}, each in [0, 1]; undefined values are nan (see
     `image_metrics` and `aupro`).
     """
-    _check_fpr_limit(fpr_limit)
+    fpr_limit = _check_fpr_limit(fpr_limit)
     ranking, n_regions = _pixel_ranking(_map_mask_pairs(maps, masks))
     auroc, ap = _auroc_ap(ranking)
     return {
