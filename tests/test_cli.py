@@ -149,9 +149,10 @@ def test_evaluate_then_predict(run_copy, data_root, tmp_path, capsys):
         assert np.isfinite(heat).all()
     rows = image_scores_csv(maps_dir / CATEGORY / "image_scores.csv")
     assert sorted(f"{CATEGORY}/{image}.tiff" for image in rows) == tiffs
+    image_threshold = json.loads((run_copy / "calibration.json").read_text())["image_threshold"]
     for image, (label, score, anomalous) in rows.items():
         assert label == int("/good/" not in image)
-        assert anomalous == str(int(score >= json.loads((run_copy / "calibration.json").read_text())["image_threshold"]))
+        assert anomalous == str(int(score >= image_threshold))
     assert_image_metrics_from_csv(rows, metrics)
     pictures = sorted(p.name for p in pictures_dir.glob("*.png"))
     assert "overview.png" in pictures and len(pictures) == 7
