@@ -60,10 +60,10 @@ def test_unified_train_and_evaluate(two_category_root, tmp_path, capsys):
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert metrics[key] == pytest.approx(np.mean([r[key] for r in rows]))
     assert "gadget" in out and "widget" in out and "mean" in out
-    for cat in ("gadget", "widget"):
+    for cat, row in zip(("gadget", "widget"), rows):
         tiffs = sorted((maps / cat / "test").rglob("*.tiff"))
         assert len(tiffs) == 6 and tifffile.imread(tiffs[0]).shape == (20, 24)
-        assert_image_metrics_from_csv(image_scores_csv(maps / cat / "image_scores.csv"), rows[cat == "widget"])
+        assert_image_metrics_from_csv(image_scores_csv(maps / cat / "image_scores.csv"), row)
 
     # one category of the unified run gives the same row as in the full evaluation
     copy = tmp_path / "copy"
