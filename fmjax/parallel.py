@@ -133,7 +133,7 @@ def pmap_train_step(state: TrainState, images_u8, labels, run_key, *, module, co
     noise = draw_step_noise(jax.random.fold_in(run_key, state.step), global_shape, cfg)
     noise = slice_noise(noise, index * local, local)
     with jax.named_scope("augment"):
-        x = apply_augment(flow.to_model_range(images_u8), noise.hflip, noise.vflip, noise.corners, cfg)
+        x = flow.to_model_range(apply_augment(images_u8, noise.hflip, noise.vflip, noise.corners, cfg))
 
     def loss_fn(params):
         with global_dropout(index, num_shards):

@@ -28,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fmjax.nets.channel_sums import channel_sum, spread
+from fmjax.nets.channel_sums import side_by_side, spread, wide_channel_sum
 from fmjax.nets.scalars import beside
 
 __all__ = ["group_norm"]
@@ -52,11 +52,6 @@ def _statistics(x, groups: int, eps: float):
 def _per_channel(v, channels: int):
     """[N, G] -> [N, C], each group's value repeated over its channels."""
     return jnp.repeat(v, channels // v.shape[1], axis=1)
-
-
-def _normalised(x, mean, inv):
-    c = x.shape[-1]
-    return (x - spread(_per_channel(mean, c), x.shape)) * spread(_per_channel(inv, c), x.shape)
 
 
 def _silu(z, one):
@@ -105,20 +100,22 @@ def _forward(x, scale, shift, groups, silu, eps):
 
 def _backward(groups, silu, eps, residuals, g):
     x, scale, shift, mean, inv = residuals
-    c = x.shape[-1]
-    xhat = _normalised(x, mean, inv)
+    shape, c = x.shape, x.shape[-1]
+    # elementwise work on a view with several rows side by side (fmjax/nets/channel_sums.py)
+    wide, per_channel = side_by_side(shape)
+    x, g = wide(x), wide(g)
+    inv_c = _per_channel(inv, c)
+    xhat = (x - per_channel(_per_channel(mean, c))) * per_channel(inv_c)
     if silu:
         scale, one = beside(scale, 1.0)
-        g = g * _silu_slope(xhat * spread(scale, x.shape) + spread(shift, x.shape), one)
-    d_shift = channel_sum(g, keep_batch=True)
-    d_scale = channel_sum(g * xhat, keep_batch=True)
+        g = g * _silu_slope(xhat * per_channel(scale) + per_channel(shift), one)
+    d_shift = wide_channel_sum(g, c)
+    d_scale = wide_channel_sum(g * xhat, c)
     # d loss / d xhat = g * scale; its means over each group, and those of its product with xhat
-    mean_g = _per_channel(_group_mean(scale * d_shift, x.shape, groups), c)
-    mean_gx = _per_channel(_group_mean(scale * d_scale, x.shape, groups), c)
-    inv_c = _per_channel(inv, c)
-    dx = (g * spread(scale * inv_c, x.shape) - spread(mean_g * inv_c, x.shape)
-          - xhat * spread(mean_gx * inv_c, x.shape))
-    return dx, d_scale, d_shift
+    mean_g = _per_channel(_group_mean(scale * d_shift, shape, groups), c)
+    mean_gx = _per_channel(_group_mean(scale * d_scale, shape, groups), c)
+    dx = g * per_channel(scale * inv_c) - per_channel(mean_g * inv_c) - xhat * per_channel(mean_gx * inv_c)
+    return dx.reshape(shape), d_scale, d_shift
 
 
 _group_norm.defvjp(lambda x, scale, shift, groups, silu, eps: _forward(x, scale, shift, groups, silu, eps),
