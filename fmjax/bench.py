@@ -1,5 +1,5 @@
 """Throughput measurements behind `fmjax bench` and experiments/bench.py: warmed-up
-per-call timings, compile time reported apart, data loading excluded. Every scoring
+per-call timings (medians), compile time reported apart, data loading excluded. Every scoring
 figure comes from the same jitted scorer the CLI uses; every training figure from the
 CLI's jitted train step.
 
@@ -37,29 +37,32 @@ QUICK_TRAINING = [("small", 64)]
 FULL_TRAINING = [("small", 64), ("small", 128), ("paper", 64)]
 
 
-def timed(fn, repeats: int):
-    """(seconds of the first call, mean seconds of `repeats` further calls)."""
-    return timed_alternating([fn], repeats)[0]
+def timed(fn, repeats: int, warmup: int = 0):
+    """(seconds of the first call, median seconds of `repeats` further calls)."""
+    return timed_alternating([fn], repeats, warmup)[0]
 
 
-def timed_alternating(fns, repeats: int):
-    """[(seconds of the first call, mean seconds of `repeats` further calls)] for each of
-    `fns`, the further calls interleaved (a, b, b, a, a, b, ...) so that a drift in the
-    machine's load between calls touches every fn alike: their ratio is what the bench
-    reports."""
+def timed_alternating(fns, repeats: int, warmup: int = 0):
+    """[(seconds of the first call, median seconds of `repeats` further calls)] for each of
+    `fns`. After the first calls (which compile), `warmup` untimed rounds of calls; the
+    timed calls are interleaved (a, b, b, a, a, b, ...) so that a drift in the machine's
+    load between calls touches every fn alike: their ratio is what the bench reports."""
     firsts = []
     for fn in fns:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         firsts.append(time.perf_counter() - start)
-    totals = [0.0] * len(fns)
+    for _ in range(warmup):
+        for fn in fns:
+            jax.block_until_ready(fn())
+    seconds = [[] for _ in fns]
     for round_ in range(repeats):
         order = range(len(fns)) if round_ % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             start = time.perf_counter()
             jax.block_until_ready(fns[i]())
-            totals[i] += time.perf_counter() - start
-    return [(first, total / repeats) for first, total in zip(firsts, totals)]
+            seconds[i].append(time.perf_counter() - start)
+    return [(first, float(np.median(s))) for first, s in zip(firsts, seconds)]
 
 
 def flops_of(fn, *args) -> float:
@@ -162,9 +165,12 @@ def scoring_case(preset_name: str, image_size: int, num_paths: int, num_times: i
     return result
 
 
-def training_case(preset_name: str, image_size: int, devices=None, steps: int = 3, seed: int = 0) -> dict:
+def training_case(preset_name: str, image_size: int, devices=None, steps: int = 6, warmup: int = 2,
+                  seed: int = 0) -> dict:
     """Train-step time and images/s of the CLI's jitted step (state donated, batch split over
-    `devices`) for the preset's batch size, and the forward time of the same batch."""
+    `devices`) for the preset's batch size, and the forward time of the same batch: medians
+    of `steps` calls each after `warmup` untimed ones (the first steps after compiling ran
+    up to 2x slower than later ones)."""
     from fmjax import train
 
     devices = list(devices if devices is not None else jax.local_devices())
@@ -190,7 +196,7 @@ def training_case(preset_name: str, image_size: int, devices=None, steps: int = 
     t = jax.device_put(jnp.full((batch,), 0.5), rows)
     forward = xla_options.jit(lambda p, x, t: apply_fn(p, x, t, None))
     (first_s, step_s), (_, forward_s) = timed_alternating(
-        [step, lambda: forward(holder["state"].params, x, t)], steps)
+        [step, lambda: forward(holder["state"].params, x, t)], steps, warmup)
     compile_s = first_s - step_s
     return {"preset": preset_name, "image_size": image_size, "patch_size": side, "batch_size": batch,
             "devices": len(devices), "step_s": step_s, "train_images_per_s": batch / step_s,

@@ -25,18 +25,22 @@ def bench_run(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_timed_alternating_interleaves_the_calls_and_averages_each():
+def test_timed_alternating_interleaves_the_calls_after_the_warmup_and_takes_medians():
     calls = []
 
     def sleeper(name, seconds):
         def call():
             calls.append(name)
-            time.sleep(seconds)
+            time.sleep(seconds[len([c for c in calls if c == name]) - 1])
         return call
 
-    (first_a, mean_a), (_, mean_b) = bench.timed_alternating([sleeper("a", 0.001), sleeper("b", 0.1)], 3)
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
-    assert first_a >= 0.001 and 0.001 <= mean_a < 0.1 <= mean_b
+    # a: the first call (compiling) and the warm-up slow, then one slow timed call of three
+    # (a mean, or a timed warm-up, would put a above 0.1 s)
+    a = sleeper("a", [0.3, 0.3, 0.001, 0.5, 0.001])
+    b = sleeper("b", [0.0, 0.1, 0.1, 0.1, 0.1])
+    (first_a, median_a), (_, median_b) = bench.timed_alternating([a, b], 3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "a", "b"]
+    assert first_a >= 0.3 and 0.001 <= median_a < 0.1 <= median_b < 0.2
 
 
 def test_flops_of_counts_a_matmul_exactly():
