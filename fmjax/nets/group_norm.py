@@ -28,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fmjax.nets.channel_sums import side_by_side, spread, wide_channel_sum
+from fmjax.nets.channel_sums import channel_sum, side_by_side, spread, wide_channel_sum
 from fmjax.nets.scalars import beside
 
 __all__ = ["group_norm"]
@@ -98,19 +98,31 @@ def _forward(x, scale, shift, groups, silu, eps):
     return y, (x, scale, shift, mean, inv)
 
 
+def _backward_layout(shape):
+    """(view, per_channel, channel_sums) for the backward pass's elementwise work on arrays
+    of `shape` [N, ..., C]. With C not a multiple of 32, the `side_by_side` view
+    (fmjax/nets/channel_sums.py): this backward pass on [16,32,32,16] took 0.35 ms against
+    0.71 ms, on [16,32,32,48] 1.33 against 1.57 ms (one XLA CPU device, fastest of 30).
+    Otherwise the arrays as they are: at 256 channels the view was up to 2x slower."""
+    c = shape[-1]
+    if c % 32:
+        wide, per_channel = side_by_side(shape)
+        return wide, per_channel, lambda a: wide_channel_sum(a, c)
+    return (lambda a: a), (lambda v: spread(v, shape)), (lambda a: channel_sum(a, keep_batch=True))
+
+
 def _backward(groups, silu, eps, residuals, g):
     x, scale, shift, mean, inv = residuals
     shape, c = x.shape, x.shape[-1]
-    # elementwise work on a view with several rows side by side (fmjax/nets/channel_sums.py)
-    wide, per_channel = side_by_side(shape)
-    x, g = wide(x), wide(g)
+    view, per_channel, channel_sums = _backward_layout(shape)
+    x, g = view(x), view(g)
     inv_c = _per_channel(inv, c)
     xhat = (x - per_channel(_per_channel(mean, c))) * per_channel(inv_c)
     if silu:
         scale, one = beside(scale, 1.0)
         g = g * _silu_slope(xhat * per_channel(scale) + per_channel(shift), one)
-    d_shift = wide_channel_sum(g, c)
-    d_scale = wide_channel_sum(g * xhat, c)
+    d_shift = channel_sums(g)
+    d_scale = channel_sums(g * xhat)
     # d loss / d xhat = g * scale; its means over each group, and those of its product with xhat
     mean_g = _per_channel(_group_mean(scale * d_shift, shape, groups), c)
     mean_gx = _per_channel(_group_mean(scale * d_scale, shape, groups), c)
