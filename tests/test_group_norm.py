@@ -29,7 +29,7 @@ def inputs(shape, seed):
     return [jnp.asarray(a.astype(np.float32)) for a in (x, scale, shift, weights)]
 
 
-@pytest.mark.parametrize("shape,groups", [((3, 8, 8, 16), 4), ((2, 5, 7, 12), 3), ((3, 10, 6), 2)])
+@pytest.mark.parametrize("shape,groups", [((3, 8, 8, 16), 4), ((2, 5, 7, 12), 3), ((3, 10, 6), 2), ((2, 4, 6, 64), 8)])
 @pytest.mark.parametrize("silu", [False, True])
 def test_group_norm_and_its_gradients_equal_the_textbook_formula(shape, groups, silu):
     x, scale, shift, weights = inputs(shape, seed=shape[-1] + groups)
