@@ -136,7 +136,7 @@ def draw_step_noise(key, images_shape, cfg: TrainConfig) -> StepNoise:
         h = w = cfg.patch_size
     key_t, key_eps = jax.random.split(key_loss)
     t = flow.sample_times(key_t, n, cfg.t_sampler, cfg.logit_normal_mean, cfg.logit_normal_std)
-    # drawn flat (the same numbers): XLA:CPU's elementwise code is slow on a last axis of 1 or 3
+    # drawn flat (the same numbers): XLA:CPU's elementwise code is slow on a last axis of few channels
     eps = jax.random.normal(key_eps, (n, h * w * c), jnp.float32).reshape(n, h, w, c)
     return StepNoise(hflip, vflip, corners, t, eps, key_drop)
 
