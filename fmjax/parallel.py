@@ -3,23 +3,25 @@
 Two ways to spread one global batch over devices, with the same result:
 
 * the mesh path, `fmjax.train.make_step_fn`: `jax.jit` over a 1-D `data` mesh, batch
-  sharded with `P('data')`, state replicated (the recommended path);
+  sharded with `P('data')`, state replicated, the loss and its gradient taken per device
+  under `jax.shard_map` (the recommended path);
 * the pmap path, `make_pmap_step_fn` here: `jax.pmap(axis_name='data')` over the same
-  pure step, gradients and metrics averaged with `lax.pmean`. `jax.pmap` takes no compiler
-  options, so on CPU this path runs without `fmjax.xla_options` (slower convolutions).
+  pure step. `jax.pmap` takes no compiler options, so on CPU this path runs without
+  `fmjax.xla_options` (slower convolutions).
 
 Equality: the mesh path draws the step's randomness (flips, patch corners, times t,
 noise eps, dropout masks) for the whole global batch from fold_in(run key, step). The
 pmap step draws exactly the same global arrays on every device and keeps the rows of its
-own batch shard (`lax.axis_index('data')`); its dropout masks are those rows of the global
-masks, drawn alone (see `global_dropout`). The per-device losses are means over
-equal-sized shards, so their `pmean` is the global mean and the averaged gradients are
-the global-batch gradients. The two paths then differ only by the order of floating-point
-sums. (The price: each device draws the global batch's flips, times and noise eps, n
-times the work of its own share; small next to the network.)
+own batch shard (`lax.axis_index('data')`). On both paths a device's dropout masks are
+its rows of the global masks, drawn alone (see `global_dropout`), and a device
+differentiates its shard's mean loss / n; summed over the n equal shards, that is the
+global mean and its gradient (`fmjax.train.shard_loss_and_grads`). The two paths then
+differ only by the order of floating-point sums. (The price: each pmap device draws the
+global batch's flips, times and noise eps, n times the work of its own share; small next
+to the network.)
 
 Both paths build the step from the same pieces of fmjax/train.py (`draw_step_noise`,
-`apply_augment`, `flow_loss`, `apply_gradients`).
+`apply_augment`, `shard_loss_and_grads`, `apply_gradients`).
 
 Multi-host (several processes, each running the same command)
 --------------------------------------------------------------
@@ -61,9 +63,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
@@ -71,10 +71,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import flow
 from fmjax.config import Config
-from fmjax.nets.dropout import Dropout
+from fmjax.nets.dropout import global_dropout  # noqa: F401
 # the step's pieces live in fmjax/train.py; re-exported here
 from fmjax.train import (StepNoise, TrainState, apply_augment, apply_gradients, batch_indices,  # noqa: F401
-                         draw_augment, draw_step_noise, flow_loss, train_step)
+                         draw_augment, draw_step_noise, flow_loss, shard_loss_and_grads, train_step)
 
 AXIS = "data"
 
@@ -90,40 +90,11 @@ def slice_noise(noise: StepNoise, start, size: int) -> StepNoise:
 
 # ----------------------------------------------------------------------------- pmap
 
-def global_dropout(shard_index, num_shards: int):
-    """Context manager: every `nn.Dropout` call inside applies the rows of shard
-    `shard_index` of the mask the unsharded network draws for the global batch (`num_shards`
-    times the local leading axis) with the same key, so dropout matches the mesh path
-    exactly. fmjax's `Dropout` draws only those rows (its masks hash global positions);
-    other `nn.Dropout`s draw the global mask and slice it. Assumes dropout inputs carry the
-    batch on axis 0 (true of every fmjax network)."""
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if not isinstance(module, nn.Dropout) or context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        inputs, *rest = args
-        deterministic = kwargs.get("deterministic", rest[0] if rest else None)
-        deterministic = module.deterministic if deterministic is None else deterministic
-        if module.rate == 0.0 or module.rate == 1.0 or deterministic:
-            return next_fun(*args, **kwargs)
-        local = inputs.shape[0]
-        if isinstance(module, Dropout):
-            # fmjax's masks hash each element's global position: draw this shard's rows only
-            return next_fun(*args, first_row=shard_index * local, **kwargs)
-        # Dropout of ones over the global shape: 1/keep where kept, 0 where dropped
-        ones = jnp.ones((local * num_shards,) + inputs.shape[1:], inputs.dtype)
-        scaled_mask = next_fun(ones, *rest, **kwargs)
-        keep = lax.dynamic_slice_in_dim(scaled_mask, shard_index * local, local, 0) != 0
-        return lax.select(keep, inputs / (1.0 - module.rate), jnp.zeros_like(inputs))
-
-    return nn.intercept_methods(interceptor)
-
-
 def pmap_train_step(state: TrainState, images_u8, labels, run_key, *, module, config: Config,
                     axis_name: str = AXIS):
     """`train_step` for one device's shard under `pmap(axis_name=...)`: the global batch's
-    randomness sliced to this shard, gradients and metrics `pmean`ed over devices.
+    randomness sliced to this shard, loss and gradients averaged over devices in one
+    all-reduce (`shard_loss_and_grads`).
     images_u8: uint8 [B/n,H,W,C] (this device's rows of the global batch, in order)."""
     cfg = config.train
     num_shards = lax.axis_size(axis_name)
@@ -134,16 +105,9 @@ def pmap_train_step(state: TrainState, images_u8, labels, run_key, *, module, co
     noise = slice_noise(noise, index * local, local)
     with jax.named_scope("augment"):
         x = flow.to_model_range(apply_augment(images_u8, noise.hflip, noise.vflip, noise.corners, cfg))
-
-    def loss_fn(params):
-        with global_dropout(index, num_shards):
-            return flow_loss(params, x, noise, labels, module=module, config=config)
-
     with jax.named_scope("grad"):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        # equal shard sizes: the mean of the shard means is the global mean
-        grads = lax.pmean(grads, axis_name)
-        loss = lax.pmean(loss, axis_name)
+        loss, grads = shard_loss_and_grads(state.params, x, noise, labels, module=module, config=config,
+                                           axis_name=axis_name)
     with jax.named_scope("update"):
         state = apply_gradients(state, grads, cfg)
     return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}

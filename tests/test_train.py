@@ -1,6 +1,7 @@
 """The training loop: the loss falls, the JSONL log, bit-exact resume, the guards against
 overwriting and config drift, batch order, the optimizer's update-RMS clip, time samplers,
-patch crops, NaN detection, and one-device vs two-device equivalence."""
+patch crops, NaN detection, one-device vs two-device equivalence, and the packed gradient
+all-reduce."""
 import dataclasses
 import json
 import math
@@ -12,15 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import PartitionSpec as P
+
 from fmjax import flow
 from fmjax.config import TrainConfig, preset
 from fmjax.train import (
+    PACKED_LEAF_SIZE,
     TrainError,
     augment,
     batch_indices,
+    build_model,
     checkpoint_manager,
+    data_mesh,
     init_state,
     make_optimizer,
+    make_step_fn,
+    psum_packed,
     restore_state,
     train,
 )
@@ -164,6 +172,43 @@ def test_one_and_two_devices_agree(tmp_path):
     # and training moved the params (the comparison is not between two initialisations)
     initial = init_state(config, SHAPE, jax.random.PRNGKey(config.train.seed)).params
     assert any(not np.allclose(a, b) for a, b in zip(leaves(initial), leaves(two.params)))
+
+
+def test_psum_packed_equals_psum_leaf_by_leaf():
+    mesh = data_mesh()
+    n = mesh.size
+    assert n == 2, "tests/conftest.py forces two host devices"
+    rng = np.random.default_rng(0)
+    tree = {"large": rng.normal(size=(n, PACKED_LEAF_SIZE)).astype(np.float32),
+            "kernel": rng.normal(size=(n, 3, 3, 4, 5)).astype(np.float32),
+            "counts": rng.integers(-9, 9, size=(n, 7)).astype(np.int32),
+            "bias": [rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n,)).astype(np.float32)],
+            "half": rng.normal(size=(n, 6)).astype(jnp.bfloat16)}
+    run = lambda fn: jax.jit(jax.shard_map(lambda t: fn(jax.tree.map(lambda a: a[0], t), "data"), mesh=mesh,
+                                           in_specs=P("data"), out_specs=P(), check_vma=False))(tree)
+    packed, reference = run(psum_packed), run(jax.lax.psum)
+    assert jax.tree.structure(packed) == jax.tree.structure(reference)
+    for got, want, given in zip(jax.tree.leaves(packed), jax.tree.leaves(reference), jax.tree.leaves(tree)):
+        assert got.dtype == want.dtype and got.shape == want.shape == given.shape[1:]
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        np.testing.assert_allclose(np.asarray(want, np.float32), np.asarray(given, np.float32).sum(0), rtol=1e-2)
+
+
+def test_two_device_step_sums_small_gradients_in_one_operand():
+    """XLA:CPU's all-reduce costs per operand: the step packs the tiny net's gradients and
+    the loss into one vector (the tree has dozens of leaves)."""
+    config = tiny()
+    module, _ = build_model(config, SHAPE)
+    state = init_state(config, SHAPE, jax.random.PRNGKey(0))
+    assert all(leaf.size < PACKED_LEAF_SIZE for leaf in leaves(state.params)) and len(leaves(state.params)) > 20
+    batch = config.train.batch_size
+    hlo = make_step_fn(module, config, data_mesh()).lower(
+        state, np.zeros((batch,) + SHAPE, np.uint8), np.zeros(batch, np.int32), jax.random.PRNGKey(1)
+    ).compile().as_text()
+    all_reduces = [line for line in hlo.splitlines() if " all-reduce(" in line]
+    assert len(all_reduces) == 1, all_reduces
+    operands = all_reduces[0].split(" all-reduce(")[1].split(")")[0].split(",")
+    assert len(operands) == 1, all_reduces[0]
 
 
 # ----------------------------------------------------------------------------- pieces

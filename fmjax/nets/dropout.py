@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Dropout", "keep_mask"]
+__all__ = ["Dropout", "global_dropout", "keep_mask"]
 
 _WEYL = 0x9E3779B9  # odd: the index times it visits every 32-bit word once
 
@@ -67,7 +67,7 @@ def keep_mask(key, shape, rate: float, first_row=0):
 
 class Dropout(nn.Dropout):
     """`nn.Dropout` (same fields, same call) with masks from `keep_mask`; `first_row`
-    applies rows first_row.. of a larger batch's mask (`fmjax.parallel.global_dropout`)."""
+    applies rows first_row.. of a larger batch's mask (`global_dropout`)."""
 
     @nn.compact
     def __call__(self, inputs, deterministic: bool | None = None, rng=None, first_row=0):
@@ -81,3 +81,33 @@ class Dropout(nn.Dropout):
         rng = self.make_rng(self.rng_collection) if rng is None else rng
         keep = keep_mask(rng, inputs.shape, self.rate, first_row)
         return lax.select(keep, inputs / (1.0 - self.rate), jnp.zeros_like(inputs))
+
+
+def global_dropout(shard_index, num_shards: int):
+    """Context manager: every `nn.Dropout` call inside applies the rows of shard
+    `shard_index` of the mask the unsharded network draws for the global batch (`num_shards`
+    times the local leading axis) with the same key, so a data-parallel step drops what the
+    unsharded step drops. fmjax's `Dropout` draws only those rows (its masks hash global positions);
+    other `nn.Dropout`s draw the global mask and slice it. Assumes dropout inputs carry the
+    batch on axis 0 (true of every fmjax network)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if not isinstance(module, nn.Dropout) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        inputs, *rest = args
+        deterministic = kwargs.get("deterministic", rest[0] if rest else None)
+        deterministic = module.deterministic if deterministic is None else deterministic
+        if module.rate == 0.0 or module.rate == 1.0 or deterministic:
+            return next_fun(*args, **kwargs)
+        local = inputs.shape[0]
+        if isinstance(module, Dropout):
+            # fmjax's masks hash each element's global position: draw this shard's rows only
+            return next_fun(*args, first_row=shard_index * local, **kwargs)
+        # Dropout of ones over the global shape: 1/keep where kept, 0 where dropped
+        ones = jnp.ones((local * num_shards,) + inputs.shape[1:], inputs.dtype)
+        scaled_mask = next_fun(ones, *rest, **kwargs)
+        keep = lax.dynamic_slice_in_dim(scaled_mask, shard_index * local, local, 0) != 0
+        return lax.select(keep, inputs / (1.0 - module.rate), jnp.zeros_like(inputs))
+
+    return nn.intercept_methods(interceptor)
