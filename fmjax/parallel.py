@@ -74,7 +74,8 @@ from fmjax.config import Config
 from fmjax.nets.dropout import global_dropout  # noqa: F401
 # the step's pieces live in fmjax/train.py; re-exported here
 from fmjax.train import (StepNoise, TrainState, apply_augment, apply_gradients, batch_indices,  # noqa: F401
-                         draw_augment, draw_step_noise, flow_loss, shard_loss_and_grads, train_step)
+                         draw_augment, draw_step_noise, flow_loss, packs_gradients, shard_loss_and_grads,
+                         train_step)
 
 AXIS = "data"
 
@@ -91,10 +92,10 @@ def slice_noise(noise: StepNoise, start, size: int) -> StepNoise:
 # ----------------------------------------------------------------------------- pmap
 
 def pmap_train_step(state: TrainState, images_u8, labels, run_key, *, module, config: Config,
-                    axis_name: str = AXIS):
+                    axis_name: str = AXIS, pack: bool = True):
     """`train_step` for one device's shard under `pmap(axis_name=...)`: the global batch's
-    randomness sliced to this shard, loss and gradients averaged over devices in one
-    all-reduce (`shard_loss_and_grads`).
+    randomness sliced to this shard, loss and gradients averaged over devices
+    (`shard_loss_and_grads`; `pack`: small gradients packed, for CPU devices).
     images_u8: uint8 [B/n,H,W,C] (this device's rows of the global batch, in order)."""
     cfg = config.train
     num_shards = lax.axis_size(axis_name)
@@ -107,7 +108,7 @@ def pmap_train_step(state: TrainState, images_u8, labels, run_key, *, module, co
         x = flow.to_model_range(apply_augment(images_u8, noise.hflip, noise.vflip, noise.corners, cfg))
     with jax.named_scope("grad"):
         loss, grads = shard_loss_and_grads(state.params, x, noise, labels, module=module, config=config,
-                                           axis_name=axis_name)
+                                           axis_name=axis_name, pack=pack)
     with jax.named_scope("update"):
         state = apply_gradients(state, grads, cfg)
     return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -123,8 +124,9 @@ def make_pmap_step_fn(module, config: Config, devices=None):
     (unreplicated) run_key; returns (state, metrics), both with a leading device axis
     (`unreplicate`). The state argument is donated."""
     devices = process_major_devices() if devices is None else list(devices)
+    pack = packs_gradients(devices)
     step = lambda state, images, labels, key: pmap_train_step(state, images, labels, key,
-                                                              module=module, config=config)
+                                                              module=module, config=config, pack=pack)
     return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 0, None), devices=devices, donate_argnums=0)
 
 

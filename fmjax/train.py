@@ -150,17 +150,20 @@ def flow_loss(params, x, noise: StepNoise, labels, *, module, config: Config):
     return jnp.mean(jnp.square(v.astype(jnp.float32) - flow.target_velocity(noise.eps, x)))
 
 
-# Leaves under this many elements cross devices packed in one flat vector. XLA:CPU's
+# Leaves under this many elements cross devices packed in one flat vector on CPU. XLA:CPU's
 # all-reduce has a cost per operand: the small preset's 200 gradients (794k numbers) summed
-# over 2 devices in 3.6-8.3 ms as a tree and in 1.5-1.8 ms as one vector.
+# over 2 devices in 3.6-8.3 ms as a tree and in 1.5-1.8 ms as one vector. Packing costs
+# compile time, as each leaf sliced out of the vector gets kernels of its own: small
+# preset's step 12.4 -> 16.7 s and 1.1 -> 1.8 GB peak RSS, paper preset's 58 -> 79 s and
+# 4.0 -> 5.0 GB. Only XLA:CPU was measured, so other backends all-reduce the tree.
 PACKED_LEAF_SIZE = 65536
 
 
-def psum_packed(tree, axis_name: str):
-    """`lax.psum(tree, axis_name)`, with the leaves under PACKED_LEAF_SIZE elements
+def psum_packed(tree, axis_name: str, max_leaf_size: int = PACKED_LEAF_SIZE):
+    """`lax.psum(tree, axis_name)`, with the leaves under `max_leaf_size` elements
     concatenated (one vector per dtype) for the all-reduce and split after it."""
     leaves, treedef = jax.tree.flatten(tree)
-    small = [i for i, leaf in enumerate(leaves) if jnp.size(leaf) < PACKED_LEAF_SIZE]
+    small = [i for i, leaf in enumerate(leaves) if jnp.size(leaf) < max_leaf_size]
     large = [i for i in range(len(leaves)) if i not in small]
     summed = dict(zip(large, jax.lax.psum([leaves[i] for i in large], axis_name)))
     for dtype in {jnp.result_type(leaves[i]) for i in small}:
@@ -172,18 +175,25 @@ def psum_packed(tree, axis_name: str):
     return jax.tree.unflatten(treedef, [summed[i] for i in range(len(leaves))])
 
 
-def shard_loss_and_grads(params, x, noise: StepNoise, labels, *, module, config: Config, axis_name: str):
+def packs_gradients(devices) -> bool:
+    """Whether a data-parallel step over `devices` packs small gradients (on CPU)."""
+    return all(d.platform == "cpu" for d in devices)
+
+
+def shard_loss_and_grads(params, x, noise: StepNoise, labels, *, module, config: Config, axis_name: str,
+                         pack: bool):
     """(loss, grads) of `flow_loss` over the global batch, computed by one of the devices
     of `axis_name` (inside shard_map or pmap) from its rows x [N/n,h,w,C] and their draws.
-    Each device differentiates its shard's loss / n and the results are summed in one
-    all-reduce (`psum_packed`); dropout applies the global batch's masks (`global_dropout`)."""
+    Each device differentiates its shard's loss / n and the results are summed over the
+    devices, small leaves packed when `pack` (`psum_packed`); dropout applies the global
+    batch's masks (`global_dropout`)."""
     num_shards = jax.lax.axis_size(axis_name)
 
     def loss_fn(p):
         with global_dropout(jax.lax.axis_index(axis_name), num_shards):
             return flow_loss(p, x, noise, labels, module=module, config=config) / num_shards
 
-    return psum_packed(jax.value_and_grad(loss_fn)(params), axis_name)
+    return psum_packed(jax.value_and_grad(loss_fn)(params), axis_name, PACKED_LEAF_SIZE if pack else 0)
 
 
 def batch_loss_and_grads(params, x, noise: StepNoise, labels, *, module, config: Config, mesh=None):
@@ -193,8 +203,10 @@ def batch_loss_and_grads(params, x, noise: StepNoise, labels, *, module, config:
     operand."""
     if mesh is None or mesh.size == 1:
         return jax.value_and_grad(flow_loss)(params, x, noise, labels, module=module, config=config)
+    pack = packs_gradients(mesh.devices.flat)
     local = lambda p, x, t, eps, y, key: shard_loss_and_grads(
-        p, x, StepNoise(None, None, None, t, eps, key), y, module=module, config=config, axis_name="data")
+        p, x, StepNoise(None, None, None, t, eps, key), y, module=module, config=config, axis_name="data",
+        pack=pack)
     rows = P("data")
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows, rows, rows, P()), out_specs=(P(), P()),
                          check_vma=False)(params, x, noise.t, noise.eps, labels, noise.dropout_key)
