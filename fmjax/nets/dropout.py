@@ -87,9 +87,9 @@ def global_dropout(shard_index, num_shards: int):
     """Context manager: every `nn.Dropout` call inside applies the rows of shard
     `shard_index` of the mask the unsharded network draws for the global batch (`num_shards`
     times the local leading axis) with the same key, so a data-parallel step drops what the
-    unsharded step drops. fmjax's `Dropout` draws only those rows (its masks hash global positions);
-    other `nn.Dropout`s draw the global mask and slice it. Assumes dropout inputs carry the
-    batch on axis 0 (true of every fmjax network)."""
+    unsharded step drops. fmjax's `Dropout` draws only those rows (its masks hash global
+    positions); other `nn.Dropout`s draw the global mask and slice it. Assumes dropout
+    inputs carry the batch on axis 0 (true of every fmjax network)."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
