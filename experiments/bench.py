@@ -34,7 +34,11 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fmjax.allocator import use_tcmalloc
     from fmjax.cli import _use_cpu_cores
+
+    if argv is None:
+        use_tcmalloc()
 
     _use_cpu_cores(0)  # before jax is imported
     from fmjax import bench, runs

@@ -152,7 +152,11 @@ def pca_floor(dataset, config, components, runs):
 def main(argv=None):
     args = _parser().parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fmjax.allocator import use_tcmalloc
     from fmjax.cli import _build_config, _use_cpu_cores
+
+    if argv is None:
+        use_tcmalloc()
 
     _use_cpu_cores(0)  # before jax is imported
     import jax

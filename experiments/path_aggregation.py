@@ -117,6 +117,9 @@ def main():
     p.add_argument("--batch", type=int, default=8, help="images per network pass")
     args = p.parse_args()
 
+    from fmjax.allocator import use_tcmalloc
+
+    use_tcmalloc()
     from fmjax import data as data_lib, runs
     from fmjax.viz import markdown_table
 

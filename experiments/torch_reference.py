@@ -39,6 +39,9 @@ import os
 import sys
 
 if __name__ == "__main__" and "jax" not in sys.modules:
+    from fmjax.allocator import use_tcmalloc
+
+    use_tcmalloc()  # for both frameworks: they share the process
     _flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in _flags:
         os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fmjax import mismatch, xla_options
+from fmjax import allocator, mismatch, xla_options
 from fmjax.config import preset
 from fmjax.flow import to_model_range
 
@@ -251,6 +251,7 @@ def run(quick: bool = True, log=print, scoring_cases=None, training_cases=None, 
         "compile_s": head["compile_s"],
         "peak_rss_mb": peak_rss_mb(),
         "device_peak_mb": device_peak_mb(),
+        "allocator": allocator.loaded_allocator(),
         "devices": len(devices), "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
         "quick": quick, "scoring": scoring, "training": training,
     }
@@ -263,7 +264,7 @@ TRAINING_COLUMNS = ["preset", "image_size", "patch_size", "batch_size", "devices
                     "forward_s", "train_vs_forward", "compile_s"]
 SUMMARY_KEYS = ["scorer_vs_loop", "scorer_vs_forward", "train_vs_forward", "scorer_peak_fraction", "peak_gflops",
                 "scorer_gflops", "train_images_per_s", "train_images_per_s_1_device", "score_images_per_s",
-                "score_images_per_s_1_device", "compile_s", "peak_rss_mb", "device_peak_mb"]
+                "score_images_per_s_1_device", "compile_s", "peak_rss_mb", "device_peak_mb", "allocator"]
 
 
 def report(result: dict) -> str:

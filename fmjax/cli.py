@@ -1,4 +1,4 @@
-"""`fmjax train | evaluate | predict | bench | demo` (the CLI contract of the README)."""
+"""`fmjax train | evaluate | predict | bench | demo | info` (the CLI contract of the README)."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "pass and the matmul peak; memory")
     b.add_argument("--quick", action="store_true", help="reduced set, same keys (2-3 minutes on 2 CPU cores)")
     b.add_argument("--json", help="also write the figures as JSON here")
+    sub.add_parser("info", help="versions, devices and the memory allocator this process runs with")
     return p
 
 
@@ -196,12 +197,32 @@ def cmd_bench(args):
         runs.write_json(args.json, result)
 
 
+def cmd_info(args):
+    import flax
+    import jax
+    import jaxlib
+
+    import fmjax
+    from fmjax import allocator
+
+    devices = jax.local_devices()
+    print(f"fmjax {fmjax.__version__}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
+    print(f"backend {jax.default_backend()}: {len(devices)} device(s), {devices[0].device_kind}")
+    print(f"allocator {allocator.loaded_allocator()}")
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "info": cmd_info}
 
 
 def main(argv=None) -> int:
+    """The command line; `argv` None: this process's own (which may restart it with
+    tcmalloc, `fmjax/allocator.py`)."""
     args = _parser().parse_args(argv)
+    if argv is None:
+        from fmjax import allocator
+
+        allocator.use_tcmalloc()
     _use_cpu_cores(args.devices)
     from fmjax import parallel
 

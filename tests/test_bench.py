@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import bench
+from fmjax import allocator, bench
 from fmjax.cli import main
 
 KEYS = ("scorer_vs_loop", "scorer_vs_forward", "train_vs_forward", "scorer_peak_fraction", "peak_gflops",
@@ -59,6 +59,7 @@ def test_json_has_every_key_and_the_summary_is_the_headline_case(bench_run):
     assert bench_run["score_images_per_s"] == head["score_images_per_s"]
     assert bench_run["score_images_per_s_1_device"] == one["score_images_per_s"]
     assert bench_run["train_images_per_s_1_device"] == bench_run["training"][1]["train_images_per_s"]
+    assert bench_run["allocator"] == allocator.loaded_allocator()
 
 
 def test_scoring_figures_match_the_loop_and_their_ratios(bench_run):
