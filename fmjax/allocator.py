@@ -6,11 +6,11 @@ step, gigabytes for the paper preset's) from a thread other than the main one wi
 pages from the kernel, and hands them back at free, so every call pays one page fault per
 4 KiB page it touches. tcmalloc keeps freed memory for the next call. Measured on a 2-core
 CPU, 2 XLA devices:
-  small preset's train step (batch 32):            38,000 page faults and 50-100 ms of
+  small preset's train step (batch 32):            38,000-39,000 page faults, 48-104 ms of
       system time per step with glibc; `fmjax bench --quick` in three alternating pairs
       of runs, step 121.5-129.2 ms with tcmalloc against 146.2-149.5 ms
-  paper preset's train step (batch 32 at 64x64):   1.1 million page faults, 2.4-2.5 s of
-      system time per step with glibc; step 4.2-4.5 s against 5.8-5.9 s
+  paper preset's train step (batch 32 at 64x64):   1.1 million page faults, 2.4-7.3 s of
+      system time per step with glibc; step 4.2-4.5 s against 5.8-8.2 s
 Tried instead: jemalloc 5.3 with its default settings (the faults stayed, 39,000 a step);
 glibc with one arena and without mmap (`mallopt`, no faults, but its lock made the
 2-device step take twice as long).
