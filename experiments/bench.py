@@ -33,15 +33,11 @@ def _parser():
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fmjax.allocator import use_tcmalloc
-    from fmjax.cli import _use_cpu_cores
+    from fmjax.app import launch
 
-    if argv is None:
-        use_tcmalloc()
-
-    _use_cpu_cores(0)  # before jax is imported
-    from fmjax import bench, runs
+    launch.start()  # before jax is imported
+    from fmjax.app import bench
+    from fmjax.files import write_json
 
     kt = [tuple(int(v) for v in pair.split("x")) for pair in args.kt.split(",")]
     scoring = [(p, int(s), k, t, args.images or (2 if k * t <= 64 else 1))
@@ -54,7 +50,7 @@ def main(argv=None):
     text = bench.report(result)
     print(text + f"\nwall time {result['wall_s']:.0f} s")
     os.makedirs(args.out, exist_ok=True)
-    runs.write_json(os.path.join(args.out, "bench.json"), result)
+    write_json(os.path.join(args.out, "bench.json"), result)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(f"Command: `{' '.join(sys.argv)}`\n\n{text}\n\nWall time {result['wall_s']:.0f} s.\n")
 

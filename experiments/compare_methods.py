@@ -14,12 +14,13 @@ Per embedded texture (real photos, synthetic defects on held-out crops):
                  Forest fitted on the normal training images
   pca            a floor: sklearn PCA fitted on the normal training images, map = squared
                  residual summed over channels, image score max_plus_top1
-All go through fmjax.runs (the CLI's training, calibration and scoring path); thresholds
-come from held-out normal images only (radar: its forest's decision).
+All go through fmjax.app.train / fmjax.app.evaluate (the CLI's training, calibration and
+scoring path); thresholds come from held-out normal images only (radar: its forest's
+decision).
 Writes OUT/compare_methods.{md,csv,json} (one row per texture and method, plus the mean
 over textures) and the run folders OUT/runs/<texture>/<method>; a rerun with the same
-settings reuses finished runs.  --set overrides go to every method (score.*, radar.*,
-recon.*, train.*, ...).
+settings reuses finished runs.  --set overrides (train.*, net.*, ...) go to every method;
+score.* keys are each method's own, so scoring overrides are better given to evaluate.
 One-class Fashion-MNIST (--fashion-mnist CLASSES): train on one class's training images
 at 32x32 (as experiments/fashion_mnist_oneclass.py), test on the 10,000 test images or,
 with --test-limit N, on a class-stratified random subset of N of them (fixed seed, so
@@ -74,8 +75,10 @@ def _same_settings(saved, wanted) -> bool:
                                    train=dataclasses.replace(wanted.train, **flips))
 
 
-def _finished(run_dir, config, runs):
+def _finished(run_dir, config):
     """The Run and its training seconds if run_dir holds a finished run of `config`, else None."""
+    from fmjax import runs
+
     timing = os.path.join(run_dir, "timing.json")
     if not os.path.exists(timing):
         return None
@@ -85,10 +88,13 @@ def _finished(run_dir, config, runs):
     return run, json.load(open(timing))["train_s"]
 
 
-def train_or_reuse(config, spec, run_dir, runs, progress, source=None, reuse=True):
+def train_or_reuse(config, spec, run_dir, progress, source=None, reuse=True):
     """(Run, training seconds, reused).  source: a flow run folder to re-score (recon)
     instead of training; reuse=False rebuilds even a finished run."""
-    found = _finished(run_dir, config, runs) if reuse else None
+    from fmjax.app.train import rescore_run, train_run
+    from fmjax.files import write_json
+
+    found = _finished(run_dir, config) if reuse else None
     if found:
         print(f"   reusing {run_dir}", flush=True)
         return found + (True,)
@@ -96,33 +102,39 @@ def train_or_reuse(config, spec, run_dir, runs, progress, source=None, reuse=Tru
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     start = time.perf_counter()
     if source is None:
-        run = runs.train_run(config, spec, None, run_dir, progress=progress)
+        run = train_run(config, spec, None, run_dir, progress=progress)
         train_s = time.perf_counter() - start
     else:
-        run = runs.rescore_run(source, run_dir, config.method)
+        run = rescore_run(source, run_dir, config.method)
         train_s = 0.0  # no training of its own: the flow model's
-    runs.write_json(os.path.join(run_dir, "timing.json"), {"train_s": train_s})
+    write_json(os.path.join(run_dir, "timing.json"), {"train_s": train_s})
     return run, train_s, False
 
 
-FASHION_MNIST_SETTINGS = ["data.image_size=32", "data.holdout_fraction=0.02"]
+FASHION_MNIST_SETTINGS = ["data.image_size=32", "calibration.holdout_fraction=0.02"]
 
 
-def evaluate(run, dataset, runs):
+def evaluate(run, dataset):
     """evaluate_run after one warm-up call, so images_per_s excludes compilation."""
+    from fmjax.app.evaluate import evaluate_run
+
     run.score(dataset.test.images[:1])
-    return runs.evaluate_run(run, dataset)
+    return evaluate_run(run, dataset)
 
 
-def pca_floor(dataset, config, components, runs):
+def pca_floor(dataset, config, components):
     """PCA reconstruction floor: fitted on the normal training images (the split the
     networks train on), thresholds from the held-out normals, metrics as for the runs."""
     import jax.numpy as jnp
     from sklearn.decomposition import PCA
 
-    from fmjax import data as data_lib, mismatch
+    from fmjax import data as data_lib
+    from fmjax.app.evaluate import split_metrics
+    from fmjax.eval.calibration import thresholds
+    from fmjax.methods.maps import image_score
 
-    fit, holdout = data_lib.split_holdout(dataset.train, config.data.holdout_fraction, config.data.seed)
+    cal_config = config.calibration
+    fit, holdout = data_lib.split_holdout(dataset.train, cal_config.holdout_fraction, cal_config.seed)
     flat = lambda images: np.asarray(images, np.float64).reshape(len(images), -1) / 127.5 - 1.0
     n_components = components if components < 1 else int(min(components, len(fit) - 1))
     start = time.perf_counter()
@@ -133,16 +145,16 @@ def pca_floor(dataset, config, components, runs):
         x = flat(images)
         residual = x - pca.inverse_transform(pca.transform(x))
         maps = np.square(residual).reshape(images.shape).sum(-1).astype(np.float32)
-        return maps, np.asarray(mismatch.image_score(jnp.asarray(maps), "max_plus_top1"))
+        return maps, np.asarray(image_score(jnp.asarray(maps), "max_plus_top1"))
 
-    cal = runs.calibration(config, *score(holdout.images)) if holdout is not None else {}
+    cal = thresholds(cal_config, *score(holdout.images)) if holdout is not None else {}
     score(dataset.test.images)  # warm-up: compiles the image-score rule for this batch shape
     start = time.perf_counter()
     maps, scores = score(dataset.test.images)
     seconds = time.perf_counter() - start
     threshold = cal.get("image_threshold")
     decided = None if threshold is None else (scores >= threshold).astype(np.int32)
-    result = runs.split_metrics(dataset.test, maps, scores, decided, threshold, cal.get("pixel_threshold"))
+    result = split_metrics(dataset.test, maps, scores, decided, threshold, cal.get("pixel_threshold"))
     result.update({"network_calls_per_image": 0, "sequential_calls_per_image": 0, "train_s": train_s,
                    "images_per_s": len(dataset.test) / max(seconds, 1e-9),
                    "pca_components": int(pca.n_components_)})
@@ -151,19 +163,16 @@ def pca_floor(dataset, config, components, runs):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fmjax.allocator import use_tcmalloc
-    from fmjax.cli import _build_config, _use_cpu_cores
+    from fmjax.app import launch
 
-    if argv is None:
-        use_tcmalloc()
-
-    _use_cpu_cores(0)  # before jax is imported
+    launch.start()  # before jax is imported
     import jax
 
-    from fmjax import data as data_lib, runs
+    from fmjax import data as data_lib
+    from fmjax.config import build, with_method
     from fmjax.data import fashion_mnist, textures
-    from fmjax.viz import markdown_table
+    from fmjax.eval.viz import markdown_table
+    from fmjax.files import write_json
 
     names = [n.strip() for n in args.textures.split(",") if n.strip()]
     for name in names:
@@ -184,28 +193,28 @@ def main(argv=None):
     wall = time.perf_counter()
     rows, configs = [], {}
     for name, spec, settings in datasets:
-        base = _build_config(args.preset, "flow_mismatch", settings + list(args.set))
+        base = build(args.preset, "flow_mismatch", settings + list(args.set))
         configs[name] = json.loads(base.to_json())
         root = os.path.join(args.out, "runs", name)
         print(f"== {name}", flush=True)
         progress = not args.no_progress
         trained = {}
         print(f"   flow matching: training ({base.train.steps} steps)", flush=True)
-        trained["flow_mismatch"] = train_or_reuse(base, spec, os.path.join(root, "flow_mismatch"), runs, progress)
+        trained["flow_mismatch"] = train_or_reuse(base, spec, os.path.join(root, "flow_mismatch"), progress)
         # a flow model trained just now invalidates an older re-scored copy
-        trained["recon"] = train_or_reuse(base.replace(method="recon"), spec, os.path.join(root, "recon"), runs,
-                                          progress, source=os.path.join(root, "flow_mismatch"),
+        trained["recon"] = train_or_reuse(with_method(base, "recon"), spec, os.path.join(root, "recon"), progress,
+                                          source=os.path.join(root, "flow_mismatch"),
                                           reuse=trained["flow_mismatch"][2])
         print(f"   radar: training ({base.train.steps} steps)", flush=True)
-        trained["radar"] = train_or_reuse(base.replace(method="radar"), spec, os.path.join(root, "radar"), runs,
-                                          progress)
-        dataset = data_lib.load(spec, None, trained["flow_mismatch"][0].config.data)
+        trained["radar"] = train_or_reuse(with_method(base, "radar"), spec, os.path.join(root, "radar"), progress)
+        flow_config = trained["flow_mismatch"][0].config
+        dataset = data_lib.load(spec, None, flow_config.data, flow_config.textures)
         if spec.startswith("fashion_mnist:"):
             dataset = dataclasses.replace(dataset, test=data_lib.stratified_subset(dataset.test, args.test_limit))
-        results = {method: dict(evaluate(run, dataset, runs), train_s=train_s)
+        results = {method: dict(evaluate(run, dataset), train_s=train_s)
                    for method, (run, train_s, _) in trained.items()}
         results["recon"]["train_s"] = results["flow_mismatch"]["train_s"]  # the same model
-        results["pca"] = pca_floor(dataset, trained["flow_mismatch"][0].config, args.pca_components, runs)
+        results["pca"] = pca_floor(dataset, flow_config, args.pca_components)
         for method in ("flow_mismatch", "radar", "recon", "pca"):
             row = {"dataset": name, "method": method, **results[method]}
             rows.append(row)
@@ -230,15 +239,16 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    runs.write_json(os.path.join(args.out, "compare_methods.json"),
+    write_json(os.path.join(args.out, "compare_methods.json"),
                     {"preset": args.preset, "overrides": args.set, "datasets": [d[0] for d in datasets], "test_limit": args.test_limit,
                      "configs": configs, "wall_s": seconds, "rows": rows})
     print(f"-> {os.path.join(args.out, 'compare_methods.md')} (.csv, .json)")
 
 
 if __name__ == "__main__":
+    from fmjax.errors import FmjaxError, first_line
+
     try:
         main()
-    except (ValueError, RuntimeError) as err:  # fmjax's config, data, run and training errors
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        sys.exit(f"compare_methods: error: {first}")
+    except FmjaxError as err:
+        sys.exit(f"compare_methods: error: {first_line(err)}")

@@ -13,7 +13,7 @@ published from-scratch anchors beside it. Nothing is tuned on test labels.
 """
 from table import parser, run_table
 
-from fmjax.allocator import use_tcmalloc
+from fmjax.app import launch
 from fmjax.data import fashion_mnist
 
 # published one-class Fashion-MNIST mean AUROC (%) of from-scratch methods
@@ -26,11 +26,11 @@ if __name__ == "__main__":
                    help="score a class-stratified random subset of this many test images (default: all 10,000)")
     p.set_defaults(set=[])
     args = p.parse_args()
-    use_tcmalloc()
+    launch.start()
     classes = args.classes.split(",") if args.classes else [str(i) for i in range(10)]
     names = [fashion_mnist.CLASSES[fashion_mnist.class_index(c)] for c in classes]
     # 32x32 grey images; image-level only
-    args.set = ["data.image_size=32", "data.holdout_fraction=0.02"] + list(args.set)
+    args.set = ["data.image_size=32", "calibration.holdout_fraction=0.02"] + list(args.set)
     rows = run_table(lambda name: (f"fashion_mnist:{name}", None), names, args,
                      "One-class Fashion-MNIST (image AUROC; synthetic-free, real images)")
     print("Published from-scratch anchors (mean AUROC %): " + ", ".join(f"{k} {v}" for k, v in ANCHORS.items()))

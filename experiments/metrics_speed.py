@@ -1,4 +1,4 @@
-"""Pixel-metric speed: fmjax.metrics.pixel_metrics (AUROC, AP, F1-max and AUPRO from one
+"""Pixel-metric speed: fmjax.eval.metrics.pixel_metrics (AUROC, AP, F1-max and AUPRO from one
 sort) against scikit-learn's three curve functions on the same pooled pixels.
 
     python experiments/metrics_speed.py --maps 40 --side 1024
@@ -14,7 +14,7 @@ import time
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from fmjax import metrics
+from fmjax.eval import metrics
 
 
 def sklearn_curves(scores, labels) -> dict:

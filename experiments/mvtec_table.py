@@ -11,14 +11,14 @@ import os
 
 from table import parser, run_table
 
-from fmjax.allocator import use_tcmalloc
+from fmjax.app import launch
 from fmjax.data import mvtec
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="MVTec-AD root (one folder per category)")
     args = p.parse_args()
-    use_tcmalloc()
+    launch.start()
     cats = args.categories.split(",") if args.categories else [
         c for c in mvtec.CATEGORIES if os.path.isdir(os.path.join(args.root, c))]
     run_table(lambda c: (f"mvtec:{args.root}", c), cats, args, "MVTec-AD, one model per category")

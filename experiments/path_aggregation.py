@@ -33,14 +33,12 @@ def compute_delta(run, images, k_max, t_max, path, float16, batch):
     """Writes the mismatch tensor [N, T_max, K_max, H, W] to `path` (memmap), in image batches."""
     import dataclasses
 
-    from fmjax import mismatch
-
-    from fmjax.train import build_model
+    from fmjax.methods.flow_mismatch.scorer import Scorer
+    from fmjax.nets.unet import build_model
 
     score_cfg = dataclasses.replace(run.config.score, num_paths=k_max, num_times=t_max)
-
-    _, apply_fn = build_model(run.config, run.image_shape)
-    scorer = mismatch.Scorer(apply_fn, score_cfg, run.image_shape)
+    _, apply_fn = build_model(run.config.net, run.image_shape)
+    scorer = Scorer(apply_fn, score_cfg, run.image_shape)
     n, (h, w) = len(images), run.image_shape[:2]
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16 if float16 else np.float32,
                                     shape=(n, t_max, k_max, h, w))
@@ -53,20 +51,24 @@ def compute_delta(run, images, k_max, t_max, path, float16, batch):
 def evaluate_grid(delta, times, t_index, test, k_values, t_values, aggregates, weights, sigmas, image_rules):
     import jax.numpy as jnp
 
-    from fmjax import metrics, mismatch
+    from fmjax.errors import ScoreRuleError
+    from fmjax.eval import metrics
+    from fmjax.methods.flow_mismatch.scorer import heat_maps
+    from fmjax.methods.flow_mismatch.settings import parse_aggregate
+    from fmjax.methods.maps import image_score
 
     rows = []
     for k, t in itertools.product(k_values, t_values):
         sub = np.asarray(delta[:, t_index[t], :k], np.float32)
         for agg, weight, sigma in itertools.product(aggregates, weights, sigmas):
             try:
-                mismatch.parse_aggregate(agg, k)
-            except mismatch.ScoreRuleError:
+                parse_aggregate(agg, k)
+            except ScoreRuleError:
                 continue
-            maps = mismatch.heat_maps(jnp.asarray(sub), jnp.asarray(times[t_index[t]]), agg, weight, sigma)
+            maps = heat_maps(jnp.asarray(sub), jnp.asarray(times[t_index[t]]), agg, weight, sigma)
             pixel = metrics.pixel_metrics(np.asarray(maps), test.masks)
             for rule in image_rules:
-                scores = np.asarray(mismatch.image_score(maps, rule))
+                scores = np.asarray(image_score(maps, rule))
                 image = metrics.image_metrics(scores, test.labels)
                 rows.append({"K": k, "T": t, "aggregate": agg, "time_weight": weight, "smooth_sigma": sigma,
                              "image_score": rule, **image, **pixel})
@@ -117,16 +119,17 @@ def main():
     p.add_argument("--batch", type=int, default=8, help="images per network pass")
     args = p.parse_args()
 
-    from fmjax.allocator import use_tcmalloc
+    from fmjax.app import launch
 
-    use_tcmalloc()
+    launch.start()
     from fmjax import data as data_lib, runs
-    from fmjax.viz import markdown_table
+    from fmjax.eval.viz import markdown_table
 
     run = runs.load_run(args.run)
     spec = args.data or run.data_info["spec"]
     category = args.category or (None if args.data else run.data_info.get("category"))
-    test = data_lib.load(spec, None if spec.startswith("textures:") else category, run.config.data).test
+    test = data_lib.load(spec, None if spec.startswith("textures:") else category, run.config.data,
+                         run.config.textures).test
     k_values = [int(k) for k in args.K.split(",")]
     t_values = [int(t) for t in args.T.split(",")]
     t_max, t_index = time_grid(t_values)

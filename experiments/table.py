@@ -28,10 +28,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def run_table(spec_of, categories, args, title: str) -> list[dict]:
     """spec_of(category) -> (data spec, category or None). Returns the rows (plus mean)."""
-    from fmjax import data as data_lib, runs
-    from fmjax.config import apply_overrides, preset
+    from fmjax import data as data_lib
+    from fmjax.app.evaluate import evaluate_run
+    from fmjax.app.train import train_run
+    from fmjax.config import build
+    from fmjax.files import write_json
 
-    config = apply_overrides(preset(args.preset), args.set)
+    config = build(args.preset, "flow_mismatch", args.set)
     os.makedirs(args.out, exist_ok=True)
     rows_path = os.path.join(args.out, "rows.json")
     done = {r["category"]: r for r in json.load(open(rows_path))} if args.resume and os.path.exists(rows_path) else {}
@@ -43,16 +46,16 @@ def run_table(spec_of, categories, args, title: str) -> list[dict]:
         spec, cat = spec_of(category)
         run_dir = os.path.join(args.out, "runs", category)
         start = time.perf_counter()
-        run = runs.train_run(config, spec, cat, run_dir, resume=os.path.isdir(run_dir), progress=False)
+        run = train_run(config, spec, cat, run_dir, resume=os.path.isdir(run_dir), progress=False)
         train_s = time.perf_counter() - start
-        dataset = data_lib.load(spec, cat, run.config.data)
+        dataset = data_lib.load(spec, cat, run.config.data, run.config.textures)
         if getattr(args, "test_limit", 0):
             dataset = dataclasses.replace(dataset, test=data_lib.stratified_subset(dataset.test, args.test_limit))
         start = time.perf_counter()
-        result = runs.evaluate_run(run, dataset)
+        result = evaluate_run(run, dataset)
         result.update(category=category, train_seconds=train_s, eval_seconds=time.perf_counter() - start)
         rows.append(result)
-        runs.write_json(rows_path, rows)
+        write_json(rows_path, rows)
         print(f"{category}: image AUROC {result['image_auroc']:.3f} pixel AUROC {result['pixel_auroc']:.3f}",
               flush=True)
     write_table(rows, args.out, title, config)
@@ -60,7 +63,7 @@ def run_table(spec_of, categories, args, title: str) -> list[dict]:
 
 
 def write_table(rows, out: str, title: str, config) -> str:
-    from fmjax.viz import markdown_table
+    from fmjax.eval.viz import markdown_table
 
     mean = {"category": "mean"}
     for key in COLUMNS[1:]:

@@ -3,11 +3,11 @@ Flax parameters to the PyTorch module, an output parity check, and the throughpu
 the same work in JAX (fmjax's own jitted code) and in PyTorch on the CPU:
 
   scoring   Flow Mismatching maps with K paths and T times (K*T network calls per image,
-            mean over paths, t^2 time weights): fmjax.mismatch.Scorer against a loop over
+            mean over paths, t^2 time weights): fmjax's Flow Mismatching Scorer against a loop over
             chunks of `score.chunk_size` inputs under torch.inference_mode();
   training  one optimisation step (flow-matching loss, backward, AdamW, EMA) on a batch of
             the preset's batch size at full resolution (no patch crops, no flips):
-            fmjax.train.make_step_fn against a plain torch.optim.AdamW loop.
+            fmjax.training.step.make_step_fn against a plain torch.optim.AdamW loop.
 
 The PyTorch module is NCHW, float32, and mirrors fmjax/nets/unet.py layer for layer:
 GroupNorm (eps 1e-5, groups as `num_norm_groups`), SiLU, cos-then-sin timestep
@@ -39,14 +39,11 @@ import os
 import sys
 
 if __name__ == "__main__" and "jax" not in sys.modules:
-    from fmjax.allocator import use_tcmalloc
-
-    use_tcmalloc()  # for both frameworks: they share the process
-    _flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in _flags:
-        os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from fmjax.app import launch
+
+    launch.start()  # tcmalloc for both frameworks (they share the process), one XLA device per core
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -429,13 +426,13 @@ def velocity_parity(config: Config, image_shape, params, model: TorchUNet, num: 
     (and labels when the net is class-conditional), with the largest |v_jax| as scale."""
     import jax
 
-    from fmjax.train import build_model
+    from fmjax.nets.unet import build_model
 
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1.0, 1.0, (num,) + tuple(image_shape)).astype(np.float32)
     t = rng.uniform(0.0, 1.0, num).astype(np.float32)
     y = rng.integers(0, config.net.num_classes, num).astype(np.int32) if config.net.num_classes else None
-    _, apply_fn = build_model(config, image_shape)
+    _, apply_fn = build_model(config.net, image_shape)
     v_jax = np.asarray(jax.jit(apply_fn)(params, x, t, y))
     v_torch = torch_velocity(model, x, t, y)
     return {"max_abs_diff": float(np.max(np.abs(v_jax - v_torch))), "output_scale": float(np.max(np.abs(v_jax)))}
@@ -447,14 +444,14 @@ def scoring_rates(config: Config, image_shape, params, model: TorchUNet, num_ima
     Scorer) and in PyTorch, on the same images and noise; max |maps_jax - maps_torch|."""
     import jax
 
-    from fmjax import mismatch
-    from fmjax.train import build_model
+    from fmjax.methods.flow_mismatch.scorer import Scorer
+    from fmjax.nets.unet import build_model
 
     cfg = config.score
-    _, apply_fn = build_model(config, image_shape)
+    _, apply_fn = build_model(config.net, image_shape)
     images = np.random.default_rng(seed).integers(0, 256, (num_images,) + tuple(image_shape), dtype=np.uint8)
     labels = (np.arange(num_images) % config.net.num_classes).astype(np.int32) if config.net.num_classes else None
-    scorer = mismatch.Scorer(apply_fn, cfg, image_shape)
+    scorer = Scorer(apply_fn, cfg, image_shape)
     noise, times = np.asarray(scorer.noise), np.asarray(scorer.times)
     maps = {}
 
@@ -481,24 +478,26 @@ def jax_train_step(config: Config, image_shape, params, devices=None, seed: int 
     number of devices)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from fmjax import train
+    from fmjax.distributed.mesh import data_mesh, replicated as replicated_on, rows
+    from fmjax.methods import registry
     from fmjax.nets import unet
+    from fmjax.training.state import TrainState, make_optimizer
+    from fmjax.training.step import make_step_fn
 
-    mesh = train.data_mesh(devices)
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    mesh = data_mesh(devices)
+    replicated, batch_sharding = replicated_on(mesh), rows(mesh)
     batch_size = config.train.batch_size
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             ema_params=jax.tree.map(jnp.copy, params),
-                             opt_state=train.make_optimizer(config.train).init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                       opt_state=make_optimizer(config.train).init(params))
     holder = [jax.device_put(state, replicated)]
     rng = np.random.default_rng(seed)
     images = jax.device_put(rng.integers(0, 256, (batch_size,) + tuple(image_shape), dtype=np.uint8), batch_sharding)
     labels = jax.device_put(rng.integers(0, max(config.net.num_classes, 1), batch_size).astype(np.int32),
                             batch_sharding)
     run_key = jax.device_put(jax.random.PRNGKey(seed), replicated)
-    step_fn = train.make_step_fn(unet.UNet(config.net, out_channels=image_shape[-1]), config, mesh)
+    step_fn = make_step_fn(registry.get(config.method).objective(config),
+                           unet.UNet(config.net, out_channels=image_shape[-1]), config, mesh)
 
     def step():
         holder[0], metrics = step_fn(holder[0], images, labels, run_key)

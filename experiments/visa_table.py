@@ -9,13 +9,13 @@ JPEGs included).
 """
 from table import parser, run_table
 
-from fmjax.allocator import use_tcmalloc
+from fmjax.app import launch
 from fmjax.data import visa
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="VisA root")
     args = p.parse_args()
-    use_tcmalloc()
+    launch.start()
     cats = args.categories.split(",") if args.categories else list(visa.CATEGORIES)
     run_table(lambda c: (f"visa:{args.root}", c), cats, args, "VisA, one model per category")

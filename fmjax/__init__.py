@@ -1,7 +1,9 @@
-"""fmjax: Flow Mismatching anomaly detection with JAX/Flax.
+"""fmjax: unsupervised visual anomaly detection with flow-matching and diffusion models.
 
-Modules: config (run settings), nets (U-Net), flow (paths, loss), train (training loop,
-checkpoints), mismatch (the scorer), metrics, data (readers), runs (run folders:
-train/evaluate/predict), viz (pictures), cli.
+Packages: config (every setting), methods (Flow Mismatching, RADAR, the reconstruction
+baseline, behind one interface), nets (the U-Net), flow (paths, loss), training (one
+step, one loop, checkpoints), distributed (meshes, collectives, multi-host), data
+(readers), eval (metrics, calibration, writers), runs (run folders), app (the command
+line and how programs start).
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

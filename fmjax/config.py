@@ -1,16 +1,22 @@
 """Frozen dataclass configs for every run setting, presets, JSON round trip, overrides.
 
 A run is fully described by one `Config`; `fmjax train` saves it as RUN/config.json.
+`Config.score` holds the active method's scoring settings: the registry
+(`fmjax.methods.registry`) names the dataclass of each method, defined beside the
+method in a pure-Python module, so this module imports no method code and no JAX.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 
+from fmjax.errors import ConfigError
+from fmjax.methods import registry
 
-class ConfigError(ValueError):
-    """A bad config field, override or preset name (one-line message)."""
+__all__ = ["CalibrationConfig", "Config", "ConfigError", "DataConfig", "NetConfig", "PRESETS", "TexturesConfig",
+           "TrainConfig", "apply_overrides", "build", "from_dict", "preset", "validate", "with_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,18 +34,23 @@ class NetConfig:
     num_groups: int = 32
     num_classes: int = 0  # > 0 adds a class-label embedding
     dtype: str = "float32"  # compute dtype: float32 or bfloat16
+    kernels: str = "auto"  # auto: XLA:CPU kernels on the CPU backend, plain layers elsewhere | plain | cpu
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     image_size: int = 64  # working resolution (square)
     channels: int = 0  # 0: from the data (grey stays grey); 1 or 3 converts
-    # embedded textures (fmjax/data/textures.py)
-    crop_size: int = 128  # crop side in source pixels, resized to image_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TexturesConfig:
+    """The embedded texture data's generator (fmjax/data/textures.py)."""
+
+    crop_size: int = 128  # crop side in source pixels, resized to data.image_size
     num_train: int = 256
     num_test: int = 60
     anomaly_fraction: float = 0.5
-    holdout_fraction: float = 0.1  # normal training images kept out to fit thresholds
     seed: int = 0
 
 
@@ -70,89 +81,82 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreConfig:
-    """Flow Mismatching scorer (METHOD.md section 1)."""
+class CalibrationConfig:
+    """What every method fits on normal training images after training."""
 
-    num_paths: int = 16  # K
-    num_times: int = 30  # T, interior times j / (T + 1)
-    aggregate: str = "rank:2"  # min | rank:r | quantile:a | mean | median | trimmed:f
-    time_weight: str = "t2"  # t2 | none
-    image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f
-    smooth_sigma: float = 0.0  # Gaussian smoothing of the map, in pixels; 0 = off
-    chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
-    memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
-    image_batch: int = 4  # images per jitted call (padded: no recompiles)
-    seed: int = 0
-    use_ema: bool = True
+    holdout_fraction: float = 0.1  # normal training images kept out of training to fit thresholds
+    seed: int = 0  # which images are held out
     image_threshold_quantile: float = 0.99  # of held-out normal image scores
     pixel_threshold_quantile: float = 0.999  # of held-out normal pixel values
 
 
 @dataclasses.dataclass(frozen=True)
-class RadarConfig:
-    """RADAR settings; every field is a choice the paper leaves open (METHOD.md section 2).
-    Checked by fmjax.radar.validate_radar_config."""
-
-    schedule: str = "linear"  # linear | cosine (Nichol & Dhariwal, s = 0.008)
-    num_steps: int = 1000  # DDPM timesteps
-    beta_start: float = 1e-4  # linear schedule only
-    beta_end: float = 0.02  # linear schedule only
-    t_score: int = 250  # the single noising timestep used at test time, in 0..num_steps-1
-    map_kind: str = "eps_diff"  # eps_diff: eps_hat - eps | eps_hat: the prediction alone
-    channel_reduce: str = "l2"  # l2: sqrt(sum_c d^2) | mean_abs: mean_c |d|
-    patch_size: int = 32  # training crops and scoring patches (square)
-    patch_stride: int = 16  # scoring patch stride; the last row/column is shifted to the border
-    feature_local: str = "max_patch_l2"  # local feature: max over patches of the patch L2 norm
-    # Isolation Forest. contamination: fraction of the (normal) training features the forest
-    # places beyond its threshold, so 0.05 puts the threshold at the 5% least typical
-    # training normal; "auto" uses the original Isolation Forest offset (score 0.5).
-    contamination: float | str = 0.05
-    n_estimators: int = 200
-    max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
-    forest_seed: int = 0
-    noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
-    sobel_smooth_sigma: float = 0.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off
-    image_batch: int = 4  # images per device per jitted scoring call (padded: no recompiles)
-    use_ema: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class ReconConfig:
-    """Flow reconstruction baseline (METHOD.md section 3; all choices, the papers give none).
-    Checked by fmjax.recon.validate_recon_config."""
-
-    t0: float = 0.5  # start time in [0, 1): 0 = from pure noise, near 1 = barely perturbed
-    steps: int = 10  # N integration steps from t0 to 1
-    method: str = "euler"  # euler | heun (2 network calls per step)
-    image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f (as fmjax.mismatch)
-    smooth_sigma: float = 0.0  # Gaussian smoothing of the map, in pixels; 0 = off
-    noise_seed: int = 0  # one noise image shared by every image: scores do not depend on the batch
-    image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
-    use_ema: bool = True
-
-
-METHODS = ("flow_mismatch", "radar", "recon")
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
-    method: str = "flow_mismatch"  # flow_mismatch | radar | recon (see METHODS)
+    method: str = "flow_mismatch"  # a name in fmjax.methods.registry.METHODS
+    # the preset this config started from: sets `score` when `method` changes (provenance,
+    # not a setting: two configs that differ only here are equal)
+    preset: str = dataclasses.field(default="", compare=False)
     net: NetConfig = NetConfig()
     data: DataConfig = DataConfig()
+    textures: TexturesConfig = TexturesConfig()
     train: TrainConfig = TrainConfig()
-    score: ScoreConfig = ScoreConfig()  # flow_mismatch scoring; its threshold quantiles serve every method
-    radar: RadarConfig = RadarConfig()  # method radar: training objective, scoring, Isolation Forest
-    recon: ReconConfig = ReconConfig()  # method recon: scoring rule of a flow-matching model
+    calibration: CalibrationConfig = CalibrationConfig()
+    score: typing.Any = None  # the method's settings; None: its defaults for `preset`
+
+    def __post_init__(self):
+        expected = registry.settings_class(self.method)
+        if self.score is None:
+            object.__setattr__(self, "score", registry.settings_for(self.method, self.preset))
+        elif not isinstance(self.score, expected):
+            raise ConfigError(f"score settings are {type(self.score).__name__}, not {expected.__name__} "
+                              f"of method {self.method!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
-        return from_dict(cls, json.loads(text))
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """A Config from nested dicts (config.json); unknown keys are errors."""
+        values = _upgrade(values)
+        method = values.get("method", "flow_mismatch")
+        if not isinstance(method, str):
+            raise ConfigError(f"config key 'method' must be a method name, got {method!r}")
+        score = values.get("score")
+        rest = from_dict(cls, {k: v for k, v in values.items() if k != "score"})
+        if score is None:
+            return rest
+        return dataclasses.replace(rest, score=from_dict(registry.settings_class(method), score))
 
     def replace(self, **sections) -> "Config":
         return dataclasses.replace(self, **sections)
+
+
+# sections of configs written before the method sections moved into `score`
+_TEXTURE_KEYS = ("crop_size", "num_train", "num_test", "anomaly_fraction")
+_QUANTILE_KEYS = ("image_threshold_quantile", "pixel_threshold_quantile")
+
+
+def _upgrade(values):
+    """A config.json of the earlier layout (sections `score`, `radar`, `recon`; texture
+    and hold-out settings in `data`) in this one; others unchanged."""
+    if not isinstance(values, dict) or not {"radar", "recon"} <= set(values):
+        return values
+    values = dict(values)
+    old_methods = {"radar": values.pop("radar"), "recon": values.pop("recon")}
+    flow = dict(values.get("score") or {})
+    data = dict(values.get("data") or {})
+    calibration = {k: flow.pop(k) for k in _QUANTILE_KEYS if k in flow}
+    textures = {k: data.pop(k) for k in _TEXTURE_KEYS if k in data}
+    if "holdout_fraction" in data:
+        calibration["holdout_fraction"] = data.pop("holdout_fraction")
+    if "seed" in data:
+        textures["seed"] = calibration["seed"] = data.pop("seed")
+    score = old_methods.get(values.get("method", "flow_mismatch"), flow)
+    return {**values, "data": data, "textures": textures, "calibration": calibration, "score": score}
 
 
 def from_dict(cls, values: dict):
@@ -174,7 +178,7 @@ def from_dict(cls, values: dict):
 
 
 def _coerce(value, default, name):
-    if default is None:  # bool | None fields (auto when None)
+    if default is None:  # bool | None fields (auto when None), and Config.score (set by the caller)
         if value is None or isinstance(value, bool):
             return value
         raise ConfigError(f"config key {name!r} must be true, false or null (auto), got {value!r}")
@@ -184,22 +188,23 @@ def _coerce(value, default, name):
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key {name!r} must be true or false, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int):
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
 
 def _parse_value(text: str, default, key: str, hint=None):
     """Parses an override string into the type of the field's default (for a
-    `float | str` field such as radar.contamination: a number if it reads as one; for a
-    `bool | None` field such as train.hflip: true, false or auto)."""
-    if str in typing.get_args(hint) and float in typing.get_args(hint):
+    `float | str` field such as RADAR's score.contamination: a number if it reads as one;
+    for a `bool | None` field such as train.hflip: true, false or auto)."""
+    args = typing.get_args(hint)
+    if str in args and float in args:
         try:
             return float(text)
         except ValueError:
             return text
+    optional_bool = bool in args and type(None) in args
     try:
-        optional_bool = bool in typing.get_args(hint) and type(None) in typing.get_args(hint)
         if optional_bool and text.lower() in ("auto", "none", "null"):
             return None
         if isinstance(default, bool) or optional_bool:
@@ -221,23 +226,34 @@ def _parse_value(text: str, default, key: str, hint=None):
         raise ConfigError(f"bad value {text!r} for {key} (expected {expected})") from None
 
 
+def with_method(config: Config, method: str) -> Config:
+    """`config` for method `method`: its scoring settings become that method's for the
+    config's preset (unchanged when the method is the same)."""
+    if method == config.method:
+        return config
+    return dataclasses.replace(config, method=method, score=registry.settings_for(method, config.preset))
+
+
+SECTIONS = ("net", "data", "textures", "train", "calibration", "score")
+
+
 def apply_overrides(config: Config, overrides) -> Config:
-    """Applies ["section.field=value", ...] (or "method=NAME") to `config`."""
+    """Applies ["section.field=value", ...] (or "method=NAME") in order, then validates."""
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) == 1 and parts[0] == "method":
-            config = dataclasses.replace(config, method=text)
+        if parts == ["method"]:
+            config = with_method(config, text.strip())
             continue
-        sections = {f.name for f in dataclasses.fields(Config) if f.name != "method"}
-        if len(parts) != 2 or parts[0] not in sections:
-            raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(sorted(sections))})")
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(SECTIONS)}; or method=NAME)")
         section = getattr(config, parts[0])
         names = {f.name for f in dataclasses.fields(section)}
         if parts[1] not in names:
-            raise ConfigError(f"unknown config key {key!r} (known in {parts[0]}: {', '.join(sorted(names))})")
+            where = f"score of method {config.method}" if parts[0] == "score" else parts[0]
+            raise ConfigError(f"unknown config key {key!r} (known in {where}: {', '.join(sorted(names))})")
         hint = typing.get_type_hints(type(section))[parts[1]]
         value = _parse_value(text, getattr(section, parts[1]), key, hint)
         config = dataclasses.replace(config, **{parts[0]: dataclasses.replace(section, **{parts[1]: value})})
@@ -245,77 +261,87 @@ def apply_overrides(config: Config, overrides) -> Config:
     return config
 
 
-def validate(config: Config) -> None:
-    """Raises ConfigError for settings that cannot work."""
-    from fmjax import mismatch, radar, recon  # late import: they import jax
+def build(preset_name: str = "small", method: str = "flow_mismatch", overrides=()) -> Config:
+    """The config of a preset for a method, with ["section.field=value", ...] applied."""
+    return apply_overrides(preset(preset_name, method), overrides)
 
-    if config.method not in METHODS:
-        raise ConfigError(f"unknown method {config.method!r} (known: {', '.join(METHODS)})")
-    if config.train.t_sampler not in ("uniform", "logit_normal"):
-        raise ConfigError(f"train.t_sampler must be uniform or logit_normal, got {config.train.t_sampler!r}")
-    if config.train.batch_size < 1 or config.train.steps < 0:
-        raise ConfigError("train.batch_size must be >= 1 and train.steps >= 0")
-    mismatch.parse_aggregate(config.score.aggregate, config.score.num_paths)
-    mismatch.parse_image_score(config.score.image_score)
-    if config.score.time_weight not in ("t2", "none"):
-        raise ConfigError(f"score.time_weight must be t2 or none, got {config.score.time_weight!r}")
-    if config.score.chunk_size < 0 or config.score.image_batch < 1:
-        raise ConfigError("score.chunk_size must be >= 0 (0: from score.memory_budget_mb) and score.image_batch >= 1")
-    if config.score.chunk_size == 0 and config.score.memory_budget_mb < 1:
-        raise ConfigError("score.memory_budget_mb must be >= 1 when score.chunk_size = 0")
-    patch = config.train.patch_size
-    if patch and (patch > config.data.image_size or patch % (2 ** (len(config.net.channel_mult) - 1))):
-        raise ConfigError(f"train.patch_size {patch} must be <= data.image_size and divisible by "
-                          f"2**{len(config.net.channel_mult) - 1}")
-    if config.data.image_size % (2 ** (len(config.net.channel_mult) - 1)):
-        raise ConfigError(
-            f"data.image_size {config.data.image_size} must be divisible by 2**{len(config.net.channel_mult) - 1} "
-            f"for net.channel_mult {config.net.channel_mult}")
-    recon.validate_recon_config(config.recon)
-    if config.method == "radar":
-        size = config.data.image_size
-        radar.validate_radar_config(config.radar, (size, size), config.net)
-        if config.net.num_classes:
-            raise ConfigError("method radar trains an unconditional network: set net.num_classes=0")
-    else:  # the image-size checks matter only to radar runs
-        radar.validate_radar_config(config.radar)
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def validate(config: Config) -> None:
+    """Raises ConfigError for settings that cannot work, before anything is written."""
+    net, data, train, cal = config.net, config.data, config.train, config.calibration
+    _check(net.kernels in ("auto", "plain", "cpu"), f"net.kernels must be auto, plain or cpu, got {net.kernels!r}")
+    _check(net.dtype in ("float32", "bfloat16"), f"net.dtype must be float32 or bfloat16, got {net.dtype!r}")
+    _check(net.base_channels >= 1 and net.num_res_blocks >= 1 and net.num_groups >= 1 and net.num_head_channels >= 1
+           and len(net.channel_mult) >= 1 and net.num_classes >= 0,
+           "net.base_channels, num_res_blocks, num_groups, num_head_channels must be >= 1, net.channel_mult "
+           "non-empty and net.num_classes >= 0")
+    _check(_finite(net.dropout) and 0.0 <= net.dropout < 1.0, f"net.dropout must be in [0, 1), got {net.dropout}")
+    _check(data.image_size >= 1 and data.channels in (0, 1, 3),
+           f"data.image_size must be >= 1 and data.channels 0, 1 or 3, got {data.image_size}, {data.channels}")
+    _check(train.t_sampler in ("uniform", "logit_normal"),
+           f"train.t_sampler must be uniform or logit_normal, got {train.t_sampler!r}")
+    _check(train.batch_size >= 1 and train.steps >= 0, "train.batch_size must be >= 1 and train.steps >= 0")
+    _check(train.log_every >= 1 and train.checkpoint_every >= 1 and train.keep_checkpoints >= 1,
+           "train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
+    _check(_finite(train.ema_decay) and 0.0 <= train.ema_decay <= 1.0,
+           f"train.ema_decay must be in [0, 1], got {train.ema_decay}")
+    _check(_finite(cal.holdout_fraction) and 0.0 <= cal.holdout_fraction < 1.0,
+           f"calibration.holdout_fraction must be in [0, 1), got {cal.holdout_fraction}")
+    for name in _QUANTILE_KEYS:
+        value = getattr(cal, name)
+        _check(_finite(value) and 0.0 <= value <= 1.0, f"calibration.{name} must be in [0, 1], got {value}")
+    factor = 2 ** (len(net.channel_mult) - 1)
+    patch = train.patch_size
+    _check(not patch or (patch <= data.image_size and patch % factor == 0),
+           f"train.patch_size {patch} must be <= data.image_size and divisible by {factor}")
+    _check(data.image_size % factor == 0,
+           f"data.image_size {data.image_size} must be divisible by {factor} for net.channel_mult {net.channel_mult}")
+    registry.settings_module(config.method).validate(config)
 
 
 PRESETS = {
     # seconds on a CPU: for tests
     "tiny": Config(
+        preset="tiny",
         net=NetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_rates=(2,),
                       num_head_channels=8, dropout=0.0, num_groups=4),
-        data=DataConfig(image_size=16, crop_size=32, num_train=32, num_test=8),
+        data=DataConfig(image_size=16),
+        textures=TexturesConfig(crop_size=32, num_train=32, num_test=8),
         train=TrainConfig(steps=20, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every=5,
                           checkpoint_every=10, ema_decay=0.9, hflip=False, vflip=False),
-        score=ScoreConfig(num_paths=4, num_times=4, aggregate="rank:2", chunk_size=16, image_batch=2),
-        radar=RadarConfig(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2),
-        recon=ReconConfig(steps=4, image_batch=2),
     ),
     # minutes on a 2-core CPU: the demo
     "small": Config(
+        preset="small",
         net=NetConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_rates=(4,),
                       num_head_channels=32, dropout=0.0, num_groups=8),
-        data=DataConfig(image_size=64, crop_size=128, num_train=256, num_test=40),
+        data=DataConfig(image_size=64),
+        textures=TexturesConfig(crop_size=128, num_train=256, num_test=40),
         train=TrainConfig(steps=600, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50,
                           log_every=50, checkpoint_every=200, ema_decay=0.995),
-        score=ScoreConfig(num_paths=16, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16,
-                          image_batch=1),
-        # the same smoothing as the Flow Mismatching map, so a comparison isolates the scoring rule
-        recon=ReconConfig(steps=10, smooth_sigma=2.0),
     ),
-    # METHOD.md section 1 (about 45.3 M parameters); meant for accelerators
+    # docs/method.md section 1 (about 45.3 M parameters); meant for accelerators
     "paper": Config(
+        preset="paper",
         net=NetConfig(),
-        data=DataConfig(image_size=256, crop_size=256),
+        data=DataConfig(image_size=256),
+        textures=TexturesConfig(crop_size=256),
         train=TrainConfig(steps=100_000, batch_size=32, learning_rate=1e-4, warmup_steps=1000),
-        score=ScoreConfig(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=0, image_batch=1),
     ),
 }
 
 
-def preset(name: str) -> Config:
+def preset(name: str, method: str = "flow_mismatch") -> Config:
+    """Preset `name` (tiny, small, paper) for method `method`."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return PRESETS[name]
+    return with_method(PRESETS[name], method)

@@ -1,6 +1,7 @@
-"""Affine probability path, flow-matching loss, time samplers and ODE integrators.
+"""Affine probability path, flow-matching training draws and loss, time samplers and ODE
+integrators.
 
-Convention (METHOD.md section 1): t = 0 is noise, t = 1 is data,
+Convention (docs/method.md, section 1): t = 0 is noise, t = 1 is data,
 x_t = (1 - t) * eps + t * x, target velocity u = x - eps.
 """
 from __future__ import annotations
@@ -8,15 +9,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+__all__ = ["draw_noise", "integrate", "loss", "path_point", "sample_times", "target_velocity", "to_model_range"]
+
 
 def to_model_range(images):
     """uint8 [..., H, W, C] in [0, 255] -> float32 in [-1, 1]."""
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-
-
-def from_model_range(x):
-    """float [-1, 1] -> float [0, 255] (not rounded)."""
-    return (jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5
 
 
 def _bcast(t, x):
@@ -44,17 +42,23 @@ def sample_times(key, n: int, sampler: str = "uniform", mean: float = 0.0, std: 
     raise ValueError(f"unknown t sampler {sampler!r} (known: uniform, logit_normal)")
 
 
-def flow_matching_loss(velocity_fn, x, key, sampler="uniform", mean=0.0, std=1.0):
-    """Mean squared velocity error over a batch.
-
-    velocity_fn(x_t [N,H,W,C], t [N]) -> v [N,H,W,C].  x: data [N,H,W,C] in [-1, 1].
-    Returns the scalar mean of (v - u)^2 over all elements.
-    """
+def draw_noise(key, shape, sampler: str = "uniform", mean: float = 0.0, std: float = 1.0) -> dict:
+    """A training batch's draws for model inputs of `shape` (N, H, W, C): times
+    t float32 [N] and noise eps float32 [N, H, W, C]."""
     key_t, key_eps = jax.random.split(key)
-    t = sample_times(key_t, x.shape[0], sampler, mean, std)
-    eps = jax.random.normal(key_eps, x.shape, x.dtype)
-    v = velocity_fn(path_point(eps, x, t), t)
-    return jnp.mean(jnp.square(v.astype(jnp.float32) - target_velocity(eps, x)))
+    n, h, w, c = shape
+    t = sample_times(key_t, n, sampler, mean, std)
+    # drawn flat (the same numbers): XLA:CPU's elementwise code is slow on a last axis of few channels
+    eps = jax.random.normal(key_eps, (n, h * w * c), jnp.float32).reshape(n, h, w, c)
+    return {"t": t, "eps": eps}
+
+
+def loss(params, x, noise, class_ids, apply_train):
+    """Mean squared velocity error on data x [N,H,W,C] in [-1, 1] with the drawn t and eps.
+    apply_train(params, x_t, t, y) -> v [N,H,W,C]."""
+    xt = path_point(noise["eps"], x, noise["t"])
+    v = apply_train(params, xt, noise["t"], class_ids)
+    return jnp.mean(jnp.square(v.astype(jnp.float32) - target_velocity(noise["eps"], x)))
 
 
 def integrate(velocity_fn, x0, t0: float, t1: float = 1.0, steps: int = 10, method: str = "euler"):

@@ -1,18 +1,22 @@
 """Data readers. Each returns a `Dataset` of uint8 numpy arrays (see base.py).
 
-`load(spec, category, data_config)` is the one entry point the CLI uses; spec is
-textures:NAME | folder:ROOT | mvtec:ROOT | visa:ROOT | fashion_mnist:CLASS.
+`load(spec, category, data_config, textures_config)` is the one entry point the CLI
+uses; spec is textures:NAME | folder:ROOT | mvtec:ROOT | visa:ROOT | fashion_mnist:CLASS
+| tfds:mvtec_ad | tfds:visa.
 """
 from __future__ import annotations
+
+import dataclasses
+import os
 
 import numpy as np
 
 from fmjax.data.base import DataError, Dataset, Split, normal_split
 
-__all__ = ["DataError", "Dataset", "Split", "normal_split", "load", "load_all", "parse_spec", "split_holdout",
-           "unified_train"]
+__all__ = ["DataError", "Dataset", "Split", "categories_of", "load", "load_all", "normal_split",
+           "orientation_free", "parse_spec", "split_holdout", "stratified_subset", "unified_train"]
 
-KINDS = ("textures", "folder", "mvtec", "visa", "fashion_mnist")
+KINDS = ("textures", "folder", "mvtec", "visa", "fashion_mnist", "tfds")
 
 
 def parse_spec(spec: str):
@@ -23,15 +27,18 @@ def parse_spec(spec: str):
     return kind, value
 
 
-def load(spec: str, category: str | None, config) -> Dataset:
-    """Reads one category of the dataset named by `spec` at config.image_size (DataConfig)."""
+def load(spec: str, category: str | None, config, textures_config=None) -> Dataset:
+    """Reads one category of the dataset named by `spec` at config.image_size
+    (`config`: a DataConfig; `textures_config`: the TexturesConfig of textures:NAME data,
+    default its defaults)."""
     kind, value = parse_spec(spec)
     if kind == "textures":
+        from fmjax.config import TexturesConfig
         from fmjax.data import textures
 
         if category not in (None, value):
             raise DataError(f"--category {category!r} contradicts --data {spec!r}; drop --category")
-        return textures.load_textures(value, config)
+        return textures.load_textures(value, config.image_size, textures_config or TexturesConfig())
     if kind == "fashion_mnist":
         from fmjax.data import fashion_mnist
 
@@ -48,6 +55,10 @@ def load(spec: str, category: str | None, config) -> Dataset:
         from fmjax.data import visa
 
         return visa.load_visa(value, category, config.image_size, config.channels or 3)
+    if kind == "tfds":
+        from fmjax.data import tfds
+
+        return tfds.load_prepared(value, category, config.image_size, config.channels or 3)
     from fmjax.data import folder
 
     return folder.load_folder(value, category, config.image_size, config.channels)
@@ -60,7 +71,7 @@ def orientation_free(spec: str, categories) -> bool:
     kind, _ = parse_spec(spec)
     if kind == "textures":
         return True
-    if kind == "mvtec":
+    if kind == "mvtec" or spec == "tfds:mvtec_ad":
         from fmjax.data import mvtec
 
         return bool(categories) and all(c in mvtec.TEXTURE_CATEGORIES for c in categories)
@@ -74,7 +85,7 @@ def split_holdout(train: Split, fraction: float, seed: int):
     if n_hold == 0:
         return train, None
     if n_hold >= len(train):
-        raise DataError(f"data.holdout_fraction {fraction} leaves no training images out of {len(train)}")
+        raise DataError(f"calibration.holdout_fraction {fraction} leaves no training images out of {len(train)}")
     order = np.random.default_rng([seed, 7]).permutation(len(train))
     return train.subset(np.sort(order[n_hold:])), train.subset(np.sort(order[:n_hold]))
 
@@ -100,8 +111,6 @@ def stratified_subset(split: Split, limit: int, seed: int = 0) -> Split:
 
 def categories_of(spec: str) -> list[str]:
     """The categories under a folder/mvtec/visa root, sorted (the class ids of `--category all`)."""
-    import os
-
     kind, root = parse_spec(spec)
     if kind not in ("folder", "mvtec", "visa"):
         raise DataError(f"--category all needs folder:, mvtec: or visa: data, not {spec!r}")
@@ -120,8 +129,6 @@ def categories_of(spec: str) -> list[str]:
 def load_all(spec: str, config, categories=None) -> list[Dataset]:
     """Every category of `spec` (or the given ones) at one channel count: when grey and
     colour categories mix and config.channels is 0, grey ones are read as 3 channels."""
-    import dataclasses
-
     categories = categories or categories_of(spec)
     datasets = [load(spec, c, config) for c in categories]
     if len({d.train.images.shape[-1] for d in datasets}) > 1:
@@ -133,13 +140,14 @@ def load_all(spec: str, config, categories=None) -> list[Dataset]:
 
 
 def unified_train(datasets) -> Split:
-    """All categories' training images in one split whose `labels` are the category
+    """All categories' training images in one split whose `class_ids` are the category
     indices (the class ids a class-conditional model is trained with)."""
     parts = [d.train for d in datasets]
     return Split(
         images=np.concatenate([p.images for p in parts]),
         masks=np.concatenate([p.masks for p in parts]),
-        labels=np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)]),
+        labels=np.concatenate([p.labels for p in parts]),
+        class_ids=np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)]),
         names=tuple(f"{d.category}/{n}" for d, p in zip(datasets, parts) for n in p.names),
         defect_types=tuple(t for p in parts for t in p.defect_types),
         original_sizes=np.concatenate([p.original_sizes for p in parts]),

@@ -1,13 +1,13 @@
-"""Containers every reader returns, and the error type readers raise."""
+"""Containers every reader returns."""
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 
+from fmjax.errors import DataError
 
-class DataError(ValueError):
-    """Bad input data; the message is one line naming the file and the fix."""
+__all__ = ["DataError", "Dataset", "Split", "normal_split"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +17,9 @@ class Split:
     images: uint8 [N, H, W, C] at the working resolution (C = 1 or 3).
     masks: uint8 [N, H, W] with values {0, 1} at the working resolution
       (all zero for normal images and for training splits).
-    labels: int32 [N], 0 = normal, 1 = anomalous.
+    labels: int32 [N], the anomaly labels: 0 = normal, 1 = anomalous.
+    class_ids: int32 [N], the category of each image (0 unless several categories are
+      trained together; the class a class-conditional model is given).
     names: N relative ids, e.g. "test/crack/003" (used for output paths).
     defect_types: N strings, "good" for normal images.
     original_sizes: int32 [N, 2] (height, width) of each source image.
@@ -31,12 +33,15 @@ class Split:
     defect_types: tuple
     original_sizes: np.ndarray
     full_masks: list | None = None
+    class_ids: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.images)
+        if self.class_ids is None:
+            object.__setattr__(self, "class_ids", np.zeros(n, np.int32))
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
             raise DataError(f"images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}")
-        for field in ("masks", "labels", "names", "defect_types", "original_sizes"):
+        for field in ("masks", "labels", "class_ids", "names", "defect_types", "original_sizes"):
             if len(getattr(self, field)) != n:
                 raise DataError(f"split field {field!r} has {len(getattr(self, field))} entries for {n} images")
 
@@ -55,6 +60,7 @@ class Split:
             defect_types=pick(self.defect_types),
             original_sizes=self.original_sizes[index],
             full_masks=None if self.full_masks is None else [self.full_masks[i] for i in index],
+            class_ids=self.class_ids[index],
         )
 
 

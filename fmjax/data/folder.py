@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from fmjax.data.base import DataError, Dataset, Split, normal_split
+from fmjax.files import inside, plain_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_FOLDERS = ("good", "ok")  # MVTec-AD, VisA converted, MPDD | BTAD
@@ -150,22 +151,15 @@ def _read_all(paths, image_size: int, channels: int):
     return images, sizes
 
 
-def load_folder(root, category: str, image_size: int, channels: int = 0) -> Dataset:
-    """Category `category` of the MVTec-AD style dataset under `root`.
-
-    channels: 0 keeps grey data grey (decided by the first training image),
-    1 or 3 converts every image to grey or RGB. Images are uint8
-    [N, S, S, C] in [0, 255] (bilinear resize), masks uint8 [N, S, S] in
-    {0, 1} (nearest resize of the binarised mask); test.full_masks holds the
-    binarised masks at original size and original_sizes the source (H, W).
-    The test split is sorted by (defect, file name), named "test/<defect>/<stem>".
-    """
-    _check_channels(channels)
-    _check_size(image_size)
+def folder_items(root, category: str):
+    """(train_items, test_items) of `category` under `root` in MVTec layout: items
+    (name, defect, image path, mask path or None), train sorted by file name, test by
+    (defect folder, file name); names "train/<good|ok>/<stem>", "test/<defect>/<stem>",
+    defect "good" for the normal folders. DataError naming what is missing otherwise."""
     root = pathlib.Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder: pass the folder that holds the category folders")
-    folder = root / category
+    folder = pathlib.Path(inside(root, plain_name(category, "--category"), "--category"))
     if not folder.is_dir():
         known = ", ".join(list_categories(root)) or "none"
         raise DataError(f"category folder {folder} not found (categories with train/good: {known}): "
@@ -181,61 +175,82 @@ def load_folder(root, category: str, image_size: int, channels: int = 0) -> Data
     test_dir = folder / "test"
     if not test_dir.is_dir():
         raise DataError(f"test folder {test_dir} not found: put test images in test/good and test/<defect>")
-
-    test_items = []  # (defect, path)
+    test_paths = []
     for defect_dir in sorted((p for p in test_dir.iterdir() if p.is_dir()), key=lambda p: p.name):
-        test_items += [(defect_dir.name, p) for p in _image_files(defect_dir)]
-    if not test_items:
+        test_paths += _image_files(defect_dir)
+    if not test_paths:
         raise DataError(f"test folder {test_dir} has no images: put test images in test/good and test/<defect>")
-
     gt_dir = folder / "ground_truth"
-    mask_paths = []
-    test_items = [("good" if d in NORMAL_FOLDERS else d, p) for d, p in test_items]
-    for defect, path in test_items:
-        if defect == "good":
-            mask_paths.append(None)
-            continue
-        mask_path = _mask_path(gt_dir, defect, path.stem)
-        if mask_path is None:
-            expected = gt_dir / defect / f"{path.stem}_mask.png"
-            raise DataError(f"no mask for defect image {path}: add {expected} "
-                            f"(0 = normal, 255 = defect; {path.stem}.png is also accepted)")
-        mask_paths.append(mask_path)
+    test_items = []
+    for path in test_paths:
+        defect = "good" if path.parent.name in NORMAL_FOLDERS else path.parent.name
+        mask = None
+        if defect != "good":
+            mask = _mask_path(gt_dir, defect, path.stem)
+            if mask is None:
+                raise DataError(f"no mask for defect image {path}: add {gt_dir / defect / (path.stem + '_mask.png')} "
+                                f"(0 = normal, 255 = defect; {path.stem}.png is also accepted)")
+        test_items.append((f"test/{path.parent.name}/{path.stem}", defect, path, mask))
+    train_items = [(f"train/{train_dir.name}/{p.stem}", "good", p, None) for p in train_paths]
+    return train_items, test_items
 
-    if channels == 0:
-        channels = _channels_of(train_paths[0])
-    train_images, train_sizes = _read_all(train_paths, image_size, channels)
-    train = normal_split(train_images, [f"train/{train_dir.name}/{p.stem}" for p in train_paths], train_sizes)
 
-    n = len(test_items)
+def small_mask(full: np.ndarray, image_size: int) -> np.ndarray:
+    """A binary mask uint8 [H, W] resized (nearest) to uint8 [S, S] in {0, 1}."""
+    small = Image.fromarray(full).resize((image_size, image_size), Image.NEAREST)
+    return (np.asarray(small) > 0).astype(np.uint8)
+
+
+def read_items(items, image_size: int, channels: int, train: bool) -> Split:
+    """A split from `items` (name, defect, image, mask), where image is a path or a binary
+    file object holding an encoded image, and mask None (normal: an all-zero mask) or a
+    path / file object holding a mask (binarised > 0). channels: 1 or 3. train=True gives a
+    normal-only split without masks; otherwise images uint8 [N, S, S, C], masks uint8
+    [N, S, S] (nearest resize), labels (defect != "good"), full_masks at original size."""
+    n = len(items)
     images = np.zeros((n, image_size, image_size, channels), np.uint8)
     sizes = np.zeros((n, 2), np.int32)
+    for i, (_, _, image, _) in enumerate(items):
+        images[i], sizes[i] = _read(image, image_size, channels)
+    names = tuple(name for name, _, _, _ in items)
+    if train:
+        return normal_split(images, names, sizes)
     masks = np.zeros((n, image_size, image_size), np.uint8)
     full_masks = []
-    for i, ((defect, path), mask_path) in enumerate(zip(test_items, mask_paths)):
-        images[i], sizes[i] = _read(path, image_size, channels)
-        if mask_path is None:
+    for i, (_, _, image, mask) in enumerate(items):
+        if mask is None:
             full_masks.append(np.zeros(tuple(sizes[i]), np.uint8))
             continue
-        full = _read_mask(mask_path)
+        full = _read_mask(mask)
         if full.shape != tuple(sizes[i]):
-            raise DataError(f"mask {mask_path} is {full.shape[1]}x{full.shape[0]} (WxH) but image {path} is "
+            raise DataError(f"mask {mask} is {full.shape[1]}x{full.shape[0]} (WxH) but image {image} is "
                             f"{sizes[i][1]}x{sizes[i][0]}: masks must match their image size")
-        small = Image.fromarray(full).resize((image_size, image_size), Image.NEAREST)
-        masks[i] = np.asarray(small) > 0
+        masks[i] = small_mask(full, image_size)
         full_masks.append(full)
+    defects = tuple(defect for _, defect, _, _ in items)
+    return Split(images=images, masks=masks, labels=np.array([d != "good" for d in defects], np.int32).reshape(n),
+                 names=names, defect_types=defects, original_sizes=sizes, full_masks=full_masks)
 
-    defects = tuple(d for d, _ in test_items)
-    test = Split(
-        images=images,
-        masks=masks,
-        labels=np.array([d != "good" for d in defects], np.int32).reshape(n),
-        names=tuple(f"test/{p.parent.name}/{p.stem}" for _, p in test_items),
-        defect_types=defects,
-        original_sizes=sizes,
-        full_masks=full_masks,
-    )
-    return Dataset(name="folder", category=category, train=train, test=test)
+
+def load_folder(root, category: str, image_size: int, channels: int = 0) -> Dataset:
+    """Category `category` of the MVTec-AD style dataset under `root`.
+
+    channels: 0 keeps grey data grey (decided by the first training image),
+    1 or 3 converts every image to grey or RGB. Images are uint8
+    [N, S, S, C] in [0, 255] (bilinear resize), masks uint8 [N, S, S] in
+    {0, 1} (nearest resize of the binarised mask); test.full_masks holds the
+    binarised masks at original size and original_sizes the source (H, W).
+    The test split is sorted by (defect, file name), named "test/<defect>/<stem>".
+    `category` must be a plain folder name inside `root` (no '..', no '/', no link
+    leading outside).
+    """
+    _check_channels(channels)
+    _check_size(image_size)
+    train_items, test_items = folder_items(root, category)
+    if channels == 0:
+        channels = _channels_of(train_items[0][2])
+    return Dataset(name="folder", category=category, train=read_items(train_items, image_size, channels, True),
+                   test=read_items(test_items, image_size, channels, False))
 
 
 def image_paths(paths_or_dir) -> list[pathlib.Path]:

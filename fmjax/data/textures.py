@@ -17,7 +17,7 @@ resolution, with a mask of exactly the region it changed:
 
 Every defect changes 0.5%-8% of the crop's pixels, by a mean absolute amount of
 0.3-1.5 times the crop's own standard deviation, and saturates no pixel.
-Everything is deterministic given `DataConfig.seed`.
+Everything is deterministic given `TexturesConfig.seed` (the config's `textures` section).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage, spatial
 
-from fmjax.config import DataConfig
+from fmjax.config import TexturesConfig
 from fmjax.data.base import DataError, Dataset, Split, normal_split
 
 TEXTURES = ("brick", "grass", "gravel")
@@ -64,34 +64,35 @@ def _photo(name: str) -> np.ndarray:
     return photo
 
 
-def _check(name: str, config: DataConfig) -> None:
+def _check(name: str, config: TexturesConfig, image_size: int) -> None:
     if name not in TEXTURES:
         raise DataError(f"unknown texture {name!r} (known: {', '.join(TEXTURES)})")
     if not 1 <= config.crop_size <= HALF:
-        raise DataError(f"data.crop_size must be in [1, {HALF}] (half a {PHOTO_SIZE}-pixel photo), "
+        raise DataError(f"textures.crop_size must be in [1, {HALF}] (half a {PHOTO_SIZE}-pixel photo), "
                         f"got {config.crop_size}")
-    if config.image_size < MIN_IMAGE_SIZE:
-        raise DataError(f"data.image_size must be >= {MIN_IMAGE_SIZE} for the texture data, got {config.image_size}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise DataError(f"data.image_size must be >= {MIN_IMAGE_SIZE} for the texture data, got {image_size}")
     if config.num_train < 0 or config.num_test < 0:
-        raise DataError(f"data.num_train and data.num_test must be >= 0, got {config.num_train}, {config.num_test}")
+        raise DataError(f"textures.num_train and textures.num_test must be >= 0, "
+                        f"got {config.num_train}, {config.num_test}")
     if config.seed < 0:
-        raise DataError(f"data.seed must be >= 0, got {config.seed}")
+        raise DataError(f"textures.seed must be >= 0, got {config.seed}")
     if not 0.0 <= config.anomaly_fraction <= 1.0:
-        raise DataError(f"data.anomaly_fraction must be in [0, 1], got {config.anomaly_fraction}")
+        raise DataError(f"textures.anomaly_fraction must be in [0, 1], got {config.anomaly_fraction}")
 
 
-def _rng(config: DataConfig, name: str, *stream: int) -> np.random.Generator:
+def _rng(config: TexturesConfig, name: str, *stream: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, TEXTURES.index(name), *stream])
 
 
-def crop_boxes(name: str, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def crop_boxes(name: str, config: TexturesConfig, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Source boxes of the training and test crops.
 
     Returns (train, test): int64 [num_train, 4] and [num_test, 4] boxes
     (top, left, bottom, right), bottom/right exclusive, in photo pixels. Training
     boxes lie in rows [0, 256), test boxes in rows [256, 512).
     """
-    _check(name, config)
+    _check(name, config, image_size)
     c = config.crop_size
 
     def boxes(rng, n, row_lo, row_hi):
@@ -112,11 +113,11 @@ def resize(crop: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.rint(np.asarray(out)), 0, 255).astype(np.uint8)
 
 
-def clean_crops(name: str, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def clean_crops(name: str, config: TexturesConfig, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Training and test crops before any defect: uint8 [N, S, S] in [0, 255], S = image_size."""
-    train_boxes, test_boxes = crop_boxes(name, config)
+    train_boxes, test_boxes = crop_boxes(name, config, image_size)
     photo = texture_photo(name)
-    size = config.image_size
+    size = image_size
 
     def cut(boxes):
         out = np.zeros((len(boxes), size, size), np.uint8)
@@ -127,7 +128,7 @@ def clean_crops(name: str, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return cut(train_boxes), cut(test_boxes)
 
 
-def donor_patch(name: str, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+def donor_patch(name: str, config: TexturesConfig, image_size: int, rng: np.random.Generator) -> np.ndarray:
     """A random crop of a texture other than `name` for cut-paste: uint8 [S, S].
 
     Taken at the same scale as the crops (crop_size source pixels resized to
@@ -138,7 +139,7 @@ def donor_patch(name: str, config: DataConfig, rng: np.random.Generator) -> np.n
     photo = texture_photo(others[rng.integers(len(others))])
     c = config.crop_size
     top, left = rng.integers(0, PHOTO_SIZE - c, 2, endpoint=True)
-    patch = resize(photo[top:top + c, left:left + c], config.image_size)
+    patch = resize(photo[top:top + c, left:left + c], image_size)
     patch = np.rot90(patch, rng.integers(4))
     return np.ascontiguousarray(patch[:, ::-1] if rng.random() < 0.5 else patch)
 
@@ -369,17 +370,17 @@ def add_defect(clean: np.ndarray, kind: str, rng: np.random.Generator,
                     f"(crop std {std:.1f}): use another seed or crop_size")
 
 
-def load_textures(name: str, config: DataConfig) -> Dataset:
-    """Textures dataset `name` (one of TEXTURES) at config.image_size.
+def load_textures(name: str, image_size: int, config: TexturesConfig = TexturesConfig()) -> Dataset:
+    """Textures dataset `name` (one of TEXTURES) at `image_size`.
 
     Train: config.num_train normal crops. Test: config.num_test crops, of which
     round(anomaly_fraction * num_test) (halves rounded up) carry one defect;
     the defect kinds cycle through DEFECT_KINDS in a random order. Images are
     uint8 [N, S, S, 1] in [0, 255]; masks uint8 [N, S, S] in {0, 1}.
     """
-    _check(name, config)
-    size = config.image_size
-    train, test = clean_crops(name, config)
+    _check(name, config, image_size)
+    size = image_size
+    train, test = clean_crops(name, config, image_size)
     n_test = len(test)
     n_bad = min(n_test, int(math.floor(config.anomaly_fraction * n_test + 0.5)))
 
@@ -392,7 +393,7 @@ def load_textures(name: str, config: DataConfig) -> Dataset:
     masks = np.zeros((n_test, size, size), np.uint8)
     for i, kind in kind_of.items():
         drng = _rng(config, name, 3, i)
-        donor = donor_patch(name, config, drng) if kind == "cutpaste" else None
+        donor = donor_patch(name, config, image_size, drng) if kind == "cutpaste" else None
         images[i], masks[i] = add_defect(test[i], kind, drng, donor)
 
     types = tuple(kind_of.get(i, "good") for i in range(n_test))

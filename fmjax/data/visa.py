@@ -1,4 +1,4 @@
-"""VisA (Visual Anomaly dataset): 12 categories, from either of its two layouts, or through TFDS.
+"""VisA (Visual Anomaly dataset): 12 categories, from either of its two layouts.
 
 Converted layout (MVTec-like, as written by the official preparation script;
 ROOT is its <save folder>/1cls):
@@ -29,7 +29,9 @@ import pathlib
 
 from fmjax.data import folder
 from fmjax.data.base import DataError, Dataset
-from fmjax.data.mvtec import check_category, read_items
+from fmjax.data.folder import read_items
+from fmjax.data.mvtec import check_category
+from fmjax.files import plain_name
 
 CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
               "pcb3", "pcb4", "pipe_fryum")
@@ -41,6 +43,7 @@ _LABELS = {"normal": "good", "anomaly": "bad"}
 def layout(root, category: str) -> str:
     """"folder" (ROOT/<category>/train/good exists) or "raw" (ROOT/split_csv/1cls.csv exists); else DataError."""
     root = pathlib.Path(root)
+    plain_name(category, "--category")
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder: pass the folder that holds the VisA category folders")
     if (root / category / "train" / "good").is_dir():
@@ -139,26 +142,3 @@ def load_visa(root, category: str, image_size: int, channels: int = 3) -> Datase
     train = read_items(train_items, image_size, channels, train=True)
     test = read_items(test_items, image_size, channels, train=False)
     return Dataset(name="visa", category=category, train=train, test=test)
-
-
-def load_visa_tfds(data_dir, manual_dir, category: str, image_size: int, channels: int = 3) -> Dataset:
-    """Category `category` of VisA through the TFDS builder `VisA`, without TensorFlow.
-
-    Builds data_dir/visa/<category>/<version>/ (ArrayRecord files) from manual_dir
-    (either VisA layout) if it is not built yet (manual_dir may be None once it
-    is), then reads it with `builder.as_data_source`. Arrays, names and masks are
-    identical to `load_visa(manual_dir, category, image_size, channels)`.
-    """
-    from fmjax.data import tfds_builders  # late import: TFDS is only needed here
-
-    ds = tfds_builders.load(tfds_builders.VisA, data_dir, manual_dir, category, image_size, channels)
-    return dataclasses.replace(ds, name="visa")
-
-
-def __getattr__(name):
-    # `visa.VisA` is the TFDS builder; importing TFDS is deferred until it is asked for.
-    if name == "VisA":
-        from fmjax.data import tfds_builders
-
-        return tfds_builders.VisA
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,2 @@
-"""Networks: the ADM-style U-Net."""
-from fmjax.nets.unet import UNet, create, param_count
-
-__all__ = ["UNet", "create", "param_count"]
+"""Networks: the ADM-style U-Net (`unet`), its plain blocks (`layers`) and the same
+blocks written for XLA:CPU (`cpu`)."""

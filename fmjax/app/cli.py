@@ -1,0 +1,109 @@
+"""The command line: `fmjax train | evaluate | predict | demo | bench | info`.
+
+Each command is a module of this package with `main(args)`; `main` here parses the
+arguments, starts the process through `fmjax.app.launch.start` (allocator, devices,
+multi-host), then runs the command; an FmjaxError or OSError prints one line and exits
+with code 2 (`--debug` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["COMMANDS", "main"]
+
+COMMANDS = {
+    "train": "train a model on normal images",
+    "evaluate": "score a test split, print and save metrics",
+    "predict": "score image files",
+    "demo": "train and evaluate on the embedded textures",
+    "bench": "scoring and training throughput against a plain loop, a plain forward pass and the matmul peak",
+    "info": "versions, devices and the memory allocator this process runs with",
+}
+
+
+def _arguments(name: str, p: argparse.ArgumentParser) -> None:
+    """The arguments of command `name` (kept here, away from the commands' imports, so
+    parsing imports nothing of JAX before `launch.start`)."""
+    from fmjax.methods import registry
+
+    if name == "train":
+        p.add_argument("--data", required=True, help="textures:NAME | folder:ROOT | mvtec:ROOT | visa:ROOT | "
+                                                      "fashion_mnist:CLASS | tfds:mvtec_ad | tfds:visa")
+        p.add_argument("--category", help="category folder under ROOT (folder/mvtec/visa data); "
+                                          "'all' trains one model on every category")
+        p.add_argument("--out", required=True, help="run folder to write")
+        p.add_argument("--preset", default="small", help="tiny | small | paper (default: small)")
+        p.add_argument("--method", default="flow_mismatch",
+                       help=f"{' | '.join(registry.names())} (default: flow_mismatch; recon scores a flow model "
+                            f"by reconstruction)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out")
+        p.add_argument("--parallel", choices=("mesh", "pmap"), default="mesh",
+                       help="data parallelism: jit over a device mesh (default) or pmap; same results")
+        p.add_argument("--no-progress", action="store_true")
+    elif name in ("evaluate", "predict"):
+        p.add_argument("--run", required=True)
+        if name == "evaluate":
+            p.add_argument("--data", help="default: the data the run was trained on")
+            p.add_argument("--category")
+            p.add_argument("--maps-out", help="write float32 TIFF maps (MVTec evaluation layout)")
+            p.add_argument("--pictures-out", help="write heat-map overlay PNGs")
+        else:
+            p.add_argument("--input", required=True, help="an image file or a folder of images")
+            p.add_argument("--out", required=True)
+        p.add_argument("--set", action="append", default=[], metavar="score.KEY=VALUE",
+                       help="scoring override for this run only (e.g. score.num_paths=32)")
+    elif name == "demo":
+        p.add_argument("--out", default="fmjax_demo", help="folder for runs and pictures (default: fmjax_demo)")
+        p.add_argument("--preset", default="small")
+        p.add_argument("--textures", default="brick,grass,gravel")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--no-progress", action="store_true")
+    elif name == "bench":
+        p.add_argument("--quick", action="store_true", help="reduced set, same keys (2-3 minutes on 2 CPU cores)")
+        p.add_argument("--json", help="also write the figures as JSON here")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--devices", type=int, default=argparse.SUPPRESS,
+                        help="CPU only: host devices to make (default: one per core; 1 turns multi-device off)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    p = argparse.ArgumentParser(prog="fmjax", description="Flow Mismatching anomaly detection in JAX.",
+                                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        _arguments(name, sub.add_parser(name, help=help_text, parents=[common]))
+    return p
+
+
+def main(argv=None) -> int:
+    """Runs the command line `argv` (default: this process's); returns the exit code."""
+    args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    from fmjax.errors import FmjaxError, first_line
+
+    try:
+        from fmjax.app import launch
+
+        launch.start(getattr(args, "devices", 0), distributed=args.command != "info")
+        importlib.import_module(f"fmjax.app.{args.command}").main(args)
+    except (FmjaxError, OSError) as err:
+        if debug:
+            raise
+        what = f"{err.filename}: " if isinstance(err, OSError) and err.filename and str(err.filename) not in str(
+            err.strerror) else ""
+        message = f"{what}{err.strerror}" if isinstance(err, OSError) and err.strerror else first_line(err)
+        print(f"fmjax {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fmjax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

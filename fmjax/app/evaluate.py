@@ -1,0 +1,126 @@
+"""`fmjax evaluate`: score a test split with a trained run, compute every metric, write
+RUN/metrics.json and optionally TIFF maps, the image scores and pictures."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from fmjax import data as data_lib
+from fmjax import runs
+from fmjax.errors import DataError, RunError
+from fmjax.eval import metrics as metrics_lib
+from fmjax.eval import writers
+from fmjax.files import plain_name, write_json
+
+__all__ = ["COLUMNS", "display_max", "evaluate_all", "evaluate_run", "main", "metrics_table",
+           "split_metrics"]
+
+COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "radar_f1",
+           "network_calls_per_image", "seconds"]
+
+
+def split_metrics(split, maps, scores, decided=None, image_threshold=None, pixel_threshold=None) -> dict:
+    """Every metric of maps float [N,H,W] and image scores float [N] on a labelled split.
+
+    Threshold-free: image/pixel AUROC, AP, F1-max and AUPRO (pixel metrics on the masks at
+    original size when the reader kept them, maps resized bilinearly up to them).
+    Thresholded: image_{precision,recall,f1,accuracy}_at_threshold of `decided` (int [N],
+    1 = anomalous: a method's own decision) and pixel F1 at `pixel_threshold`.
+    """
+    if split.full_masks is not None:
+        eval_maps, eval_masks = writers.full_size_maps(split, maps), split.full_masks
+    else:
+        eval_maps, eval_masks = maps, split.masks
+    result = metrics_lib.compute_all(scores, split.labels, eval_maps, eval_masks)
+    if decided is not None:
+        # 0/1 decisions as scores with threshold 1: the metrics of the decision itself
+        at = metrics_lib.thresholded_metrics(np.asarray(decided, np.float32), split.labels, 1.0)
+        result.update({f"image_{k}_at_threshold": v for k, v in at.items()})
+    if image_threshold is not None:
+        result["image_threshold"] = image_threshold
+    if pixel_threshold is not None and split.labels.any():
+        flat_maps = np.concatenate([np.ravel(m) for m in eval_maps])
+        flat_masks = np.concatenate([np.ravel(m) for m in eval_masks])
+        at = metrics_lib.thresholded_metrics(flat_maps, flat_masks, pixel_threshold)
+        result["pixel_f1_at_threshold"] = at["f1"]
+        result["pixel_threshold"] = pixel_threshold
+    return result
+
+
+def display_max(run: runs.Run, maps) -> float:
+    """Upper end of the heat maps' colour scale: from held-out normals when calibrated."""
+    return run.calibration.get("display_max") or float(np.quantile(maps, 0.999))
+
+
+def evaluate_run(run: runs.Run, dataset, maps_out: str | None = None, pictures_out: str | None = None,
+                 class_id: int = 0, write_metrics: bool = True) -> dict:
+    """Scores the test split; returns (and writes RUN/metrics.json) every metric.
+
+    Standard keys for every method (see split_metrics), network_calls_per_image and
+    sequential_calls_per_image, and the method's own (RADAR: radar_{accuracy,precision,
+    recall,f1} at the forest's decision).
+    """
+    test = dataset.test
+    if test.images.shape[1:] != run.image_shape:
+        raise DataError(f"test images are {test.images.shape[1:]} but the run expects {run.image_shape}")
+    start = time.perf_counter()
+    maps, scores = run.score(test.images, np.full(len(test), class_id, np.int32))
+    seconds = time.perf_counter() - start
+    cal = run.calibration
+    decided = run.decide(scores)
+    result = split_metrics(test, maps, scores, decided, cal.get("image_threshold"), cal.get("pixel_threshold"))
+    if decided is not None:
+        result.update(run.method.metrics(test.labels, decided))
+    result.update(run.cost())
+    result.update({"category": dataset.category, "method": run.config.method, "num_test_images": len(test),
+                   "score_seconds": seconds, "images_per_s": len(test) / max(seconds, 1e-9)})
+    if maps_out:
+        writers.write_maps(maps_out, dataset.category, test, maps, scores, decided)
+    if pictures_out:
+        writers.write_pictures(pictures_out, test, maps, scores, display_max(run, maps))
+    if write_metrics:  # last: a metrics.json is never newer than the maps it describes
+        write_json(os.path.join(run.path, runs.METRICS), result)
+    return result
+
+
+def evaluate_all(run: runs.Run, spec: str, maps_out: str | None = None, pictures_out: str | None = None) -> dict:
+    """A unified (`--category all`) run on every category it was trained on: per-category
+    rows and their mean; RUN/metrics.json holds the mean keys plus `per_category`."""
+    categories = run.data_info.get("categories") or data_lib.categories_of(spec)
+    rows = []
+    for class_id, dataset in enumerate(data_lib.load_all(spec, run.config.data, categories)):
+        pictures = os.path.join(pictures_out, plain_name(dataset.category, "category")) if pictures_out else None
+        rows.append(evaluate_run(run, dataset, maps_out, pictures, class_id=class_id, write_metrics=False))
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k, v in rows[0].items()
+            if isinstance(v, float) and all(isinstance(r.get(k), float) for r in rows)}
+    result = {**mean, "category": "mean", "method": run.config.method, "per_category": rows}
+    write_json(os.path.join(run.path, runs.METRICS), result)
+    return result
+
+
+def metrics_table(rows) -> str:
+    from fmjax.eval.viz import markdown_table
+
+    return markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
+
+
+def main(args) -> None:
+    run = runs.load_run(args.run, args.set)
+    spec = args.data or run.data_info.get("spec")
+    if not spec:
+        raise RunError(f"{args.run}/data.json is missing: pass --data")
+    category = args.category or (None if args.data else run.data_info.get("category"))
+    if spec.startswith("textures:"):
+        category = None
+    if category == "all":
+        result = evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out)
+        print(metrics_table(result["per_category"] + [result]))
+    else:
+        trained_on = run.data_info.get("categories") or []
+        dataset = data_lib.load(spec, category, run.config.data, run.config.textures)
+        result = evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out,
+                              class_id=trained_on.index(category) if category in trained_on else 0)
+        print(metrics_table([result]))
+    print(f"metrics -> {os.path.join(args.run, runs.METRICS)}")

@@ -1,0 +1,106 @@
+"""`fmjax train`: read the data, train the method's network through the shared loop, fit
+what the method needs on normal training images, and leave a run folder ready to score."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+from fmjax import data as data_lib
+from fmjax import runs
+from fmjax.config import Config, apply_overrides, build, with_method
+from fmjax.errors import RunError
+from fmjax.files import write_json, write_text_atomic
+from fmjax.methods import registry
+
+__all__ = ["main", "rescore_run", "resolve_channels", "resolve_flips", "train_run"]
+
+
+def resolve_channels(config: Config, channels: int) -> Config:
+    """Fixes config.data.channels to the channel count the data actually has."""
+    return config.replace(data=dataclasses.replace(config.data, channels=int(channels)))
+
+
+def resolve_flips(config: Config, spec: str, categories) -> Config:
+    """Settles train.hflip / train.vflip left at None (auto) from the data: on for
+    orientation-free data (fmjax.data.orientation_free), off otherwise."""
+    free = data_lib.orientation_free(spec, categories)
+    tc = config.train
+    return config.replace(train=dataclasses.replace(tc, hflip=free if tc.hflip is None else tc.hflip,
+                                                    vflip=free if tc.vflip is None else tc.vflip))
+
+
+def _training_data(config: Config, spec: str, category: str | None):
+    """(normal training Split, data.json contents) for one category or `--category all`."""
+    if category == "all":
+        # one unified model; the class ids are category indices (used when net.num_classes > 0)
+        datasets = data_lib.load_all(spec, config.data)
+        if config.net.num_classes not in (0, len(datasets)):
+            raise RunError(f"--category all found {len(datasets)} categories: set net.num_classes to 0 "
+                           f"(one unconditional model) or {len(datasets)} (class-conditional)")
+        categories = [d.category for d in datasets]
+        return data_lib.unified_train(datasets), {"spec": spec, "category": "all", "categories": categories}
+    dataset = data_lib.load(spec, category, config.data, config.textures)
+    return dataset.train, {"spec": spec, "category": dataset.category}
+
+
+def train_run(config: Config, spec: str, category: str | None, run_dir: str, resume: bool = False,
+              progress: bool = True, devices=None, use_pmap: bool = False) -> runs.Run:
+    """Reads the data, trains the method's network on the normal training images but the
+    held-out ones, then fits the method on normal images (`runs.fit_run`). Returns the Run."""
+    from fmjax.training import loop
+
+    train, data_info = _training_data(config, spec, category)
+    config = resolve_flips(resolve_channels(config, train.images.shape[-1]), spec,
+                           data_info.get("categories", [data_info["category"]]))
+    cal = config.calibration
+    fit, _ = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed)
+    data_path = os.path.join(run_dir, runs.DATA)
+    if resume and os.path.exists(data_path) and runs.read_json(data_path) != data_info:
+        raise RunError(f"--resume: {data_path} says {runs.read_json(data_path)}, not {data_info}")
+    method = registry.get(config.method)
+    loop.train(config, method.objective(config), fit.images, run_dir, class_ids=fit.class_ids, resume=resume,
+               progress=progress, devices=devices, use_pmap=use_pmap,
+               init_shape=method.init_shape(config, fit.images.shape[1:]))
+    write_json(data_path, data_info)
+    run = runs.load_run(run_dir)
+    run.fitted = runs.fit_run(run, train)
+    runs.save_fitted(run_dir, run.fitted)
+    return run
+
+
+def rescore_run(src_dir: str, dst_dir: str, method: str, overrides=()) -> runs.Run:
+    """A new run folder scoring the network of `src_dir` with another method that trains
+    the same network (e.g. flow_mismatch <-> recon): checkpoints and data.json copied,
+    config.json with `method` and the scoring `overrides`, the new method fitted again
+    on the same normal images."""
+    src = runs.load_run(src_dir)
+    if registry.get(method).model != src.method.model:
+        raise RunError(f"{src_dir} trained a {src.method.model} network for {src.config.method}; "
+                       f"{method} needs a {registry.get(method).model} network")
+    if os.path.exists(dst_dir):
+        raise RunError(f"{dst_dir} already exists: choose a new folder")
+    config = with_method(src.config, method)
+    config = apply_overrides(config, runs.check_score_overrides(config, overrides))
+    parent = os.path.dirname(os.path.abspath(dst_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".fmjax-", dir=parent)
+    try:
+        shutil.copytree(os.path.join(src_dir, "checkpoints"), os.path.join(tmp, "checkpoints"))
+        write_json(os.path.join(tmp, runs.DATA), src.data_info)
+        write_text_atomic(os.path.join(tmp, runs.CONFIG), config.to_json())
+        os.replace(tmp, dst_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    run = runs.load_run(dst_dir)
+    run.fitted = runs.fit_run(run)
+    runs.save_fitted(dst_dir, run.fitted)
+    return run
+
+
+def main(args) -> None:
+    config = build(args.preset, args.method, args.set)
+    run = train_run(config, args.data, args.category, args.out, resume=args.resume, progress=not args.no_progress,
+                    use_pmap=args.parallel == "pmap")
+    print(f"trained {run.config.train.steps} steps -> {args.out}")

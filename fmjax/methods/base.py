@@ -1,0 +1,105 @@
+"""The interface every anomaly-detection method implements, and what it fits on normals.
+
+A method trains one network through the shared training loop (`objective`), scores
+images with a jitted scorer (`scorer`), fits what it needs on normal training images
+after training (`fit`: thresholds, a forest, normalisation statistics), decides which
+images are anomalous (`decide`) and states its cost per image (`cost`). It registers by
+name in `fmjax.methods.registry`; nothing outside `fmjax/methods/` asks which method a
+run uses.
+
+Adding a method (docs/method.md shows it in full): a folder `fmjax/methods/NAME/` with
+`settings.py` (a frozen `Settings` dataclass, `PRESETS`, `NEUTRAL`, `TRAINING`,
+`validate(config)`) and `method.py` (`METHOD = MyMethod()`), plus one line in
+`registry.METHODS`.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import numpy as np
+
+from fmjax.eval.calibration import thresholds
+from fmjax.methods import registry
+
+__all__ = ["Fitted", "Method"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    """What a method fitted on normal images after training, stored in the run folder:
+    `values` as JSON (thresholds, offsets; RUN/calibration.json) and `arrays`, named numpy
+    arrays (a forest's trees, normalisation statistics; RUN/calibration.npz). Never pickled."""
+
+    values: dict = dataclasses.field(default_factory=dict)
+    arrays: dict = dataclasses.field(default_factory=dict)
+
+    def get(self, key, default=None):
+        return self.values.get(key, default)
+
+
+class Method(abc.ABC):
+    """One anomaly-detection method. Subclasses set `name` (its registry name) and `model`
+    (the network it trains: methods with the same model can score each other's runs)."""
+
+    name: str = ""
+    model: str = ""
+    decision_rule: str = "the normal-image threshold"  # how `decide` labels images, for messages
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def settings(self):
+        """The method's settings module (Settings, PRESETS, NEUTRAL, TRAINING, validate)."""
+        return registry.settings_module(self.name)
+
+    def validate(self, config) -> None:
+        """ConfigError for settings that cannot work (called by fmjax.config.validate too)."""
+        self.settings.validate(config)
+
+    def needs_refit(self, saved, new) -> bool:
+        """Whether what was fitted with scoring settings `saved` is stale under `new`: any
+        field but the NEUTRAL ones (batching, chunking) changed."""
+        neutral = {name: None for name in self.settings.NEUTRAL}
+        return dataclasses.replace(saved, **neutral) != dataclasses.replace(new, **neutral)
+
+    # ------------------------------------------------------------------ training
+    @abc.abstractmethod
+    def objective(self, config):
+        """The `fmjax.training.step.Objective` this method's network trains with."""
+
+    def init_shape(self, config, image_shape) -> tuple:
+        """The image shape (h, w, C) the network's parameters are initialised at."""
+        return tuple(image_shape)
+
+    # ------------------------------------------------------------------ scoring
+    @abc.abstractmethod
+    def scorer(self, config, apply_fn, image_shape, devices=None):
+        """An object with score(params, images uint8 [N,H,W,C], class_ids int [N] or None,
+        fitted: Fitted) -> (maps float32 [N,H,W], scores float32 [N]) as numpy, higher =
+        more anomalous; apply_fn(params, x, t, y) is the network in eval mode."""
+
+    def fit(self, run, train_images, holdout) -> Fitted:
+        """What this method fits on normal images after training. `run` scores with the
+        trained network (`run.score`, `run.scorer`, `run.params`, `run.config`);
+        train_images: uint8 [N,H,W,C], every normal training image; holdout: the held-out
+        normals (a `fmjax.data.Split`) or None. Default: thresholds from the held-out
+        normals (`fmjax.eval.calibration.thresholds`)."""
+        if holdout is None:
+            return Fitted()
+        maps, scores = run.score(holdout.images, holdout.class_ids, Fitted())
+        return Fitted(values=thresholds(run.config.calibration, maps, scores))
+
+    def decide(self, scores, fitted: Fitted) -> np.ndarray | None:
+        """Predicted labels int32 [N] (1 = anomalous) for scores from the scorer, or None
+        when nothing was fitted to decide with. Default: score >= the image threshold."""
+        threshold = fitted.get("image_threshold")
+        return None if threshold is None else (np.asarray(scores) >= threshold).astype(np.int32)
+
+    def metrics(self, labels, decided) -> dict:
+        """Method-specific metrics of the decisions `decided` against labels (0/1)."""
+        return {}
+
+    @abc.abstractmethod
+    def cost(self, config, image_shape) -> dict:
+        """{"network_calls_per_image": all network evaluations one image needs,
+        "sequential_calls_per_image": those that must run one after another}."""

@@ -1,0 +1,255 @@
+"""Flow Mismatching scorer (docs/method.md, section 1).
+
+For a test image y, K noise images eps_k and T interior times t_j = j / (T + 1):
+  delta_{j,k}(p) = sum_c ( v(x, t_j) - (y - eps_k) )^2,   x = (1 - t_j) eps_k + t_j y,
+  H(p) = (1/T) sum_j w(t_j) Agg_k delta_{j,k}(p),           image score = rule(H).
+All B*T*K network calls of a batch of images run inside one jitted function, in chunks of
+a fixed number of network inputs, so memory stays bounded and nothing recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from fmjax import xla_options
+from fmjax.distributed.mesh import DATA_AXIS, data_mesh, replicated, rows
+from fmjax.errors import ScoreRuleError
+from fmjax.flow import path_point, target_velocity, to_model_range
+from fmjax.methods.batches import ImageBatches, check_images
+from fmjax.methods.flow_mismatch.chunking import chunk_size_for_budget, even_chunk
+from fmjax.methods.flow_mismatch.settings import check_time_weight, parse_aggregate
+from fmjax.methods.maps import gaussian_smooth, image_score
+from fmjax.methods.rules import parse_image_score
+
+__all__ = ["Scorer", "aggregate_paths", "aggregate_times", "delta_chunks", "grid_index", "grid_to_delta",
+           "heat_maps", "interior_times", "mismatch_delta", "path_noise", "time_weights"]
+
+
+# ----------------------------------------------------------------------------- rules
+
+def interior_times(num_times: int) -> np.ndarray:
+    """t_j = j / (T + 1), j = 1..T, float32 [T]."""
+    return (np.arange(1, num_times + 1) / (num_times + 1)).astype(np.float32)
+
+
+def path_noise(key, num_paths: int, image_shape) -> jax.Array:
+    """The K noise images eps_k, float32 [K, H, W, C].
+
+    One set is shared by every image (common random numbers): an image's score depends
+    only on the image and the key, never on its position in a batch.
+    """
+    return jax.random.normal(key, (num_paths,) + tuple(image_shape), jnp.float32)
+
+
+def aggregate_paths(delta, spec: str, axis: int = -3):
+    """Reduces the path axis of `delta` (default [..., K, H, W]) with rule `spec`."""
+    num_paths = delta.shape[axis]
+    kind, value = parse_aggregate(spec, num_paths)
+    if kind == "mean":
+        return jnp.mean(delta, axis=axis)
+    ordered = jnp.sort(delta, axis=axis)
+    if kind == "rank":
+        return jnp.take(ordered, value - 1, axis=axis)
+    if kind == "median":
+        lo, hi = (num_paths - 1) // 2, num_paths // 2
+        return 0.5 * (jnp.take(ordered, lo, axis=axis) + jnp.take(ordered, hi, axis=axis))
+    kept = jax.lax.slice_in_dim(ordered, value, num_paths - value, axis=axis % delta.ndim)
+    return jnp.mean(kept, axis=axis)
+
+
+def time_weights(times, rule: str):
+    """w(t_j): 't2' -> t^2, 'none' -> 1.  times [T] -> [T]."""
+    times = jnp.asarray(times, jnp.float32)
+    if rule == "t2":
+        return jnp.square(times)
+    check_time_weight(rule)
+    return jnp.ones_like(times)
+
+
+def aggregate_times(per_time, times, rule: str):
+    """(1/T) sum_j w(t_j) A_j.  per_time [..., T, H, W] -> [..., H, W]."""
+    w = time_weights(times, rule)
+    return jnp.einsum("...thw,t->...hw", per_time, w) / w.shape[0]
+
+
+# ----------------------------------------------------------------------------- mismatch
+
+def grid_index(num_images: int, num_times: int, num_paths: int, chunk_size: int, num_shards: int = 1) -> np.ndarray:
+    """(image, time, path) of every network input, int32 [num_chunks, chunk_size, 3].
+
+    Item order is image-major, then time, then path.  num_chunks = ceil(B*T*K / chunk_size)
+    rounded up to a multiple of num_shards; padding repeats early items.
+    """
+    total = num_images * num_times * num_paths
+    num_chunks = -(-total // chunk_size)
+    num_chunks = -(-num_chunks // num_shards) * num_shards
+    flat = np.arange(num_chunks * chunk_size) % total
+    b_idx = flat // (num_times * num_paths)
+    t_idx = (flat // num_paths) % num_times
+    k_idx = flat % num_paths
+    return np.stack([b_idx, t_idx, k_idx], -1).reshape(num_chunks, chunk_size, 3).astype(np.int32)
+
+
+def delta_chunks(velocity_fn, images, noise, times, index, class_ids=None):
+    """Per-pixel mismatch of the network inputs named by `index` [n_chunks, chunk, 3]
+    (from grid_index), one sequential network call per chunk -> float32 [n_chunks, chunk, H, W].
+
+    velocity_fn(x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
+    images: float [B,H,W,C] in [-1, 1]; noise: [K,H,W,C]; times: [T]; class_ids: int [B] or None.
+    """
+    def one_item(y, eps, t):
+        return path_point(eps[None], y[None], t[None])[0], target_velocity(eps, y)
+
+    def chunk(idx):
+        y = images[idx[:, 0]]
+        eps = noise[idx[:, 2]]
+        t = times[idx[:, 1]]
+        x, u = jax.vmap(one_item)(y, eps, t)
+        v = velocity_fn(x, t, None if class_ids is None else class_ids[idx[:, 0]])
+        return jnp.sum(jnp.square(v.astype(jnp.float32) - u), axis=-1)
+
+    return jax.lax.map(chunk, jnp.asarray(index))
+
+
+def grid_to_delta(chunks, num_images: int, num_times: int, num_paths: int):
+    """delta_chunks output [n_chunks, chunk, H, W] -> delta [B, T, K, H, W] (padding dropped)."""
+    total = num_images * num_times * num_paths
+    flat = chunks.reshape((-1,) + chunks.shape[2:])[:total]
+    return flat.reshape((num_images, num_times, num_paths) + chunks.shape[2:])
+
+
+def mismatch_delta(velocity_fn, images, noise, times, chunk_size: int, class_ids=None):
+    """Per-pixel mismatch for every (image, time, path).
+
+    velocity_fn(x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
+    images: float [B,H,W,C] in [-1, 1]; noise: [K,H,W,C]; times: [T]; class_ids: int [B] or None.
+    Returns delta float32 [B, T, K, H, W].  The B*T*K network inputs are evaluated in
+    ceil(B*T*K / chunk_size) sequential calls of exactly chunk_size inputs each.
+    """
+    num_images, num_paths, num_times = images.shape[0], noise.shape[0], times.shape[0]
+    index = grid_index(num_images, num_times, num_paths, chunk_size)
+    chunks = delta_chunks(velocity_fn, images, noise, times, index, class_ids)
+    return grid_to_delta(chunks, num_images, num_times, num_paths)
+
+
+def heat_maps(delta, times, aggregate: str, time_weight: str, smooth_sigma: float = 0.0):
+    """delta [B, T, K, H, W] -> maps H [B, H, W] (paths aggregated, times weighted, smoothed)."""
+    per_time = aggregate_paths(delta, aggregate, axis=2)
+    return gaussian_smooth(aggregate_times(per_time, times, time_weight), smooth_sigma)
+
+
+# ----------------------------------------------------------------------------- scorer
+
+class Scorer:
+    """The one jitted scoring path used by evaluate, predict, bench and the experiments.
+
+    apply_fn(params, x [n,H,W,C], t [n], y [n] or None) -> v [n,H,W,C].
+    Images are spread over `devices` (default: all local devices); each device scores
+    `config.image_batch` images per call, so every call has the same shapes.  A request
+    with fewer images than devices spreads its (time, path) grid over the devices instead,
+    so none sits idle (one compiled program per such request size).
+    `config.chunk_size` is the most network inputs per call, evened out over each device's
+    calls (`chunk_for`); 0 picks it from `config.memory_budget_mb` on the first call
+    (`chunk_size_for_budget`) and `self.config` then holds the chosen size.
+    """
+
+    def __init__(self, apply_fn, config, image_shape, devices=None):
+        self.config = config
+        self.image_shape = tuple(image_shape)
+        self.apply_fn = apply_fn
+        parse_aggregate(config.aggregate, config.num_paths)
+        parse_image_score(config.image_score)
+        time_weights(jnp.zeros(1), config.time_weight)
+        self.noise = path_noise(jax.random.PRNGKey(config.seed), config.num_paths, self.image_shape)
+        self.times = jnp.asarray(interior_times(config.num_times))
+        self.devices = list(devices if devices is not None else jax.local_devices())
+        self.mesh = data_mesh(self.devices)
+        self._batches = None
+        self._grids = {}
+
+    def _build(self, params):
+        """The per-image-batch programs; settles chunk_size = 0 from the memory budget first."""
+        if self._batches is not None:
+            return
+        cfg = self.config
+        if cfg.chunk_size == 0:
+            cfg = self.config = dataclasses.replace(cfg, chunk_size=chunk_size_for_budget(
+                self.apply_fn, params, self.image_shape, cfg.memory_budget_mb * 2 ** 20,
+                max_chunk=cfg.image_batch * cfg.num_times * cfg.num_paths,
+                fixed_bytes=4 * cfg.image_batch * cfg.num_times * cfg.num_paths * math.prod(self.image_shape[:2])))
+
+        chunk = self.chunk_for(cfg.image_batch * len(self.devices))
+
+        def local_delta(params, images_u8, class_ids, noise, times):
+            velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
+            return (mismatch_delta(velocity, to_model_range(images_u8), noise, times, chunk, class_ids),)
+
+        def local_maps(params, images_u8, class_ids, noise, times):
+            return self._finish(local_delta(params, images_u8, class_ids, noise, times)[0], times)
+
+        self._batches = {True: ImageBatches(local_maps, self.image_shape, cfg.image_batch, 2, 2, self.devices),
+                         False: ImageBatches(local_delta, self.image_shape, cfg.image_batch, 2, 1, self.devices)}
+
+    def chunk_for(self, num_images: int) -> int:
+        """Network inputs per call when `num_images` images are scored at once (after the
+        first call when config.chunk_size = 0): config.chunk_size at most, evened out over
+        each device's calls (`even_chunk`)."""
+        cfg, shards = self.config, len(self.devices)
+        if cfg.chunk_size == 0:
+            raise ScoreRuleError("the chunk is settled from score.memory_budget_mb by the first scoring call")
+        if num_images >= shards:  # whole images per device, config.image_batch per call
+            return even_chunk(cfg.image_batch * cfg.num_times * cfg.num_paths, cfg.chunk_size)
+        return even_chunk(-(-num_images * cfg.num_times * cfg.num_paths // shards), cfg.chunk_size)
+
+    def _finish(self, delta, times):
+        """delta [B,T,K,H,W] -> (maps [B,H,W], scores [B])."""
+        cfg = self.config
+        maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma)
+        return maps, image_score(maps, cfg.image_score)
+
+    def _grid(self, want_maps: bool, num_images: int):
+        """(jitted fn, sharded index) scoring `num_images` images in one call with their
+        B*T*K network inputs split over the devices in equal runs of whole chunks."""
+        key = (want_maps, num_images)
+        if key not in self._grids:
+            cfg, shards = self.config, self.mesh.devices.size
+            index = grid_index(num_images, cfg.num_times, cfg.num_paths, self.chunk_for(num_images), shards)
+
+            def local(params, images_u8, class_ids, noise, times, index):
+                velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
+                return delta_chunks(velocity, to_model_range(images_u8), noise, times, index, class_ids)
+
+            spread = jax.shard_map(local, mesh=self.mesh, in_specs=(P(),) * 5 + (P(DATA_AXIS),),
+                                   out_specs=P(DATA_AXIS), check_vma=False)
+
+            def full(params, images_u8, class_ids, noise, times, index):
+                delta = grid_to_delta(spread(params, images_u8, class_ids, noise, times, index),
+                                      num_images, cfg.num_times, cfg.num_paths)
+                return self._finish(delta, times) if want_maps else (delta,)
+
+            self._grids[key] = (xla_options.jit(full), jax.device_put(index, rows(self.mesh)))
+        return self._grids[key]
+
+    def _run(self, want_maps: bool, params, images, class_ids):
+        images, class_ids = check_images(images, class_ids, self.image_shape)
+        self._build(params)
+        if not 0 < len(images) < self.mesh.devices.size:
+            return self._batches[want_maps](params, images, class_ids, self.noise, self.times)
+        fn, index = self._grid(want_maps, len(images))
+        params = jax.device_put(params, replicated(self.mesh))
+        outs = fn(params, images, class_ids, self.noise, self.times, index)
+        return tuple(np.asarray(out) for out in outs)
+
+    def score(self, params, images, class_ids=None, fitted=None):
+        """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy.
+        (Nothing fitted enters Flow Mismatching's scores: `fitted` is not used.)"""
+        return self._run(True, params, images, class_ids)
+
+    def delta(self, params, images, class_ids=None):
+        """images uint8 [N,H,W,C] -> raw mismatch float32 [N, T, K, H, W] as numpy."""
+        return self._run(False, params, images, class_ids)[0]

@@ -1,0 +1,95 @@
+"""Flow Mismatching's scoring settings (docs/method.md, section 1), its presets and its
+checks. Pure Python: the config imports this module without importing JAX."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from fmjax.errors import ConfigError, ScoreRuleError
+from fmjax.methods.rules import parse_image_score
+
+__all__ = ["NEUTRAL", "PRESETS", "TRAINING", "FlowMismatchSettings", "Settings", "parse_aggregate", "validate"]
+
+AGGREGATES = ("min", "rank:r", "quantile:a", "mean", "median", "trimmed:f")
+TIME_WEIGHTS = ("t2", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMismatchSettings:
+    num_paths: int = 16  # K
+    num_times: int = 30  # T, interior times j / (T + 1)
+    aggregate: str = "rank:2"  # min | rank:r | quantile:a | mean | median | trimmed:f
+    time_weight: str = "t2"  # t2 | none
+    image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f
+    smooth_sigma: float = 0.0  # Gaussian smoothing of the map, in pixels; 0 = off
+    chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
+    memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
+    image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
+    seed: int = 0
+    use_ema: bool = True
+
+
+Settings = FlowMismatchSettings
+
+PRESETS = {
+    "tiny": Settings(num_paths=4, num_times=4, aggregate="rank:2", chunk_size=16, image_batch=2),
+    "small": Settings(num_paths=16, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16, image_batch=1),
+    "paper": Settings(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=0, image_batch=1),
+}
+NEUTRAL = ("chunk_size", "memory_budget_mb", "image_batch")  # change how scores are computed, never their values
+TRAINING = ()  # the flow model does not depend on any scoring setting
+
+
+def parse_aggregate(spec: str, num_paths: int):
+    """'min' | 'rank:r' | 'quantile:a' | 'mean' | 'median' | 'trimmed:f' -> (kind, value).
+
+    kind is 'rank' (value = 1-based order statistic r), 'mean', 'median' or 'trimmed'
+    (value = number of paths cut from each end).
+    """
+    name, _, arg = str(spec).partition(":")
+    try:
+        if name == "min" and not arg:
+            return "rank", 1
+        if name == "rank":
+            r = int(arg)
+            if not 1 <= r <= num_paths:
+                raise ScoreRuleError(f"aggregate {spec!r}: r must be in 1..K={num_paths}")
+            return "rank", r
+        if name == "quantile":
+            alpha = float(arg)
+            if not 0.0 < alpha <= 1.0:
+                raise ScoreRuleError(f"aggregate {spec!r}: alpha must be in (0, 1]")
+            return "rank", max(1, math.ceil(alpha * num_paths - 1e-9))
+        if name in ("mean", "median") and not arg:
+            return name, 0
+        if name == "trimmed":
+            frac = float(arg)
+            if not 0.0 <= frac < 0.5:
+                raise ScoreRuleError(f"aggregate {spec!r}: fraction must be in [0, 0.5)")
+            return "trimmed", int(math.floor(frac * num_paths))
+    except ValueError as err:
+        if isinstance(err, ScoreRuleError):
+            raise
+        raise ScoreRuleError(f"aggregate {spec!r}: bad number {arg!r}") from None
+    raise ScoreRuleError(f"unknown aggregate {spec!r} (known: {', '.join(AGGREGATES)})")
+
+
+def check_time_weight(rule: str) -> None:
+    if rule not in TIME_WEIGHTS:
+        raise ScoreRuleError(f"unknown time weight {rule!r} (known: {', '.join(TIME_WEIGHTS)})")
+
+
+def validate(config) -> None:
+    """ConfigError (one line) for Flow Mismatching settings `config.score` that cannot work."""
+    s = config.score
+    if s.num_paths < 1 or s.num_times < 1:
+        raise ConfigError(f"score.num_paths and score.num_times must be >= 1, got {s.num_paths}, {s.num_times}")
+    parse_aggregate(s.aggregate, s.num_paths)
+    parse_image_score(s.image_score)
+    check_time_weight(s.time_weight)
+    if not s.smooth_sigma >= 0:
+        raise ConfigError(f"score.smooth_sigma must be >= 0, got {s.smooth_sigma}")
+    if s.chunk_size < 0 or s.image_batch < 1:
+        raise ConfigError("score.chunk_size must be >= 0 (0: from score.memory_budget_mb) and score.image_batch >= 1")
+    if s.chunk_size == 0 and s.memory_budget_mb < 1:
+        raise ConfigError("score.memory_budget_mb must be >= 1 when score.chunk_size = 0")

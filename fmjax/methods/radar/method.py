@@ -1,0 +1,78 @@
+"""RADAR as a `Method`: a DDPM epsilon network trained on patches, scored by one noising
+step and Sobel maps, decided by an Isolation Forest fitted on normal training images."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fmjax.eval.calibration import thresholds
+from fmjax.methods.base import Fitted, Method
+from fmjax.methods.radar import forest as forest_lib
+from fmjax.methods.radar.ddpm import ddpm_objective
+from fmjax.methods.radar.patches import patch_origins
+from fmjax.methods.radar.scorer import RadarScorer
+
+__all__ = ["METHOD", "Radar", "radar_metrics"]
+
+
+def radar_metrics(labels, predicted_labels) -> dict:
+    """Accuracy, precision, recall and F1 of 0/1 predictions (1 = anomalous).
+    Precision (recall) is 0 when nothing is predicted (present) anomalous."""
+    y = np.asarray(labels).astype(bool).ravel()
+    p = np.asarray(predicted_labels).astype(bool).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and predictions differ in length: {y.size} vs {p.size}")
+    tp, fp, fn = int(np.sum(y & p)), int(np.sum(~y & p)), int(np.sum(y & ~p))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    accuracy = float(np.mean(y == p)) if y.size else math.nan
+    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+
+
+class Radar(Method):
+    name = "radar"
+    model = "ddpm"
+    decision_rule = "the Isolation Forest"
+
+    def objective(self, config):
+        return ddpm_objective(config)
+
+    def init_shape(self, config, image_shape) -> tuple:
+        """The params are initialised at the patch shape (the U-Net is fully convolutional)."""
+        return (config.score.patch_size, config.score.patch_size, image_shape[-1])
+
+    def scorer(self, config, apply_fn, image_shape, devices=None) -> RadarScorer:
+        return RadarScorer(apply_fn, config.score, image_shape, devices)
+
+    def fit(self, run, train_images, holdout) -> Fitted:
+        """The Isolation Forest on the features of every normal training image, then the
+        pixel threshold from the held-out normals; the image decision is the forest's
+        (image_threshold 0: anomalous where the score -decision_function is > 0)."""
+        _, feats = run.scorer.maps_and_features(run.params, train_images)
+        values, arrays = forest_lib.to_fitted(forest_lib.fit(feats, run.config.score))
+        fitted = Fitted(values=values, arrays=arrays)
+        if holdout is not None:
+            maps, scores = run.score(holdout.images, holdout.class_ids, fitted)
+            values = {**values, **thresholds(run.config.calibration, maps, scores)}
+        values.update(image_threshold=0.0, image_decision="isolation_forest")
+        return Fitted(values=values, arrays=arrays)
+
+    def decide(self, scores, fitted: Fitted) -> np.ndarray:
+        """The forest's own labels: anomalous exactly where the score is > 0."""
+        return (np.asarray(scores) > 0).astype(np.int32)
+
+    def metrics(self, labels, decided) -> dict:
+        """radar_{accuracy,precision,recall,f1} at the forest's decision."""
+        return {f"radar_{k}": v for k, v in radar_metrics(labels, decided).items()}
+
+    def cost(self, config, image_shape) -> dict:
+        """One network call per patch, all in one batched call (no sequential dependence)."""
+        rc = config.score
+        return {"network_calls_per_image": len(patch_origins(image_shape[0], image_shape[1], rc.patch_size,
+                                                             rc.patch_stride)),
+                "sequential_calls_per_image": 1}
+
+
+METHOD = Radar()

@@ -1,0 +1,138 @@
+"""RADAR's scoring path (docs/method.md, section 2): cut an image into overlapping
+patches, noise every patch once to timestep t_score with fixed noise, ONE network call
+on all patches, a per-pixel noise map (eps_hat - eps, or eps_hat) stitched back to an
+image map, and its Sobel gradient magnitude as the pixel-level localisation. Two image
+features (the L2 norm of the whole Sobel map, the largest patch-wise L2 norm) go to the
+Isolation Forest fitted on normal training images (`forest`), whose score is the image
+score."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fmjax.errors import ConfigError
+from fmjax.flow import to_model_range
+from fmjax.methods.batches import ImageBatches
+from fmjax.methods.maps import gaussian_smooth
+from fmjax.methods.radar import forest as forest_lib
+from fmjax.methods.radar.ddpm import q_sample, schedule_of
+from fmjax.methods.radar.patches import extract_patches, patch_origins, stitch
+from fmjax.methods.radar.settings import CHANNEL_REDUCTIONS, LOCAL_FEATURES, RadarSettings, validate_settings
+
+__all__ = ["RadarScorer", "features", "noise_maps", "radar_maps", "radar_noise", "reduce_channels", "sobel",
+           "sobel_xy"]
+
+
+def reduce_channels(d, how: str):
+    """[..., C] -> [...]: 'l2' = sqrt(sum_c d^2), 'mean_abs' = mean_c |d|."""
+    if how == "l2":
+        return jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
+    if how == "mean_abs":
+        return jnp.mean(jnp.abs(d), axis=-1)
+    raise ConfigError(f"unknown channel reduction {how!r} (known: {', '.join(CHANNEL_REDUCTIONS)})")
+
+
+def sobel_xy(maps):
+    """Sobel derivatives of maps [B,H,W] -> (d/drow, d/dcol), each [B,H,W].
+
+    3x3 Sobel kernels: derivative taps [-1, 0, 1] along the axis, smoothing [1, 2, 1]
+    across it; borders reflect with the edge pixel repeated (scipy.ndimage 'reflect',
+    d c b a | a b c d | d c b a).  Each equals scipy.ndimage.sobel(map, axis, mode='reflect').
+    """
+    m = jnp.pad(jnp.asarray(maps, jnp.float32), ((0, 0), (1, 1), (1, 1)), mode="symmetric")
+    h, w = m.shape[1] - 2, m.shape[2] - 2
+    s = lambda dy, dx: m[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+    d_row = (s(1, -1) + 2 * s(1, 0) + s(1, 1)) - (s(-1, -1) + 2 * s(-1, 0) + s(-1, 1))
+    d_col = (s(-1, 1) + 2 * s(0, 1) + s(1, 1)) - (s(-1, -1) + 2 * s(0, -1) + s(1, -1))
+    return d_row, d_col
+
+
+def sobel(maps):
+    """Sobel gradient magnitude sqrt(gx^2 + gy^2), maps [B,H,W] -> [B,H,W] float32."""
+    d_row, d_col = sobel_xy(maps)
+    return jnp.sqrt(jnp.square(d_row) + jnp.square(d_col))
+
+
+def features(sobel_maps, patch: int, stride: int, local: str = "max_patch_l2"):
+    """The two RADAR image features, [B,H,W] -> float32 [B, 2].
+
+    [:, 0] global: L2 norm of the whole Sobel map; [:, 1] local: the largest L2 norm
+    over the scoring patches (same patch/stride grid as scoring).
+    """
+    if local not in LOCAL_FEATURES:
+        raise ConfigError(f"unknown local feature {local!r} (known: {', '.join(LOCAL_FEATURES)})")
+    s = jnp.asarray(sobel_maps, jnp.float32)
+    global_l2 = jnp.sqrt(jnp.sum(jnp.square(s), axis=(1, 2)))
+    patches, _ = extract_patches(s[..., None], patch, stride)  # [B,P,p,p,1]
+    local_l2 = jnp.max(jnp.sqrt(jnp.sum(jnp.square(patches), axis=(2, 3, 4))), axis=1)
+    return jnp.stack([global_l2, local_l2], axis=-1)
+
+
+def radar_noise(key, num_patches: int, patch: int, channels: int):
+    """Fixed test-time noise, one independent draw per patch position: float32 [P,p,p,C].
+    Shared by every image (common random numbers)."""
+    return jax.random.normal(key, (num_patches, patch, patch, channels), jnp.float32)
+
+
+def noise_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None):
+    """Stitched per-pixel noise maps [B,H,W] of images [B,H,W,C] in [-1, 1].
+
+    apply_fn(params, x [n,p,p,C], t [n] in [0,1), y [n] or None) -> eps_hat [n,p,p,C].
+    All B*P patches go through ONE network call at timestep t_score.
+    """
+    b, h, w, c = images.shape
+    patches, origins = extract_patches(images, rc.patch_size, rc.patch_stride)
+    num_patches = len(origins)
+    x0 = patches.reshape((b * num_patches,) + patches.shape[2:])
+    eps = jnp.broadcast_to(noise[None], (b,) + noise.shape).reshape(x0.shape)
+    ab = float(schedule_of(rc)[rc.t_score])
+    x_t = q_sample(x0, eps, ab)
+    t = jnp.full((x0.shape[0],), rc.t_score / rc.num_steps, jnp.float32)
+    y = None if class_ids is None else jnp.repeat(class_ids, num_patches)
+    eps_hat = apply_fn(params, x_t, t, y).astype(jnp.float32)
+    d = eps_hat - eps if rc.map_kind == "eps_diff" else eps_hat
+    per_patch = reduce_channels(d, rc.channel_reduce).reshape(b, num_patches, rc.patch_size, rc.patch_size)
+    return stitch(per_patch, origins, h, w)
+
+
+def radar_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None):
+    """images [B,H,W,C] in [-1, 1] -> (Sobel maps [B,H,W], features [B,2])."""
+    m = gaussian_smooth(noise_maps(apply_fn, params, images, noise, rc, class_ids), rc.sobel_smooth_sigma)
+    s = sobel(m)
+    return s, features(s, rc.patch_size, rc.patch_stride, rc.feature_local)
+
+
+class RadarScorer:
+    """The jitted RADAR scoring path.
+
+    apply_fn(params, x [n,p,p,C], t [n], y [n] or None) -> eps_hat [n,p,p,C] (the U-Net in
+    eval mode). Images are spread over `devices` (default: all local devices),
+    `image_batch` per device per call, padded, so every call has the same shapes and
+    nothing recompiles.
+    """
+
+    def __init__(self, apply_fn, settings: RadarSettings, image_shape, devices=None):
+        self.config = settings
+        self.image_shape = tuple(int(s) for s in image_shape)
+        validate_settings(settings, self.image_shape)
+        self.origins = patch_origins(self.image_shape[0], self.image_shape[1], settings.patch_size,
+                                     settings.patch_stride)
+        self.noise = radar_noise(jax.random.PRNGKey(settings.noise_seed), len(self.origins), settings.patch_size,
+                                 self.image_shape[2])
+
+        def local(params, images_u8, class_ids, noise):
+            return radar_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids)
+
+        self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 1, 2, devices)
+        self.mesh = self._batches.mesh
+
+    def maps_and_features(self, params, images, class_ids=None):
+        """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,2])."""
+        return self._batches(params, images, class_ids, self.noise)
+
+    def score(self, params, images, class_ids=None, fitted=None):
+        """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], scores float32 [N]): the
+        score is -decision_function of the forest in `fitted` (higher = more anomalous;
+        above 0 exactly where the forest labels the image anomalous)."""
+        maps, feats = self.maps_and_features(params, images, class_ids)
+        return maps, forest_lib.score(forest_lib.from_fitted(fitted), feats)

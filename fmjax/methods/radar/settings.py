@@ -1,0 +1,103 @@
+"""RADAR's settings, presets and checks (docs/method.md, section 2). Every field is a
+choice the paper leaves open. Pure Python: the config imports this module without JAX."""
+from __future__ import annotations
+
+import dataclasses
+
+from fmjax.errors import ConfigError
+
+__all__ = ["NEUTRAL", "PRESETS", "TRAINING", "RadarSettings", "Settings", "check_patch", "validate"]
+
+SCHEDULES = ("linear", "cosine")
+MAP_KINDS = ("eps_diff", "eps_hat")
+CHANNEL_REDUCTIONS = ("l2", "mean_abs")
+LOCAL_FEATURES = ("max_patch_l2",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RadarSettings:
+    schedule: str = "linear"  # linear | cosine (Nichol & Dhariwal, s = 0.008)
+    num_steps: int = 1000  # DDPM timesteps
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02  # linear schedule only
+    t_score: int = 250  # the single noising timestep used at test time, in 0..num_steps-1
+    map_kind: str = "eps_diff"  # eps_diff: eps_hat - eps | eps_hat: the prediction alone
+    channel_reduce: str = "l2"  # l2: sqrt(sum_c d^2) | mean_abs: mean_c |d|
+    patch_size: int = 32  # training crops and scoring patches (square)
+    patch_stride: int = 16  # scoring patch stride; the last row/column is shifted to the border
+    feature_local: str = "max_patch_l2"  # local feature: max over patches of the patch L2 norm
+    # Isolation Forest. contamination: fraction of the (normal) training features the forest
+    # places beyond its threshold, so 0.05 puts the threshold at the 5% least typical
+    # training normal; "auto" uses the original Isolation Forest offset (score 0.5).
+    contamination: float | str = 0.05
+    n_estimators: int = 200
+    max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
+    forest_seed: int = 0
+    noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
+    sobel_smooth_sigma: float = 0.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off
+    image_batch: int = 4  # images per device per jitted scoring call (padded: no recompiles)
+    use_ema: bool = True
+
+
+Settings = RadarSettings
+
+PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2)}
+NEUTRAL = ("image_batch",)  # changes neither the features nor the forest
+TRAINING = ("schedule", "num_steps", "beta_start", "beta_end")  # the trained network's noise schedule
+
+
+def check_patch(patch: int, stride: int, image_shape=None) -> None:
+    """ConfigError unless square patches of side `patch` at `stride` tile an image of
+    `image_shape` (H, W[, C]) without gaps."""
+    if patch < 1:
+        raise ConfigError(f"patch size must be >= 1, got {patch}")
+    if stride < 1:
+        raise ConfigError(f"patch stride must be >= 1, got {stride}")
+    if stride > patch:
+        raise ConfigError(f"patch stride {stride} exceeds patch size {patch}: pixels between patches would be missed")
+    if image_shape is not None and (patch > image_shape[0] or patch > image_shape[1]):
+        raise ConfigError(f"patch size {patch} is larger than the image {image_shape[0]}x{image_shape[1]}")
+
+
+def validate_settings(rc: RadarSettings, image_shape=None, channel_mult=None) -> None:
+    """ConfigError (one line) for settings that cannot work; image_shape (H, W[, C]) adds
+    the patch-against-image checks, channel_mult the U-Net's divisibility of the patch."""
+    if rc.schedule not in SCHEDULES:
+        raise ConfigError(f"score.schedule must be one of {', '.join(SCHEDULES)}, got {rc.schedule!r}")
+    if rc.num_steps < 2:
+        raise ConfigError(f"score.num_steps must be >= 2, got {rc.num_steps}")
+    if rc.schedule == "linear" and not 0.0 < rc.beta_start <= rc.beta_end < 1.0:
+        raise ConfigError(f"score.beta_start/beta_end must satisfy 0 < start <= end < 1, "
+                          f"got {rc.beta_start}, {rc.beta_end}")
+    if not 0 <= rc.t_score < rc.num_steps:
+        raise ConfigError(f"score.t_score must be in 0..{rc.num_steps - 1}, got {rc.t_score}")
+    for name, value, known in (("map_kind", rc.map_kind, MAP_KINDS),
+                               ("channel_reduce", rc.channel_reduce, CHANNEL_REDUCTIONS),
+                               ("feature_local", rc.feature_local, LOCAL_FEATURES)):
+        if value not in known:
+            raise ConfigError(f"score.{name} must be one of {', '.join(known)}, got {value!r}")
+    check_patch(rc.patch_size, rc.patch_stride, image_shape)
+    if isinstance(rc.contamination, str):
+        if rc.contamination != "auto":
+            raise ConfigError(f"score.contamination must be a number in (0, 0.5] or 'auto', got {rc.contamination!r}")
+    elif not 0.0 < rc.contamination <= 0.5:
+        raise ConfigError(f"score.contamination must be in (0, 0.5] or 'auto', got {rc.contamination}")
+    if rc.n_estimators < 1 or rc.max_samples < 0:
+        raise ConfigError("score.n_estimators must be >= 1 and score.max_samples >= 0")
+    if rc.image_batch < 1:
+        raise ConfigError(f"score.image_batch must be >= 1, got {rc.image_batch}")
+    if not rc.sobel_smooth_sigma >= 0:
+        raise ConfigError(f"score.sobel_smooth_sigma must be >= 0, got {rc.sobel_smooth_sigma}")
+    if channel_mult is not None:
+        factor = 2 ** (len(channel_mult) - 1)
+        if rc.patch_size % factor:
+            raise ConfigError(f"score.patch_size {rc.patch_size} must be divisible by {factor} "
+                              f"for net.channel_mult {tuple(channel_mult)}")
+
+
+def validate(config) -> None:
+    """ConfigError for RADAR settings `config.score` that cannot work with this config."""
+    size = config.data.image_size
+    validate_settings(config.score, (size, size), config.net.channel_mult)
+    if config.net.num_classes:
+        raise ConfigError("method radar trains an unconditional network: set net.num_classes=0")

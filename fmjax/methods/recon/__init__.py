@@ -1,0 +1,1 @@
+"""The flow reconstruction baseline: settings.py (pure Python), scorer.py, method.py."""

@@ -1,0 +1,82 @@
+"""`fmjax bench`: the figures are computed from what they claim (one tiny-preset run)."""
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.app import allocator, bench
+from fmjax.app.cli import main
+
+KEYS = ("scorer_vs_loop", "scorer_vs_forward", "train_vs_forward", "scorer_peak_fraction", "peak_gflops",
+        "scorer_gflops", "train_images_per_s", "score_images_per_s", "compile_s", "peak_rss_mb")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """`fmjax bench --quick --json` on the tiny preset at 16x16, K=2, T=3, one image."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "QUICK_SCORING", [("tiny", 16, 2, 3, 1)])
+        patch.setattr(bench, "QUICK_TRAINING", [("tiny", 16)])
+        out = tmp_path_factory.mktemp("bench") / "bench.json"
+        assert main(["bench", "--quick", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_timed_alternating_interleaves_the_calls_after_the_warmup_and_takes_medians():
+    calls = []
+
+    def sleeper(name, seconds):
+        def call():
+            calls.append(name)
+            time.sleep(seconds[len([c for c in calls if c == name]) - 1])
+        return call
+
+    # a: the first call (compiling) and the warm-up slow, then one slow timed call of three
+    # (a mean, or a timed warm-up, would put a above 0.1 s)
+    a = sleeper("a", [0.3, 0.3, 0.001, 0.5, 0.001])
+    b = sleeper("b", [0.0, 0.1, 0.1, 0.1, 0.1])
+    (first_a, median_a), (_, median_b) = bench.timed_alternating([a, b], 3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "a", "b"]
+    assert first_a >= 0.3 and 0.001 <= median_a < 0.1 <= median_b < 0.2
+
+
+def test_flops_of_counts_a_matmul_exactly():
+    f = jax.jit(lambda a, b: a @ b)
+    assert bench.flops_of(f, jnp.ones((8, 16)), jnp.ones((16, 4))) == 2 * 8 * 16 * 4
+
+
+def test_json_has_every_key_and_the_summary_is_the_headline_case(bench_run):
+    for key in KEYS:
+        assert isinstance(bench_run[key], float) and np.isfinite(bench_run[key]) and bench_run[key] > 0, key
+    assert bench_run["scorer_peak_fraction"] == pytest.approx(bench_run["scorer_gflops"] / bench_run["peak_gflops"])
+    devices = jax.local_device_count()
+    assert [c["devices"] for c in bench_run["scoring"]] == [devices, 1]
+    assert [c["devices"] for c in bench_run["training"]] == [devices, 1]
+    head, one = bench_run["scoring"]
+    assert bench_run["score_images_per_s"] == head["score_images_per_s"]
+    assert bench_run["score_images_per_s_1_device"] == one["score_images_per_s"]
+    assert bench_run["train_images_per_s_1_device"] == bench_run["training"][1]["train_images_per_s"]
+    assert bench_run["allocator"] == allocator.loaded_allocator()
+
+
+def test_scoring_figures_match_the_loop_and_their_ratios(bench_run):
+    case = bench_run["scoring"][0]
+    assert case["max_abs_diff"] < 1e-3  # the scorer's maps are the plain loop's
+    assert case["scorer_evals_per_s"] == pytest.approx(case["score_images_per_s"] * 2 * 3)
+    assert case["scorer_vs_forward"] == pytest.approx(case["scorer_evals_per_s"] / case["forward_evals_per_s"])
+    assert case["scorer_gflops"] == pytest.approx(case["gflops_per_eval"] * case["scorer_evals_per_s"])
+    assert case["scorer_vs_loop"] == pytest.approx(case["score_images_per_s"] / case["loop_images_per_s"])
+    # a U-Net forward costs more than one 3x3 convolution to 16 channels on its input
+    assert case["gflops_per_eval"] * 1e9 > 2 * 9 * 16 * 16 * 16
+    assert "scorer_vs_loop" not in bench_run["scoring"][1]  # the loop runs once, on all devices
+
+
+def test_training_figures(bench_run):
+    for case in bench_run["training"]:
+        assert case["batch_size"] == 8
+        assert case["train_images_per_s"] == pytest.approx(case["batch_size"] / case["step_s"])
+        assert case["train_vs_forward"] == pytest.approx(case["step_s"] / case["forward_s"])
+        assert case["train_vs_forward"] > 1.0  # a step is a forward plus a backward and an update

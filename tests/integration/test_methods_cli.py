@@ -1,0 +1,211 @@
+"""RADAR and flow reconstruction through the command line: train -> evaluate -> predict on
+the tiny MVTec-layout tree of test_cli, the stored Isolation Forest (same labels after a
+restore, identical metrics on every evaluation), method configs and a bad --method."""
+import csv
+import json
+import math
+import os
+import pathlib
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from helpers import (CATEGORY, METRIC_KEYS, SIZE, TEST_IDS, TRAIN_ARGS, H, W, assert_image_metrics_from_csv,
+                     assert_one_line_error, cli, image_scores_csv)
+
+from fmjax import runs
+from fmjax.app.cli import main
+from fmjax.config import Config
+from fmjax.methods.radar import forest as forest_lib
+
+RADAR_KEYS = ("radar_accuracy", "radar_precision", "radar_recall", "radar_f1")
+METHODS = ("radar", "recon")
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """{method: run folder}, each trained once through the CLI."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method in METHODS:
+        out[method] = root / method
+        code = main(["train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", str(out[method]),
+                     "--method", method, *TRAIN_ARGS])
+        assert code == 0, method
+    return out
+
+
+def read_scores_csv(path):
+    with open(path, newline="") as f:
+        return {row["image"]: row for row in csv.DictReader(f)}
+
+
+def copy_inputs(data_root, dest):
+    dest.mkdir()
+    for defect, name in [("crack", "000"), ("crack", "001"), ("good", "000"), ("good", "001")]:
+        shutil.copy(data_root / CATEGORY / "test" / defect / f"{name}.png", dest / f"{defect}_{name}.png")
+    return dest
+
+
+# ----------------------------------------------------------------------------- train, evaluate, predict
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_writes_a_run(trained, method):
+    run = trained[method]
+    for name in ("config.json", "data.json", "calibration.json", "train_log.jsonl"):
+        assert (run / name).is_file(), name
+    assert any((run / "checkpoints").iterdir())
+    assert (run / runs.CALIBRATION_ARRAYS).is_file() == (method == "radar")
+    assert (run / "manifest.json").is_file()
+    config = Config.from_json((run / "config.json").read_text())
+    assert (config.method, config.train.steps, config.data.channels) == (method, 4, 3)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 4
+    for record in log:
+        for key in ("loss", "grad_norm", "images_per_s"):
+            assert math.isfinite(record[key]), (key, record)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_evaluate_then_predict(trained, data_root, method, tmp_path, capsys):
+    run = trained[method]
+    maps_dir, pictures_dir = tmp_path / "maps", tmp_path / "pictures"
+    code, out, err = cli(capsys, "evaluate", "--run", run, "--maps-out", maps_dir, "--pictures-out", pictures_dir)
+    assert code == 0, err
+    assert CATEGORY in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    keys = METRIC_KEYS + (RADAR_KEYS if method == "radar" else ())
+    for key in keys:
+        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    assert metrics["method"] == method and metrics["num_test_images"] == 6
+    if method == "radar":
+        # 16x16 image, 8x8 patches at stride 4: a 3x3 grid, one network call
+        assert (metrics["network_calls_per_image"], metrics["sequential_calls_per_image"]) == (9, 1)
+        assert metrics["radar_f1"] == metrics["image_f1_at_threshold"]
+    else:
+        assert (metrics["network_calls_per_image"], metrics["sequential_calls_per_image"]) == (4, 4)
+        assert not any(key in metrics for key in RADAR_KEYS)
+    tiffs = sorted(p.relative_to(maps_dir).as_posix() for p in maps_dir.rglob("*.tiff"))
+    assert tiffs == sorted(f"{CATEGORY}/test/{defect}/{name}.tiff" for defect, name in TEST_IDS)
+    heat = tifffile.imread(maps_dir / tiffs[0])
+    assert heat.shape == (H, W) and heat.dtype == np.float32 and np.isfinite(heat).all()
+    assert (pictures_dir / "overview.png").is_file()
+    rows = image_scores_csv(maps_dir / CATEGORY / "image_scores.csv")
+    assert sorted(f"{CATEGORY}/{image}.tiff" for image in rows) == tiffs
+    assert_image_metrics_from_csv(rows, metrics)
+    if method == "radar":  # the forest's decision: score > 0
+        assert all(anomalous == str(int(score > 0)) for _, score, anomalous in rows.values())
+
+    inputs = copy_inputs(data_root, tmp_path / "inputs")
+    out_dir = tmp_path / "predictions"
+    code, _, err = cli(capsys, "predict", "--run", run, "--input", inputs, "--out", out_dir)
+    assert code == 0, err
+    rows = read_scores_csv(out_dir / "scores.csv")
+    assert sorted(rows) == sorted(p.stem for p in inputs.iterdir())
+    for row in rows.values():
+        assert math.isfinite(float(row["score"])) and row["anomalous"] in ("0", "1")
+    assert len(list((out_dir / "overlays").glob("*.png"))) == len(list((out_dir / "maps").glob("*.tiff"))) == 4
+    # predict and evaluate share the scoring path
+    np.testing.assert_allclose(tifffile.imread(out_dir / "maps" / "crack_000.tiff"),
+                               tifffile.imread(maps_dir / CATEGORY / "test" / "crack" / "000.tiff"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_radar_evaluate_twice_is_identical(trained, capsys):
+    results = []
+    for _ in range(2):
+        code, _, err = cli(capsys, "evaluate", "--run", trained["radar"])
+        assert code == 0, err
+        results.append(json.loads((trained["radar"] / "metrics.json").read_text()))
+    keys = METRIC_KEYS + RADAR_KEYS + ("image_f1_at_threshold", "network_calls_per_image")
+    assert {k: results[0][k] for k in keys} == {k: results[1][k] for k in keys}
+
+
+def test_restored_radar_run_gives_the_forests_labels(trained, data_root, tmp_path, capsys):
+    run_dir = trained["radar"]
+    inputs = copy_inputs(data_root, tmp_path / "inputs")
+    code, _, err = cli(capsys, "predict", "--run", run_dir, "--input", inputs, "--out", tmp_path / "pred")
+    assert code == 0, err
+    rows = read_scores_csv(tmp_path / "pred" / "scores.csv")
+    from fmjax.data import folder
+
+    run = runs.load_run(str(run_dir))
+    images, names, _ = folder.load_images(str(inputs), SIZE, 3)
+    # the stored forest, read on its own, on features of a freshly restored model
+    forest = forest_lib.from_fitted(runs.load_fitted(str(run_dir)))
+    features = lambda images: run.scorer.maps_and_features(run.params, images)[1]
+    scores = forest_lib.score(forest, features(images))
+    labels = (scores > 0).astype(int)
+    assert [int(rows[n]["anomalous"]) for n in names] == labels.tolist()
+    np.testing.assert_allclose([float(rows[n]["score"]) for n in names], scores, rtol=1e-5, atol=1e-6)
+    maps, run_scores = run.score(images)
+    np.testing.assert_array_equal(run.decide(run_scores), labels)
+    # the forest was fitted on the normal training images: mostly inliers there
+    train_scores = forest_lib.score(forest, features(folder.load_images(
+        str(data_root / CATEGORY / "train" / "good"), SIZE, 3)[0]))
+    assert (train_scores > 0).mean() <= 0.25
+
+
+def test_radar_scoring_override_refits_without_touching_the_run(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained["radar"], run)
+    forest_bytes = (run / runs.CALIBRATION_ARRAYS).read_bytes()
+    code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "score.t_score=100")
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in RADAR_KEYS)
+    assert (run / runs.CALIBRATION_ARRAYS).read_bytes() == forest_bytes
+    assert Config.from_json((run / "config.json").read_text()).score.t_score == 250
+    code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "score.schedule=cosine")
+    assert_one_line_error(code, err)
+
+
+# ----------------------------------------------------------------------------- run folders from elsewhere
+
+class _TouchesFile:
+    """Unpickling this touches a file: the stand-in for code a crafted pickle would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_a_crafted_forest_is_refused_and_never_runs(trained, tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    run = tmp_path / "run"
+    shutil.copytree(trained["radar"], run)
+    # a pickle where the forest's arrays belong, and a forest file of the earlier layout
+    np.savez(run / runs.CALIBRATION_ARRAYS, forest_children_left=np.array([_TouchesFile(marker)], dtype=object))
+    (run / "radar_forest.pkl").write_bytes(pickle.dumps(_TouchesFile(marker)))
+    code, _, err = cli(capsys, "evaluate", "--run", run)  # the manifest names the changed file
+    assert_one_line_error(code, err)
+    assert runs.CALIBRATION_ARRAYS in err and not marker.exists()
+    os.remove(run / "manifest.json")  # without it, the arrays are read without unpickling
+    for command in (["evaluate", "--run", run], ["predict", "--run", run, "--input", run / "..", "--out",
+                                                  tmp_path / "pred"]):
+        code, _, err = cli(capsys, *command)
+        assert_one_line_error(code, err)
+        assert not marker.exists()
+    # well-formed arrays that describe no tree (a node that is its own child) are refused too
+    fitted = runs.load_fitted(str(trained["radar"]))
+    arrays = dict(fitted.arrays)
+    arrays["forest_children_left"] = arrays["forest_children_left"].copy()
+    arrays["forest_children_left"][0] = 0
+    np.savez(run / runs.CALIBRATION_ARRAYS, **arrays)
+    code, _, err = cli(capsys, "evaluate", "--run", run)
+    assert_one_line_error(code, err)
+    assert "damaged" in err
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_method(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", out,
+                       "--method", "nope", *TRAIN_ARGS)
+    assert_one_line_error(code, err)
+    assert "nope" in err and not out.exists()

@@ -1,0 +1,76 @@
+"""`--category all`: one model on every category (grey and colour mixed), per-category rows."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from helpers import CATEGORY, TRAIN_ARGS, assert_image_metrics_from_csv, cli, image_scores_csv, make_tree
+
+from fmjax import data as data_lib
+from fmjax.app.cli import main
+from fmjax.config import preset
+
+
+@pytest.fixture(scope="module")
+def two_category_root(tmp_path_factory):
+    root = make_tree(tmp_path_factory.mktemp("data"))
+    # a second, grey category: the widget tree converted to "L"
+    for path in sorted((root / CATEGORY).rglob("*.png")):
+        dest = root / "gadget" / path.relative_to(root / CATEGORY)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.open(path)
+        (image if "ground_truth" in str(path) else image.convert("L")).save(dest)
+    return root
+
+
+def test_load_all_mixes_grey_into_colour(two_category_root):
+    config = preset("tiny").data
+    datasets = data_lib.load_all(f"folder:{two_category_root}", config)
+    assert [d.category for d in datasets] == ["gadget", "widget"]
+    assert {d.train.images.shape[-1] for d in datasets} == {3}
+    gadget = datasets[0].train.images
+    np.testing.assert_array_equal(gadget[..., 0], gadget[..., 2])  # grey copied to all channels
+    train = data_lib.unified_train(datasets)
+    assert len(train) == sum(len(d.train) for d in datasets)
+    np.testing.assert_array_equal(train.class_ids, np.repeat([0, 1], [len(d.train) for d in datasets]))
+    assert not train.labels.any()  # anomaly labels: every training image is normal
+
+
+def test_unified_train_and_evaluate(two_category_root, tmp_path, capsys):
+    run = tmp_path / "all_run"
+    code, _, err = cli(capsys, "train", "--data", f"folder:{two_category_root}", "--category", "all",
+                       "--out", run, *TRAIN_ARGS, "--set", "net.num_classes=2")
+    assert code == 0, err
+    info = json.loads((run / "data.json").read_text())
+    assert info == {"spec": f"folder:{two_category_root}", "category": "all", "categories": ["gadget", "widget"]}
+    maps = tmp_path / "maps"
+    code, out, err = cli(capsys, "evaluate", "--run", run, "--maps-out", maps)
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = metrics["per_category"]
+    assert [r["category"] for r in rows] == ["gadget", "widget"]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert metrics[key] == pytest.approx(np.mean([r[key] for r in rows]))
+    assert "gadget" in out and "widget" in out and "mean" in out
+    for cat, row in zip(("gadget", "widget"), rows):
+        tiffs = sorted((maps / cat / "test").rglob("*.tiff"))
+        assert len(tiffs) == 6 and tifffile.imread(tiffs[0]).shape == (20, 24)
+        assert_image_metrics_from_csv(image_scores_csv(maps / cat / "image_scores.csv"), row)
+
+    # one category of the unified run gives the same row as in the full evaluation
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    code, _, err = cli(capsys, "evaluate", "--run", copy, "--category", "widget")
+    assert code == 0, err
+    single = json.loads((copy / "metrics.json").read_text())
+    assert single["image_auroc"] == rows[1]["image_auroc"] and single["aupro"] == rows[1]["aupro"]
+
+
+def test_unified_rejects_wrong_class_count(two_category_root, tmp_path, capsys):
+    code = main(["train", "--data", f"folder:{two_category_root}", "--category", "all", "--out",
+                 str(tmp_path / "r"), *TRAIN_ARGS, "--set", "net.num_classes=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_classes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

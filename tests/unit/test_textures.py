@@ -1,0 +1,149 @@
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.morphology import skeletonize
+
+from fmjax.config import TexturesConfig
+from fmjax.data import textures
+from fmjax.data.base import DataError
+
+SIZE = 32
+CONFIG = TexturesConfig(crop_size=64, num_train=6, num_test=40, anomaly_fraction=0.75, seed=3)
+
+
+@pytest.fixture(scope="module", params=textures.TEXTURES)
+def loaded(request):
+    name = request.param
+    return name, textures.load_textures(name, SIZE, CONFIG), textures.clean_crops(name, CONFIG, SIZE)
+
+
+def test_shapes_labels_names(loaded):
+    name, ds, _ = loaded
+    s = SIZE
+    assert (ds.name, ds.category) == ("textures", name)
+    assert ds.train.images.shape == (6, s, s, 1) and ds.train.images.dtype == np.uint8
+    assert ds.test.images.shape == (40, s, s, 1) and ds.test.masks.shape == (40, s, s)
+    assert ds.train.labels.sum() == 0 and ds.train.masks.sum() == 0
+    assert ds.train.names[0] == "train/good/000"
+    assert ds.test.labels.dtype == np.int32 and ds.test.labels.sum() == 30
+    for label, kind, name_, mask in zip(ds.test.labels, ds.test.defect_types, ds.test.names, ds.test.masks):
+        assert (kind != "good") == bool(label) == bool(mask.any())
+        assert name_.split("/")[:2] == ["test", kind]
+    assert set(ds.test.defect_types) == {"good", *textures.DEFECT_KINDS}
+    assert ds.test.full_masks is None
+    assert (ds.test.original_sizes == [s, s]).all() and ds.test.original_sizes.dtype == np.int32
+
+
+@pytest.mark.parametrize("fraction,num_test,expected", [(0.5, 5, 3), (0.3, 7, 2), (0.0, 4, 0), (1.0, 3, 3)])
+def test_anomaly_count(fraction, num_test, expected):
+    config = dataclasses.replace(CONFIG, num_train=1, num_test=num_test, anomaly_fraction=fraction)
+    ds = textures.load_textures("gravel", SIZE, config)
+    assert ds.test.labels.sum() == expected
+    assert len(ds.test) == num_test
+
+
+def test_defect_requirements(loaded):
+    _, ds, (_, clean) = loaded
+    img = ds.test.images[..., 0]
+    for i in range(len(ds.test)):
+        mask = ds.test.masks[i].astype(bool)
+        assert set(np.unique(ds.test.masks[i])) <= {0, 1}
+        # pixels outside the mask are bit-identical to the clean crop
+        assert (img[i][~mask] == clean[i][~mask]).all()
+        if not ds.test.labels[i]:
+            continue
+        area = mask.mean()
+        assert 0.005 <= area <= 0.08, (i, area)
+        change = np.abs(img[i].astype(float) - clean[i])
+        assert (change[mask] > 0).mean() >= 0.9
+        contrast = change[mask].mean() / clean[i].std()
+        assert 0.3 <= contrast <= 1.5, (i, ds.test.defect_types[i], contrast)
+        saturated = lambda x: ((x == 0) | (x == 255)).sum()
+        assert saturated(img[i]) <= saturated(clean[i])
+        # one defect: a single main connected part
+        parts, count = ndimage.label(mask, np.ones((3, 3)))
+        assert np.bincount(parts.ravel())[1:].max() >= 0.8 * mask.sum()
+
+
+def test_normal_test_crops_untouched(loaded):
+    _, ds, (_, clean) = loaded
+    good = ds.test.labels == 0
+    assert (ds.test.images[good, ..., 0] == clean[good]).all()
+    assert ds.test.masks[good].sum() == 0
+
+
+@pytest.mark.parametrize("kind", textures.DEFECT_KINDS)
+def test_each_kind_at_default_size(kind):
+    config = TexturesConfig(crop_size=128, num_train=0, num_test=12, seed=1)
+    _, clean = textures.clean_crops("brick", config, 64)
+    widths = []
+    for i, crop in enumerate(clean):
+        rng = np.random.default_rng(i)
+        donor = textures.donor_patch("brick", config, 64, rng)
+        image, mask = textures.add_defect(crop, kind, rng, donor)
+        assert textures.defect_ok(crop, image, mask)
+        assert (image[mask == 0] == crop[mask == 0]).all() and mask.any()
+        m = mask.astype(bool)
+        if kind == "scratch":
+            widths.append(m.sum() / skeletonize(m).sum())
+        else:  # solid regions: few holes
+            assert ndimage.binary_fill_holes(m).sum() <= 1.1 * m.sum()
+    if kind == "scratch":
+        assert max(widths) <= 4.0, widths  # thin lines, a few pixels at most
+
+
+def test_cutpaste_uses_another_texture():
+    config = TexturesConfig(crop_size=64, seed=0)
+    rng = np.random.default_rng(0)
+    donor = textures.donor_patch("grass", config, 32, rng)
+    assert donor.shape == (32, 32) and donor.dtype == np.uint8
+    with pytest.raises(DataError):
+        textures.add_defect(donor, "cutpaste", rng, None)
+    with pytest.raises(DataError, match="known"):
+        textures.add_defect(donor, "dent", rng, donor)
+
+
+def test_deterministic_and_seeded():
+    a = textures.load_textures("grass", SIZE, CONFIG)
+    b = textures.load_textures("grass", SIZE, CONFIG)
+    c = textures.load_textures("grass", SIZE, dataclasses.replace(CONFIG, seed=4))
+    for split in ("train", "test"):
+        x, y, z = (getattr(d, split) for d in (a, b, c))
+        assert (x.images == y.images).all() and (x.masks == y.masks).all() and x.names == y.names
+        assert not (x.images == z.images).all()
+    assert a.test.defect_types == b.test.defect_types
+
+
+def test_crop_boxes_respect_halves():
+    for config, size in ((CONFIG, SIZE), (TexturesConfig(crop_size=256, num_train=20, num_test=20), 64)):
+        train, test = textures.crop_boxes("brick", config, size)
+        c = config.crop_size
+        assert train.shape == (config.num_train, 4) and test.shape == (config.num_test, 4)
+        assert (train[:, 0] >= 0).all() and (train[:, 2] <= 256).all()
+        assert (test[:, 0] >= 256).all() and (test[:, 2] <= 512).all()
+        assert (train[:, 2] - train[:, 0] == c).all() and (test[:, 3] - test[:, 1] == c).all()
+        assert (train[:, 1] >= 0).all() and (test[:, 3] <= 512).all()
+    train, test = textures.crop_boxes("brick", CONFIG, SIZE)
+    assert len({tuple(b) for b in train}) > 1  # random positions, not one fixed crop
+
+
+def test_crops_come_from_boxes():
+    train_boxes, test_boxes = textures.crop_boxes("gravel", CONFIG, SIZE)
+    train, test = textures.clean_crops("gravel", CONFIG, SIZE)
+    photo = textures.texture_photo("gravel").astype(float)
+    for crops, boxes in ((train, train_boxes), (test, test_boxes)):
+        top, left, bottom, right = boxes[0]
+        # 64 -> 32 area resize is the mean of 2x2 blocks
+        expected = photo[top:bottom, left:right].reshape(32, 2, 32, 2).mean(axis=(1, 3))
+        assert np.abs(crops[0] - expected).max() <= 1.0
+
+
+def test_bad_arguments():
+    with pytest.raises(DataError, match="brick, grass, gravel"):
+        textures.load_textures("marble", SIZE, CONFIG)
+    with pytest.raises(DataError, match="crop_size"):
+        textures.load_textures("brick", SIZE, dataclasses.replace(CONFIG, crop_size=300))
+    with pytest.raises(DataError, match="anomaly_fraction"):
+        textures.load_textures("brick", SIZE, dataclasses.replace(CONFIG, anomaly_fraction=1.5))

@@ -1,0 +1,305 @@
+"""The training loop: the loss falls, the JSONL log, bit-exact resume, the guards against
+overwriting and config drift, batch order, the optimizer's update-RMS clip, time samplers,
+patch crops, NaN detection, one-device vs two-device equivalence, and the packed gradient
+all-reduce."""
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax.sharding import PartitionSpec as P
+
+from fmjax import flow
+from fmjax.config import TrainConfig, preset
+from fmjax.distributed.collectives import PACKED_LEAF_SIZE, psum_packed
+from fmjax.distributed.mesh import data_mesh, devices_for_batch
+from fmjax.errors import TrainError
+from fmjax.methods import registry
+from fmjax.nets.unet import build_model
+from fmjax.training import loop
+from fmjax.training.checkpoints import checkpoint_manager, restore_state
+from fmjax.training.loop import batch_indices
+from fmjax.training.state import init_state, make_optimizer
+from fmjax.training.step import Augment, augment, make_step_fn
+
+
+def train(config, images, run_dir, **kwargs):
+    """The shared loop with the config's method's objective (flow matching here)."""
+    return loop.train(config, registry.get(config.method).objective(config), images, run_dir, **kwargs)
+
+
+def structured_images(n=16, size=16):
+    """Grey uint8 [n, size, size, 1]: sinusoidal stripes in 4 orientations x 4 frequencies."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = []
+    for i in range(n):
+        angle = (i % 4) * np.pi / 4
+        freq = 0.3 + 0.1 * (i // 4)
+        out.append(127.5 + 120.0 * np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * freq))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)[..., None]
+
+
+IMAGES = structured_images()
+SHAPE = IMAGES.shape[1:]
+
+
+def tiny(**train_fields):
+    config = preset("tiny")
+    return config.replace(train=dataclasses.replace(config.train, **train_fields))
+
+
+STEPS = 60
+CONFIG = tiny(steps=STEPS, log_every=10, checkpoint_every=1000)  # checkpoints at the last step only
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def leaves(tree):
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def assert_trees_equal(a, b):
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted 60-step run on the stripes: (run_dir, final state)."""
+    run_dir = str(tmp_path_factory.mktemp("run_a"))
+    state = train(CONFIG, IMAGES, run_dir, progress=False)
+    return run_dir, state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def test_loss_falls(trained):
+    log = read_log(trained[0])
+    first, last = log[0]["loss"], log[-1]["loss"]
+    assert last < 0.7 * first, [r["loss"] for r in log]
+
+
+def test_log_has_one_line_per_logged_step(trained):
+    run_dir, state = trained
+    log = read_log(run_dir)
+    assert [r["step"] for r in log] == list(range(10, STEPS + 1, 10))
+    for record in log:
+        assert set(record) == {"step", "loss", "grad_norm", "images_per_s"}
+        assert math.isfinite(record["loss"]) and record["loss"] > 0
+        assert math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
+        assert math.isfinite(record["images_per_s"]) and record["images_per_s"] > 0
+    assert int(state.step) == STEPS
+    assert checkpoint_manager(run_dir).latest_step() == STEPS
+
+
+def test_resume_is_bit_exact(trained, tmp_path):
+    run_a, state_a = trained
+    run_b = str(tmp_path / "run_b")
+    stopped = train(CONFIG, IMAGES, run_b, progress=False, stop_at=25)
+    assert int(stopped.step) == 25
+    assert checkpoint_manager(run_b).latest_step() == 25
+    state_b = train(CONFIG, IMAGES, run_b, progress=False, resume=True)
+    assert int(state_b.step) == STEPS
+
+    assert_trees_equal(state_a.params, state_b.params)
+    assert_trees_equal(state_a.ema_params, state_b.ema_params)
+    restored_a = restore_state(run_a, CONFIG, SHAPE)
+    restored_b = restore_state(run_b, CONFIG, SHAPE)
+    assert int(restored_a.step) == int(restored_b.step) == STEPS
+    for restored in (restored_a, restored_b):
+        assert_trees_equal(state_a.params, restored.params)
+        assert_trees_equal(state_a.ema_params, restored.ema_params)
+    assert_trees_equal(restored_a.opt_state, restored_b.opt_state)
+
+    # the log goes on where it stopped (a line at the stop), with the same losses as run A
+    log_a = {r["step"]: r["loss"] for r in read_log(run_a)}
+    log_b = read_log(run_b)
+    assert [r["step"] for r in log_b] == [10, 20, 25, 30, 40, 50, 60]
+    for record in log_b:
+        if record["step"] in (10, 20, 40, 50, 60):
+            assert record["loss"] == log_a[record["step"]]
+
+
+def test_refuses_to_overwrite_or_resume_another_config(trained, tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(trained[0], run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = f.read()
+    with pytest.raises(TrainError, match="already holds checkpoints"):
+        train(CONFIG, IMAGES, run_dir, progress=False)
+    other = tiny(steps=STEPS, log_every=10, checkpoint_every=1000, learning_rate=5e-4)
+    with pytest.raises(TrainError, match="differs"):
+        train(other, IMAGES, run_dir, progress=False, resume=True)
+    # nothing was touched
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert f.read() == saved
+    assert checkpoint_manager(run_dir).all_steps() == [STEPS]
+    assert len(read_log(run_dir)) == len(read_log(trained[0]))
+
+
+def test_nan_learning_rate_stops_with_the_step(tmp_path):
+    config = tiny(steps=6, log_every=2, checkpoint_every=2, learning_rate=float("nan"))
+    run_dir = str(tmp_path / "nan")
+    # step 1 uses the finite initial params; its NaN update makes step 2's loss NaN
+    with pytest.raises(TrainError, match=r"step 2\b"):
+        train(config, IMAGES, run_dir, progress=False)
+    assert checkpoint_manager(run_dir).latest_step() is None  # the NaN state was not saved
+
+
+def test_one_and_two_devices_agree(tmp_path):
+    devices = jax.local_devices()
+    assert len(devices) == 2, "tests/conftest.py forces two host devices"
+    config = tiny(steps=3, log_every=3, checkpoint_every=1000)
+    assert config.train.batch_size == 8
+    one = train(config, IMAGES, str(tmp_path / "one"), devices=devices[:1], progress=False)
+    two = train(config, IMAGES, str(tmp_path / "two"), progress=False)
+    assert len(jax.tree_util.tree_leaves(two.params)[0].sharding.device_set) == 2
+    assert len(jax.tree_util.tree_leaves(one.params)[0].sharding.device_set) == 1
+    for tree_one, tree_two in ((one.params, two.params), (one.ema_params, two.ema_params)):
+        for a, b in zip(leaves(tree_one), leaves(tree_two)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # and training moved the params (the comparison is not between two initialisations)
+    initial = init_state(config, SHAPE, jax.random.PRNGKey(config.train.seed)).params
+    assert any(not np.allclose(a, b) for a, b in zip(leaves(initial), leaves(two.params)))
+
+
+def test_psum_packed_equals_psum_leaf_by_leaf():
+    mesh = data_mesh()
+    n = mesh.size
+    assert n == 2, "tests/conftest.py forces two host devices"
+    rng = np.random.default_rng(0)
+    tree = {"large": rng.normal(size=(n, PACKED_LEAF_SIZE)).astype(np.float32),
+            "kernel": rng.normal(size=(n, 3, 3, 4, 5)).astype(np.float32),
+            "counts": rng.integers(-9, 9, size=(n, 7)).astype(np.int32),
+            "bias": [rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n,)).astype(np.float32)],
+            "half": rng.normal(size=(n, 6)).astype(jnp.bfloat16)}
+    run = lambda fn: jax.jit(jax.shard_map(lambda t: fn(jax.tree.map(lambda a: a[0], t), "data"), mesh=mesh,
+                                           in_specs=P("data"), out_specs=P(), check_vma=False))(tree)
+    packed, reference = run(psum_packed), run(jax.lax.psum)
+    assert jax.tree.structure(packed) == jax.tree.structure(reference)
+    for got, want, given in zip(jax.tree.leaves(packed), jax.tree.leaves(reference), jax.tree.leaves(tree)):
+        assert got.dtype == want.dtype and got.shape == want.shape == given.shape[1:]
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        np.testing.assert_allclose(np.asarray(want, np.float32), np.asarray(given, np.float32).sum(0), rtol=1e-2)
+
+
+def test_two_device_step_sums_small_gradients_in_one_operand():
+    """XLA:CPU's all-reduce costs per operand: the step packs the tiny net's gradients and
+    the loss into one vector (the tree has dozens of leaves)."""
+    config = tiny()
+    module, _ = build_model(config.net, SHAPE)
+    state = init_state(config, SHAPE, jax.random.PRNGKey(0))
+    assert all(leaf.size < PACKED_LEAF_SIZE for leaf in leaves(state.params)) and len(leaves(state.params)) > 20
+    batch = config.train.batch_size
+    objective = registry.get(config.method).objective(config)
+    hlo = make_step_fn(objective, module, config, data_mesh()).lower(
+        state, np.zeros((batch,) + SHAPE, np.uint8), np.zeros(batch, np.int32), jax.random.PRNGKey(1)
+    ).compile().as_text()
+    all_reduces = [line for line in hlo.splitlines() if " all-reduce(" in line]
+    assert len(all_reduces) == 1, all_reduces
+    operands = all_reduces[0].split(" all-reduce(")[1].split(")")[0].split(",")
+    assert len(operands) == 1, all_reduces[0]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_a_batch_uses_the_most_devices_that_divide_it():
+    devices = list(range(6))
+    assert devices_for_batch(devices, 8) == [0, 1, 2, 3]
+    assert devices_for_batch(devices[:3], 8) == [0, 1]
+    assert devices_for_batch(devices, 6) == devices and devices_for_batch(devices, 7) == [0]
+
+def test_batch_indices_epochs_and_determinism():
+    n, batch, seed = 10, 4, 3
+    steps = range(10)  # 40 positions = 4 epochs
+    order = np.concatenate([batch_indices(s, n, batch, seed) for s in steps])
+    for epoch in range(4):
+        assert sorted(order[epoch * n:(epoch + 1) * n]) == list(range(n))
+    # a function of (seed, step) only: any call order, repeated calls, fresh process state
+    np.random.seed(123)
+    backwards = {s: batch_indices(s, n, batch, seed) for s in reversed(steps)}
+    for s in steps:
+        np.testing.assert_array_equal(backwards[s], order[s * batch:(s + 1) * batch])
+        np.testing.assert_array_equal(batch_indices(s, n, batch, seed), backwards[s])
+    other_seed = np.concatenate([batch_indices(s, n, batch, seed + 1) for s in steps])
+    assert not np.array_equal(order, other_seed)
+    assert not np.array_equal(order[:n], order[n:2 * n])  # each epoch is shuffled anew
+    assert batch_indices(0, 3, 8, 0).shape == (8,)  # batch larger than the data
+
+
+def _max_update_rms(cfg: TrainConfig) -> float:
+    """Largest per-tensor RMS of the optimizer's updates over a quiet phase (tiny grads)
+    followed by repeated large grads, which pushes Adam's |m_hat| / sqrt(v_hat) above 1."""
+    params = {"w": jnp.zeros((64,), jnp.float32), "k": jnp.zeros((4, 4, 8), jnp.float32)}
+    tx = make_optimizer(cfg)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    big = {name: jnp.asarray(1e4 * rng.standard_normal(p.shape), jnp.float32) for name, p in params.items()}
+    worst = 0.0
+    for step in range(205):
+        if step < 200:
+            grads = {name: jnp.asarray(1e-3 * rng.standard_normal(p.shape), jnp.float32)
+                     for name, p in params.items()}
+        else:
+            grads = big
+        updates, state = update(grads, state, params)
+        for u in jax.tree_util.tree_leaves(updates):
+            worst = max(worst, float(jnp.sqrt(jnp.mean(jnp.square(u)))))
+    return worst
+
+
+def test_update_rms_clip_bounds_the_step():
+    lr = 1e-3
+    clipped = _max_update_rms(TrainConfig(learning_rate=lr, warmup_steps=0, update_rms_clip=True))
+    plain = _max_update_rms(TrainConfig(learning_rate=lr, warmup_steps=0, update_rms_clip=False))
+    assert clipped <= lr * (1 + 1e-5)
+    assert clipped > 0.5 * lr  # the clip does not just zero the update
+    assert plain > 1.5 * lr
+
+
+def test_time_samplers():
+    key = jax.random.PRNGKey(0)
+    mean, std = 0.8, 1.2
+    t = np.asarray(flow.sample_times(key, 20000, "logit_normal", mean, std))
+    assert t.shape == (20000,)
+    assert (t > 0).all() and (t < 1).all()
+    assert abs(np.median(t) - 1 / (1 + math.exp(-mean))) < 0.02
+    # logit(t) ~ N(mean, std^2)
+    logits = np.log(t) - np.log1p(-t)
+    assert abs(logits.std() - std) < 0.05
+    u = np.asarray(flow.sample_times(key, 20000, "uniform"))
+    assert (u >= 0).all() and (u < 1).all() and abs(u.mean() - 0.5) < 0.01
+    with pytest.raises(ValueError):
+        flow.sample_times(key, 4, "beta")
+
+
+def test_patch_crops_are_windows_of_the_inputs():
+    n, size, p = 6, 16, 8
+    images = jnp.asarray(np.random.default_rng(1).standard_normal((n, size, size, 3)), jnp.float32)
+    cfg = Augment(patch_size=p)
+    corners = set()
+    for seed in range(3):
+        out = np.asarray(augment(images, jax.random.PRNGKey(seed), cfg))
+        assert out.shape == (n, p, p, 3)
+        for i in range(n):
+            src = np.asarray(images[i])
+            found = [(y, x) for y in range(size - p + 1) for x in range(size - p + 1)
+                     if np.array_equal(src[y:y + p, x:x + p], out[i])]
+            assert len(found) == 1, f"crop {i} (seed {seed}) is not a window of its own image"
+            corners.add(found[0])
+    assert len(corners) > 3  # random positions, not one fixed window
+    # patch_size 0 leaves the images alone
+    np.testing.assert_array_equal(np.asarray(augment(images, jax.random.PRNGKey(0), Augment())),
+                                  np.asarray(images))
