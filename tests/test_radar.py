@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from fmjax import radar
+from fmjax import metrics, radar
 from fmjax.config import PRESETS, NetConfig
 from fmjax.flow import to_model_range
 from fmjax.radar import RadarConfig
@@ -160,6 +160,11 @@ def test_radar_metrics_by_hand():
     assert m["f1"] == pytest.approx(2 / 3)
     none = radar.radar_metrics([0, 1], [0, 0])
     assert none["precision"] == 0.0 and none["recall"] == 0.0 and none["f1"] == 0.0
+    # tp 3, fp 2, fn 0: F1 = 6 / 8 exactly, as the thresholded F1 of the same decisions
+    # (2PR / (P + R) with P = 0.6 rounds to 0.7499999999999999)
+    labels, decided = [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]
+    assert radar.radar_metrics(labels, decided)["f1"] == 0.75
+    assert metrics.thresholded_metrics(np.array(decided, np.float32), labels, 1.0)["f1"] == 0.75
 
 
 # ----------------------------------------------------------------------------- eps objective
