@@ -104,7 +104,7 @@ def trained_run(trained):
 @pytest.fixture(scope="module")
 def evaluation(trained_run, tmp_path_factory):
     """`evaluate --maps-out --pictures-out` once on a copy of the run:
-    (run copy, maps dir, pictures dir, metrics.json, printed table)."""
+    (run copy, maps dir, pictures dir, metrics.json)."""
     root = tmp_path_factory.mktemp("evaluation")
     run = root / "run"
     shutil.copytree(trained_run, run)
@@ -184,9 +184,9 @@ def run_config(run_dir, overrides=()):
     return apply_overrides(Config.from_json((run_dir / "config.json").read_text()), list(overrides))
 
 
-def load_test_split(run_dir, data_root, category=CATEGORY):
-    """The test split of `category` at the run's resolution (the reader's arrays)."""
-    return data_lib.load(f"folder:{data_root}", category, run_config(run_dir).data).test
+def load_test_split(run_dir, data_root):
+    """The test split at the run's resolution (the reader's arrays)."""
+    return data_lib.load(f"folder:{data_root}", CATEGORY, run_config(run_dir).data).test
 
 
 def reference_run_scores(run_dir, images, labels=None, overrides=(), ema=True):
