@@ -18,7 +18,10 @@ H, W = 20, 24  # every source image is 24 wide, 20 high
 SIZE = 16
 CATEGORY = "widget"
 SQUARES = {"000": (3, 4), "001": (7, 12), "002": (12, 2)}  # crack id -> (top, left) of the 6x6 defect
-TRAIN_ARGS = ["--preset", "tiny", "--set", "train.steps=4", "--set", f"data.image_size={SIZE}", "--no-progress"]
+# a quarter of the 12 training normals held out: 3 images, so their quantiles differ; a
+# learning rate at which 4 steps move the params well away from their EMA
+TRAIN_ARGS = ["--preset", "tiny", "--set", "train.steps=4", "--set", f"data.image_size={SIZE}",
+              "--set", "calibration.holdout_fraction=0.25", "--set", "train.learning_rate=0.01", "--no-progress"]
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
 TEST_IDS = [("crack", i) for i in sorted(SQUARES)] + [("good", f"{i:03d}") for i in range(3)]
 
@@ -92,6 +95,69 @@ def assert_image_metrics_from_csv(rows, metrics):
 
 def metric_values(metrics):
     return {k: metrics[k] for k in METRIC_KEYS}
+
+
+def fixture_mask(name):
+    """Ground truth of test image `name` ("test/crack/001") at its original size, from the
+    squares the fixture pasted (not from the mask files)."""
+    _, defect, ident = name.split("/")
+    mask = np.zeros((H, W), np.uint8)
+    if defect != "good":
+        top, left = SQUARES[ident]
+        mask[top:top + 6, left:left + 6] = 1
+    return mask
+
+
+def assert_pixel_metrics_from_tiffs(category_dir, metrics):
+    """The reported pixel metrics and AUPRO, recomputed from the written TIFF maps and the
+    fixture's squares: scikit-learn for AUROC, AP and F1-max, a brute-force AUPRO."""
+    import tifffile
+    from references import brute_force_aupro, sklearn_f1_max
+
+    names = sorted(p.relative_to(category_dir).with_suffix("").as_posix() for p in category_dir.rglob("*.tiff"))
+    assert names == sorted(f"test/{defect}/{ident}" for defect, ident in TEST_IDS)
+    maps = [tifffile.imread(category_dir / f"{name}.tiff") for name in names]
+    masks = [fixture_mask(name) for name in names]
+    scores = np.concatenate([m.ravel() for m in maps])
+    labels = np.concatenate([m.ravel() for m in masks])
+    assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert metrics["pixel_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+    assert metrics["pixel_f1_max"] == pytest.approx(sklearn_f1_max(scores, labels), abs=1e-9)
+    assert metrics["aupro"] == pytest.approx(brute_force_aupro(maps, masks, 0.3), abs=1e-9)
+
+
+def run_config(run_dir, overrides=()):
+    """A run folder's config with `overrides` applied."""
+    from fmjax.config import Config, apply_overrides
+
+    return apply_overrides(Config.from_json((run_dir / "config.json").read_text()), list(overrides))
+
+
+def load_test_split(run_dir, data_root):
+    """The test split at the run's resolution (the reader's arrays)."""
+    from fmjax import data as data_lib
+
+    return data_lib.load(f"folder:{data_root}", CATEGORY, run_config(run_dir).data).test
+
+
+def reference_run_scores(run_dir, images, labels=None, overrides=(), ema=True):
+    """Maps [N,H,W] and image scores [N] of a trained run's network, by the definition of
+    Flow Mismatching with the numpy U-Net (tests/references.py) on the restored EMA params
+    (or the raw ones), the run's scoring settings with `overrides`."""
+    import jax
+    from references import NumpyUNet, reference_scores, unet_velocity
+
+    from fmjax.training.checkpoints import restore_state
+
+    config = run_config(run_dir, overrides)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    state = restore_state(str(run_dir), config, shape)
+    net = NumpyUNet(config.net, jax.device_get(state.ema_params if ema else state.params))
+    return reference_scores(unet_velocity(net), images, config.score, labels)
+
+
+def csv_scores(rows, names):
+    return np.array([rows[name][1] for name in names])
 
 
 # ----------------------------------------------------------------------------- child processes

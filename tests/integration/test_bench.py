@@ -1,4 +1,5 @@
-"""`fmjax bench`: the figures are computed from what they claim (one tiny-preset run)."""
+"""`fmjax bench`: the timing helper, the FLOP count, and one tiny-preset run: every key present,
+the summary taken from the headline case, the scorer's maps equal to the plain loop's."""
 import json
 import time
 
@@ -51,7 +52,6 @@ def test_flops_of_counts_a_matmul_exactly():
 def test_json_has_every_key_and_the_summary_is_the_headline_case(bench_run):
     for key in KEYS:
         assert isinstance(bench_run[key], float) and np.isfinite(bench_run[key]) and bench_run[key] > 0, key
-    assert bench_run["scorer_peak_fraction"] == pytest.approx(bench_run["scorer_gflops"] / bench_run["peak_gflops"])
     devices = jax.local_device_count()
     assert [c["devices"] for c in bench_run["scoring"]] == [devices, 1]
     assert [c["devices"] for c in bench_run["training"]] == [devices, 1]
@@ -62,13 +62,10 @@ def test_json_has_every_key_and_the_summary_is_the_headline_case(bench_run):
     assert bench_run["allocator"] == allocator.loaded_allocator()
 
 
-def test_scoring_figures_match_the_loop_and_their_ratios(bench_run):
+def test_scoring_figures_match_the_loop(bench_run):
     case = bench_run["scoring"][0]
     assert case["max_abs_diff"] < 1e-3  # the scorer's maps are the plain loop's
-    assert case["scorer_evals_per_s"] == pytest.approx(case["score_images_per_s"] * 2 * 3)
-    assert case["scorer_vs_forward"] == pytest.approx(case["scorer_evals_per_s"] / case["forward_evals_per_s"])
-    assert case["scorer_gflops"] == pytest.approx(case["gflops_per_eval"] * case["scorer_evals_per_s"])
-    assert case["scorer_vs_loop"] == pytest.approx(case["score_images_per_s"] / case["loop_images_per_s"])
+    assert case["scorer_evals_per_s"] == pytest.approx(case["score_images_per_s"] * 2 * 3)  # K * T per image
     # a U-Net forward costs more than one 3x3 convolution to 16 channels on its input
     assert case["gflops_per_eval"] * 1e9 > 2 * 9 * 16 * 16 * 16
     assert "scorer_vs_loop" not in bench_run["scoring"][1]  # the loop runs once, on all devices
@@ -77,6 +74,4 @@ def test_scoring_figures_match_the_loop_and_their_ratios(bench_run):
 def test_training_figures(bench_run):
     for case in bench_run["training"]:
         assert case["batch_size"] == 8
-        assert case["train_images_per_s"] == pytest.approx(case["batch_size"] / case["step_s"])
-        assert case["train_vs_forward"] == pytest.approx(case["step_s"] / case["forward_s"])
         assert case["train_vs_forward"] > 1.0  # a step is a forward plus a backward and an update

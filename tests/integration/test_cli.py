@@ -1,9 +1,10 @@
 """The command line, in process (`fmjax.app.cli.main`): train -> evaluate -> predict on a tiny
-MVTec-layout tree, reproducible scores, score-only overrides, and one-line errors with exit
-code 2 and no half-written output for bad input."""
+MVTec-layout tree; thresholds from held-out normals only; image scores, pixel metrics and
+AUPRO recomputed independently (a numpy U-Net and Flow Mismatching by its definition,
+scikit-learn, a brute-force AUPRO); reproducible scores, score-only overrides, and
+one-line errors with exit code 2 and no half-written output for bad input."""
 import csv
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -12,47 +13,95 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from helpers import (CATEGORY, SIZE, TEST_IDS, TRAIN_ARGS, H, W, assert_image_metrics_from_csv,
+                     assert_one_line_error, assert_pixel_metrics_from_tiffs, cli, csv_scores, image_scores_csv,
+                     load_test_split, metric_values, reference_run_scores, run_config)
 from PIL import Image
-from helpers import (CATEGORY, METRIC_KEYS, SIZE, TEST_IDS, TRAIN_ARGS, H, W, assert_image_metrics_from_csv,
-                     assert_one_line_error, cli, image_scores_csv, metric_values)
 
-from fmjax.config import Config
+from fmjax import data as data_lib
+from fmjax.app.cli import main
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """A run trained once through the CLI, and the images its training loop was given."""
+    from fmjax.training import loop
+
+    run = tmp_path_factory.mktemp("runs") / "widget_run"
+    given, real_train = [], loop.train
+
+    def recording_train(config, objective, images, *args, **kwargs):
+        given.append(np.array(images))
+        return real_train(config, objective, images, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "train", recording_train)
+        code = main(["train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", str(run),
+                     *TRAIN_ARGS])
+    assert code == 0 and len(given) == 1
+    return run, given[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(trained):
+    """The trained run folder; tests that write into a run use a copy."""
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained_run, tmp_path_factory):
+    """`evaluate --maps-out --pictures-out` once on a copy of the run:
+    (run copy, maps dir, pictures dir, metrics.json)."""
+    root = tmp_path_factory.mktemp("evaluation")
+    run = root / "run"
+    shutil.copytree(trained_run, run)
+    code = main(["evaluate", "--run", str(run), "--maps-out", str(root / "maps"), "--pictures-out",
+                 str(root / "pictures")])
+    assert code == 0
+    return run, root / "maps", root / "pictures", json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    dest = tmp_path / "run"
+    shutil.copytree(trained_run, dest)
+    return dest
 
 
 # ----------------------------------------------------------------------------- the happy path
 
-def test_train_writes_a_run(trained_run):
-    for name in ("config.json", "data.json", "calibration.json", "train_log.jsonl"):
-        assert (trained_run / name).is_file(), name
-    assert os.listdir(trained_run / "checkpoints")
-    config = Config.from_json((trained_run / "config.json").read_text())
+def test_thresholds_come_from_held_out_normals_only(trained, data_root):
+    run, fit_images = trained
+    config = run_config(run)
     assert (config.train.steps, config.data.image_size, config.data.channels) == (4, SIZE, 3)
-    assert json.loads((trained_run / "data.json").read_text())["category"] == CATEGORY
-    calibration = json.loads((trained_run / "calibration.json").read_text())
-    assert math.isfinite(calibration["image_threshold"]) and calibration["num_normal_images"] >= 1
-    log = [json.loads(line) for line in (trained_run / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 4
+    assert json.loads((run / "data.json").read_text()) == {"spec": f"folder:{data_root}", "category": CATEGORY}
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()][-1] == 4
+    # the held-out normals: the training normals the training loop never saw
+    normals = data_lib.load(f"folder:{data_root}", CATEGORY, config.data).train.images
+    seen = np.array([any(np.array_equal(image, f) for f in fit_images) for image in normals])
+    held_out = normals[~seen]
+    assert len(normals) == 12 and len(fit_images) == 9 and len(held_out) == 3
+    assert all(any(np.array_equal(f, image) for image in normals) for f in fit_images)
+    # thresholds: the stated quantiles of their scores (image 0.99, pixel 0.999)
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert calibration["num_normal_images"] == 3
+    maps, scores = reference_run_scores(run, held_out)
+    assert calibration["image_threshold"] == pytest.approx(np.quantile(scores, 0.99), rel=1e-4)
+    assert calibration["pixel_threshold"] == pytest.approx(np.quantile(maps, 0.999), rel=1e-4)
+    assert np.ptp(scores) > 1e-3 * scores.max()  # distinct scores: another quantile gives another threshold
 
 
-def test_evaluate_then_predict(run_copy, data_root, tmp_path, capsys):
-    maps_dir, pictures_dir = tmp_path / "maps", tmp_path / "pictures"
-    code, out, err = cli(capsys, "evaluate", "--run", run_copy, "--maps-out", maps_dir, "--pictures-out", pictures_dir)
-    assert code == 0, err
-    assert CATEGORY in out
-    metrics = json.loads((run_copy / "metrics.json").read_text())
-    for key in METRIC_KEYS:
-        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+def test_evaluate_then_predict(evaluation, data_root, tmp_path, capsys):
+    run, maps_dir, pictures_dir, metrics = evaluation
     assert metrics["num_test_images"] == 6
-
     tiffs = sorted(p.relative_to(maps_dir).as_posix() for p in maps_dir.rglob("*.tiff"))
     assert tiffs == sorted(f"{CATEGORY}/test/{defect}/{name}.tiff" for defect, name in TEST_IDS)
     for rel in tiffs:
         heat = tifffile.imread(maps_dir / rel)
         assert heat.dtype == np.float32 and heat.shape == (H, W), rel
-        assert np.isfinite(heat).all()
+    assert_pixel_metrics_from_tiffs(maps_dir / CATEGORY, metrics)
     rows = image_scores_csv(maps_dir / CATEGORY / "image_scores.csv")
     assert sorted(f"{CATEGORY}/{image}.tiff" for image in rows) == tiffs
-    image_threshold = json.loads((run_copy / "calibration.json").read_text())["image_threshold"]
+    image_threshold = json.loads((run / "calibration.json").read_text())["image_threshold"]
     for image, (label, score, anomalous) in rows.items():
         assert label == int("/good/" not in image)
         assert anomalous == str(int(score >= image_threshold))
@@ -66,20 +115,20 @@ def test_evaluate_then_predict(run_copy, data_root, tmp_path, capsys):
     for defect, name in [("crack", "000"), ("crack", "001"), ("good", "000"), ("good", "001")]:
         shutil.copy(data_root / CATEGORY / "test" / defect / f"{name}.png", inputs / f"{defect}_{name}.png")
     out_dir = tmp_path / "predictions"
-    code, out, err = cli(capsys, "predict", "--run", run_copy, "--input", inputs, "--out", out_dir)
+    code, out, err = cli(capsys, "predict", "--run", run, "--input", inputs, "--out", out_dir)
     assert code == 0, err
     with open(out_dir / "scores.csv", newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
-        rows = list(reader)
+        predicted = list(reader)
     assert header == ["image", "score", "anomalous", "threshold"]
     stems = sorted(p.stem for p in inputs.iterdir())
-    assert sorted(r[0] for r in rows) == stems
-    threshold = json.loads((run_copy / "calibration.json").read_text())["image_threshold"]
-    for image, score, anomalous, thr in rows:
-        assert math.isfinite(float(score))
-        assert anomalous == str(int(float(score) >= threshold))
-        assert float(thr) == pytest.approx(threshold)
+    assert sorted(r[0] for r in predicted) == stems
+    for image, score, anomalous, thr in predicted:
+        defect, _, name = image.partition("_")
+        assert float(score) == pytest.approx(rows[f"test/{defect}/{name}"][1], rel=1e-5)  # evaluate's score
+        assert anomalous == str(int(float(score) >= image_threshold))
+        assert float(thr) == pytest.approx(image_threshold)
     assert sorted(p.stem for p in (out_dir / "overlays").glob("*.png")) == stems
     assert sorted(p.stem for p in (out_dir / "maps").glob("*.tiff")) == stems
     for stem in stems:
@@ -87,36 +136,56 @@ def test_evaluate_then_predict(run_copy, data_root, tmp_path, capsys):
         assert heat.dtype == np.float32 and heat.shape == (H, W)
         with Image.open(out_dir / "overlays" / f"{stem}.png") as overlay:
             assert overlay.mode == "RGB" and overlay.size == (W, H)  # the input's own size
-    # predict's scores are evaluate's scores for the same images (same scorer, same noise)
+    # predict's maps are evaluate's maps for the same images (same scorer, same noise)
     evaluate_maps = tifffile.imread(maps_dir / CATEGORY / "test" / "crack" / "000.tiff")
     np.testing.assert_allclose(tifffile.imread(out_dir / "maps" / "crack_000.tiff"), evaluate_maps,
                                rtol=1e-5, atol=1e-6)
 
 
-def test_evaluate_is_reproducible(run_copy, tmp_path, capsys):
-    results = []
-    for i in range(2):
-        code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--maps-out", tmp_path / f"maps{i}")
-        assert code == 0, err
-        results.append(json.loads((run_copy / "metrics.json").read_text()))
-    assert metric_values(results[0]) == metric_values(results[1])
+def test_image_scores_are_the_ema_networks(evaluation, data_root):
+    """evaluate scores with the EMA params: its image scores are Flow Mismatching's by its
+    definition on the restored EMA params, which give other scores than the raw params."""
+    run, maps_dir, _, _ = evaluation
+    test = load_test_split(run, data_root)
+    got = csv_scores(image_scores_csv(maps_dir / CATEGORY / "image_scores.csv"), test.names)
+    _, ema_scores = reference_run_scores(run, test.images)
+    _, raw_scores = reference_run_scores(run, test.images, ema=False)
+    np.testing.assert_allclose(got, ema_scores, rtol=1e-4)
+    # ten times the tolerance above: the raw params' scores would fail it
+    assert np.all(np.abs(raw_scores - ema_scores) > 1e-3 * np.abs(ema_scores)), (raw_scores, ema_scores)
+
+
+def test_evaluate_is_reproducible(evaluation, tmp_path, capsys):
+    run, first_maps, _, first = evaluation
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    code, _, err = cli(capsys, "evaluate", "--run", copy, "--maps-out", tmp_path / "maps")
+    assert code == 0, err
+    assert metric_values(json.loads((copy / "metrics.json").read_text())) == metric_values(first)
     for defect, name in TEST_IDS:
         rel = os.path.join(CATEGORY, "test", defect, f"{name}.tiff")
-        np.testing.assert_array_equal(tifffile.imread(tmp_path / "maps0" / rel), tifffile.imread(tmp_path / "maps1" / rel))
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "maps" / rel), tifffile.imread(first_maps / rel))
 
 
-def test_evaluate_score_overrides(run_copy, capsys):
+def test_evaluate_score_overrides(run_copy, evaluation, data_root, tmp_path, capsys):
     code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--set", "train.steps=3")
     assert_one_line_error(code, err)
     assert not (run_copy / "metrics.json").exists()
 
-    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--set", "score.num_paths=2")
+    overrides = ["score.aggregate=mean", "score.time_weight=none", "score.use_ema=false"]
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    code, _, err = cli(capsys, "evaluate", "--run", run_copy, *sets, "--maps-out", tmp_path / "maps")
     assert code == 0, err
-    metrics = json.loads((run_copy / "metrics.json").read_text())
-    for key in METRIC_KEYS:
-        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0
-    # the override applies to this evaluation only
-    assert Config.from_json((run_copy / "config.json").read_text()).score.num_paths == 4
+    # the scores of the overridden rule on the raw params, not the run's own
+    test = load_test_split(run_copy, data_root)
+    got = csv_scores(image_scores_csv(tmp_path / "maps" / CATEGORY / "image_scores.csv"), test.names)
+    _, want = reference_run_scores(run_copy, test.images, overrides=overrides, ema=False)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    default = csv_scores(image_scores_csv(evaluation[1] / CATEGORY / "image_scores.csv"), test.names)
+    assert np.abs(got - default).min() > 1e-2 * np.abs(default).max()
+    assert_pixel_metrics_from_tiffs(tmp_path / "maps" / CATEGORY, json.loads((run_copy / "metrics.json").read_text()))
+    # the overrides apply to this evaluation only
+    assert run_config(run_copy) == run_config(evaluation[0])
 
 
 # ----------------------------------------------------------------------------- bad input

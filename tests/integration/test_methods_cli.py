@@ -1,6 +1,8 @@
 """RADAR and flow reconstruction through the command line: train -> evaluate -> predict on
-the tiny MVTec-layout tree of test_cli, the stored Isolation Forest (same labels after a
-restore, identical metrics on every evaluation), method configs and a bad --method."""
+the tiny MVTec-layout tree of test_cli (thresholds from the held-out normals, pixel metrics
+recomputed from the written maps, RADAR's metrics from its decisions), the stored Isolation
+Forest (same labels after a restore, identical metrics on every evaluation), method configs
+and a bad --method."""
 import csv
 import json
 import math
@@ -13,11 +15,12 @@ import numpy as np
 import pytest
 import tifffile
 from helpers import (CATEGORY, METRIC_KEYS, SIZE, TEST_IDS, TRAIN_ARGS, H, W, assert_image_metrics_from_csv,
-                     assert_one_line_error, cli, image_scores_csv)
+                     assert_one_line_error, assert_pixel_metrics_from_tiffs, cli, image_scores_csv, run_config)
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
+from fmjax import data as data_lib
 from fmjax import runs
 from fmjax.app.cli import main
-from fmjax.config import Config
 from fmjax.methods.radar import forest as forest_lib
 
 RADAR_KEYS = ("radar_accuracy", "radar_precision", "radar_recall", "radar_f1")
@@ -52,20 +55,25 @@ def copy_inputs(data_root, dest):
 # ----------------------------------------------------------------------------- train, evaluate, predict
 
 @pytest.mark.parametrize("method", METHODS)
-def test_train_writes_a_run(trained, method):
+def test_train_fits_thresholds_on_the_held_out_normals(trained, data_root, method):
     run = trained[method]
-    for name in ("config.json", "data.json", "calibration.json", "train_log.jsonl"):
-        assert (run / name).is_file(), name
-    assert any((run / "checkpoints").iterdir())
     assert (run / runs.CALIBRATION_ARRAYS).is_file() == (method == "radar")
     assert (run / "manifest.json").is_file()
-    config = Config.from_json((run / "config.json").read_text())
+    config = run_config(run)
     assert (config.method, config.train.steps, config.data.channels) == (method, 4, 3)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 4
-    for record in log:
-        for key in ("loss", "grad_norm", "images_per_s"):
-            assert math.isfinite(record[key]), (key, record)
+    assert log[-1]["step"] == 4 and all(math.isfinite(record["loss"]) for record in log)
+    dataset = data_lib.load(f"folder:{data_root}", CATEGORY, config.data)
+    _, held_out = data_lib.split_holdout(dataset.train, config.calibration.holdout_fraction, config.calibration.seed)
+    maps, scores = runs.load_run(str(run)).score(held_out.images)
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert calibration["num_normal_images"] == len(held_out) == 3
+    assert calibration["pixel_threshold"] == pytest.approx(np.quantile(maps, 0.999), rel=1e-5)
+    if method == "radar":  # the forest decides: anomalous where its score is above 0
+        assert (calibration["image_threshold"], calibration["image_decision"]) == (0.0, "isolation_forest")
+    else:
+        assert calibration["image_threshold"] == pytest.approx(np.quantile(scores, 0.99), rel=1e-5)
+        assert np.ptp(scores) > 1e-3 * scores.max()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -76,9 +84,6 @@ def test_evaluate_then_predict(trained, data_root, method, tmp_path, capsys):
     assert code == 0, err
     assert CATEGORY in out
     metrics = json.loads((run / "metrics.json").read_text())
-    keys = METRIC_KEYS + (RADAR_KEYS if method == "radar" else ())
-    for key in keys:
-        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     assert metrics["method"] == method and metrics["num_test_images"] == 6
     if method == "radar":
         # 16x16 image, 8x8 patches at stride 4: a 3x3 grid, one network call
@@ -92,11 +97,18 @@ def test_evaluate_then_predict(trained, data_root, method, tmp_path, capsys):
     heat = tifffile.imread(maps_dir / tiffs[0])
     assert heat.shape == (H, W) and heat.dtype == np.float32 and np.isfinite(heat).all()
     assert (pictures_dir / "overview.png").is_file()
+    assert_pixel_metrics_from_tiffs(maps_dir / CATEGORY, metrics)
     rows = image_scores_csv(maps_dir / CATEGORY / "image_scores.csv")
     assert sorted(f"{CATEGORY}/{image}.tiff" for image in rows) == tiffs
     assert_image_metrics_from_csv(rows, metrics)
-    if method == "radar":  # the forest's decision: score > 0
+    if method == "radar":  # the forest's decision: score > 0; its metrics recounted from the decisions
         assert all(anomalous == str(int(score > 0)) for _, score, anomalous in rows.values())
+        labels = [label for label, _, _ in rows.values()]
+        decided = [int(anomalous) for _, _, anomalous in rows.values()]
+        for key, fn in (("accuracy", accuracy_score), ("precision", precision_score), ("recall", recall_score),
+                        ("f1", f1_score)):
+            extra = {} if key == "accuracy" else {"zero_division": 0.0}
+            assert metrics[f"radar_{key}"] == pytest.approx(fn(labels, decided, **extra), abs=1e-12), key
 
     inputs = copy_inputs(data_root, tmp_path / "inputs")
     out_dir = tmp_path / "predictions"
@@ -157,7 +169,7 @@ def test_radar_scoring_override_refits_without_touching_the_run(trained, tmp_pat
     metrics = json.loads((run / "metrics.json").read_text())
     assert all(math.isfinite(metrics[k]) for k in RADAR_KEYS)
     assert (run / runs.CALIBRATION_ARRAYS).read_bytes() == forest_bytes
-    assert Config.from_json((run / "config.json").read_text()).score.t_score == 250
+    assert run_config(run).score.t_score == 250
     code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "score.schedule=cosine")
     assert_one_line_error(code, err)
 

@@ -1,4 +1,5 @@
-"""`--category all`: one model on every category (grey and colour mixed), per-category rows."""
+"""`--category all`: one model on every category (grey and colour mixed), per-category rows,
+each category scored with its own class label."""
 import json
 import shutil
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from helpers import CATEGORY, TRAIN_ARGS, assert_image_metrics_from_csv, cli, image_scores_csv, make_tree
+from helpers import (CATEGORY, TRAIN_ARGS, assert_image_metrics_from_csv, assert_pixel_metrics_from_tiffs, cli,
+                     csv_scores, image_scores_csv, make_tree, reference_run_scores, run_config)
 
 from fmjax import data as data_lib
 from fmjax.app.cli import main
@@ -54,10 +56,21 @@ def test_unified_train_and_evaluate(two_category_root, tmp_path, capsys):
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert metrics[key] == pytest.approx(np.mean([r[key] for r in rows]))
     assert "gadget" in out and "widget" in out and "mean" in out
-    for cat, row in zip(("gadget", "widget"), rows):
+    datasets = data_lib.load_all(f"folder:{two_category_root}", run_config(run).data)
+    for class_id, (dataset, row) in enumerate(zip(datasets, rows)):
+        cat = dataset.category
         tiffs = sorted((maps / cat / "test").rglob("*.tiff"))
         assert len(tiffs) == 6 and tifffile.imread(tiffs[0]).shape == (20, 24)
-        assert_image_metrics_from_csv(image_scores_csv(maps / cat / "image_scores.csv"), row)
+        csv_rows = image_scores_csv(maps / cat / "image_scores.csv")
+        assert_image_metrics_from_csv(csv_rows, row)
+        assert_pixel_metrics_from_tiffs(maps / cat, row)
+        # scored with the category's own label, which the class-conditional network heeds
+        test = dataset.test
+        got = csv_scores(csv_rows, test.names)
+        _, want = reference_run_scores(run, test.images, labels=np.full(len(test), class_id))
+        _, other = reference_run_scores(run, test.images, labels=np.full(len(test), 1 - class_id))
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+        assert np.all(np.abs(other - want) > 1e-3 * np.abs(want)), (cat, other, want)
 
     # one category of the unified run gives the same row as in the full evaluation
     copy = tmp_path / "copy"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+import references
 from fmjax import errors
 from fmjax.methods import maps as maps_lib
 from fmjax.methods import rules
@@ -40,24 +41,19 @@ def fisher(t, mu, s, mu_q, s_q):
     return var_q * (1 / var_p - 1 / var_q) ** 2 + t**2 * (mu_q - mu) ** 2 / var_p**2
 
 
-@pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
-def test_closed_form_decomposition(t):
+def gaussian_case(num_images=8, num_paths=32, side=32):
+    """Normal law N(0.1, 0.3^2), test law N(0.4, 0.5^2) per pixel: (mu, s, mu_q, s_q), test
+    images [num_images, side, side, 1] from the test law, noise [num_paths, ...], 5 times."""
     mu, s, mu_q, s_q = 0.1, 0.3, 0.4, 0.5
-    total = closed_form_mismatch(t, mu, s, mu_q, s_q)
-    mmse = closed_form_mismatch(t, mu_q, s_q, mu_q, s_q)
-    assert total == pytest.approx(mmse + ((1 - t) / t) ** 2 * fisher(t, mu, s, mu_q, s_q), rel=1e-10)
-    # normal test law: the Fisher term vanishes and the mismatch is pure denoising error
-    assert closed_form_mismatch(t, mu, s, mu, s) == pytest.approx(
-        closed_form_mismatch(t, mu, s, mu, s) - ((1 - t) / t) ** 2 * fisher(t, mu, s, mu, s))
-
-
-def test_scorer_matches_closed_form_mismatch():
-    mu, s, mu_q, s_q = 0.1, 0.3, 0.4, 0.5
-    num_images, num_paths, side = 8, 32, 32
     rng = np.random.default_rng(0)
     images = jnp.asarray(mu_q + s_q * rng.standard_normal((num_images, side, side, 1)), jnp.float32)
     noise = jax.random.normal(jax.random.PRNGKey(1), (num_paths, side, side, 1))
-    times = jnp.asarray(fm.interior_times(5))
+    return (mu, s, mu_q, s_q), images, noise, jnp.asarray(fm.interior_times(5))
+
+
+def test_scorer_matches_closed_form_mismatch():
+    (mu, s, mu_q, s_q), images, noise, times = gaussian_case()
+    num_images, num_paths, side = images.shape[0], noise.shape[0], images.shape[1]
     delta = fm.mismatch_delta(gauss_velocity(mu, s), images, noise, times, chunk_size=40)
     assert delta.shape == (num_images, 5, num_paths, side, side)
     measured = np.asarray(delta.mean(axis=(0, 2, 3, 4)))
@@ -77,6 +73,21 @@ def test_scorer_matches_closed_form_mismatch():
             assert abs(measured[j] - wrong) > 20 * stderr, (t, wrong)
 
 
+def test_excess_over_the_test_laws_own_velocity_is_the_fisher_term():
+    """METHOD.md's decomposition measured through the scorer: the mismatch of the normal
+    law's velocity minus that of the test law's own optimal velocity, on the same images and
+    noise, is ((1 - t) / t)^2 times the Fisher divergence between the path marginals."""
+    (mu, s, mu_q, s_q), images, noise, times = gaussian_case()
+    normal = np.asarray(fm.mismatch_delta(gauss_velocity(mu, s), images, noise, times, chunk_size=40))
+    own = np.asarray(fm.mismatch_delta(gauss_velocity(mu_q, s_q), images, noise, times, chunk_size=40))
+    for j, t in enumerate(np.asarray(times)):
+        excess = normal[:, j] - own[:, j]
+        expected = ((1 - t) / t) ** 2 * fisher(t, mu, s, mu_q, s_q)
+        stderr = math.sqrt(excess.var() / images.size)  # the paths share the images: not counted
+        assert abs(excess.mean() - expected) < 4 * stderr, (t, excess.mean(), expected, stderr)
+        assert expected > 10 * stderr
+
+
 def test_shifted_half_lights_up():
     mu, s = 0.0, 0.3
     rng = np.random.default_rng(1)
@@ -94,38 +105,27 @@ def test_shifted_half_lights_up():
 # ----------------------------------------------------------------------------- the jitted scorer
 
 def toy_apply(params, x, t, y=None):
-    """A cheap nonlinear velocity field with a spatial mix, standing in for a network."""
+    """A cheap nonlinear velocity field with a spatial mix and a class-label term, standing
+    in for a network."""
     tb = t.reshape(-1, 1, 1, 1)
     shifted = jnp.roll(x, 1, axis=1)
-    return params["a"] * jnp.tanh(x + tb) + params["b"] * shifted * tb
+    v = params["a"] * jnp.tanh(x + tb) + params["b"] * shifted * tb
+    return v if y is None else v + params["c"] * jnp.reshape(y, (-1, 1, 1, 1))
 
 
-PARAMS = {"a": jnp.float32(0.7), "b": jnp.float32(-0.3)}
+PARAMS = {"a": jnp.float32(0.7), "b": jnp.float32(-0.3), "c": jnp.float32(0.25)}
 
 
-def loop_reference(images_u8, noise, times, aggregate, weight, score_rule, sigma):
-    """Plain Python loop over images, times and paths, numpy aggregation."""
-    maps, scores = [], []
-    for img in images_u8:
-        y = img.astype(np.float32) / 127.5 - 1
-        per_time = []
-        for t in times:
-            deltas = []
-            for eps in np.asarray(noise):
-                x = (1 - t) * eps + t * y
-                v = np.asarray(toy_apply(PARAMS, jnp.asarray(x[None]), jnp.asarray([t])))[0]
-                deltas.append(((v - (y - eps)) ** 2).sum(-1))
-            deltas = np.sort(np.stack(deltas), axis=0)
-            per_time.append(deltas[1] if aggregate == "rank:2" else deltas.mean(0))
-        w = np.square(times) if weight == "t2" else np.ones_like(times)
-        h = (np.stack(per_time) * w[:, None, None]).mean(0)
-        if sigma:
-            h = scipy.ndimage.gaussian_filter(h, sigma, mode="reflect")
-        maps.append(h)
-        flat = np.sort(h.ravel())[::-1]
-        k = max(1, math.ceil(0.01 * flat.size))
-        scores.append(flat[0] + flat[:k].mean() if score_rule == "max_plus_top1" else flat[0])
-    return np.stack(maps), np.array(scores)
+def toy_velocity(x, t, label):
+    """toy_apply on numpy inputs [K,H,W,C] at one time, for the reference loop."""
+    n = len(x)
+    y = None if label is None else jnp.full((n,), label)
+    return np.asarray(toy_apply(PARAMS, jnp.asarray(x, jnp.float32), jnp.full((n,), t, jnp.float32), y))
+
+
+def loop_reference(images_u8, config, labels=None):
+    """Maps and scores by the definition (tests/references.py), on the toy field."""
+    return references.reference_scores(toy_velocity, images_u8, config, labels)
 
 
 def test_scorer_equals_plain_loop_and_chunking_is_invisible():
@@ -135,8 +135,7 @@ def test_scorer_equals_plain_loop_and_chunking_is_invisible():
                        image_score="max_plus_top1", smooth_sigma=1.0, chunk_size=5, image_batch=2)
     scorer = fm.Scorer(toy_apply, base, (12, 12, 2))
     maps, scores = scorer.score(PARAMS, images)
-    ref_maps, ref_scores = loop_reference(images, scorer.noise, np.asarray(scorer.times),
-                                          "rank:2", "t2", "max_plus_top1", 1.0)
+    ref_maps, ref_scores = loop_reference(images, base)
     np.testing.assert_allclose(maps, ref_maps, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
     for chunk, batch in [(1, 1), (7, 3), (12, 1), (100, 4)]:
@@ -145,6 +144,26 @@ def test_scorer_equals_plain_loop_and_chunking_is_invisible():
         m, s = other.score(PARAMS, images)
         np.testing.assert_allclose(m, maps, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(s, scores, rtol=1e-6, atol=1e-7)
+
+
+def test_class_labels_reach_the_network():
+    """Each image is scored with its own label, on the per-image path and on the path that
+    spreads one image's grid over the devices."""
+    images = np.random.default_rng(8).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    labels = np.array([0, 2, 1, 2])
+    cfg = FlowMismatchSettings(num_paths=3, num_times=2, aggregate="min", time_weight="t2", image_score="max",
+                      smooth_sigma=0.0, chunk_size=4, image_batch=1)
+    scorer = fm.Scorer(toy_apply, cfg, (8, 8, 1))
+    maps, scores = scorer.score(PARAMS, images, labels)
+    ref_maps, ref_scores = loop_reference(images, cfg, labels)
+    np.testing.assert_allclose(maps, ref_maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    unlabelled = scorer.score(PARAMS, images)[0]  # no labels: class 0 for every image
+    np.testing.assert_allclose(unlabelled[0], maps[0], rtol=1e-6)
+    for i in (1, 2, 3):
+        assert np.abs(unlabelled[i] - maps[i]).max() > 1e-2 * np.abs(maps[i]).max()
+    one = scorer.score(PARAMS, images[1:2], labels[1:2])[0]  # fewer images than devices
+    np.testing.assert_allclose(one[0], ref_maps[1], rtol=1e-5, atol=1e-6)
 
 
 def test_calls_are_evened_out_under_the_chunk_size():
@@ -167,7 +186,7 @@ def test_calls_are_evened_out_under_the_chunk_size():
     assert scorer.chunk_for(1) == 8
     images = np.random.default_rng(6).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
     for part in (images, images[:1]):  # whole images per device; one image's grid over both
-        ref = loop_reference(part, scorer.noise, np.asarray(scorer.times), "mean", "t2", "max", 0.0)[0]
+        ref = loop_reference(part, cfg)[0]
         np.testing.assert_allclose(scorer.score(PARAMS, part)[0], ref, rtol=1e-5, atol=1e-6)
 
 

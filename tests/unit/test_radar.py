@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
+from references import AffineField, ema_reference
 
 from fmjax.config import build
+from fmjax.eval import metrics
 from fmjax.errors import RunError
 from fmjax.flow import to_model_range
 from fmjax.methods.base import Fitted
@@ -211,6 +213,11 @@ def test_radar_metrics_by_hand():
     assert m["f1"] == pytest.approx(2 / 3)
     none = radar_method.radar_metrics([0, 1], [0, 0])
     assert none["precision"] == 0.0 and none["recall"] == 0.0 and none["f1"] == 0.0
+    # tp 3, fp 2, fn 0: F1 = 6 / 8 exactly, as the thresholded F1 of the same decisions
+    # (2PR / (P + R) with P = 0.6 rounds to 0.7499999999999999)
+    labels, decided = [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]
+    assert radar_method.radar_metrics(labels, decided)["f1"] == 0.75
+    assert metrics.thresholded_metrics(np.array(decided, np.float32), labels, 1.0)["f1"] == 0.75
 
 
 # ----------------------------------------------------------------------------- eps objective
@@ -260,6 +267,34 @@ def test_eps_loss_falls_on_tiny_data_in_the_shared_loop(tmp_path):
     assert losses[-8:].mean() < 0.6 * losses[:8].mean()
     # params initialised at the patch shape: the U-Net is fully convolutional
     assert radar_method.METHOD.init_shape(RADAR, (16, 16, 1)) == (8, 8, 1)
+
+
+def test_ema_follows_its_formula():
+    """The RADAR objective's step: the EMA after k steps is the warm-up EMA of the params
+    after each step (a four-parameter elementwise field stands in for the U-Net)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fmjax.training.state import TrainState, make_optimizer
+    from fmjax.training.step import train_step
+
+    config = build("tiny", "radar", ["train.learning_rate=0.05", "train.ema_decay=0.9", "score.patch_size=4",
+                                     "score.patch_stride=4"])
+    params = AffineField.init()
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                       opt_state=make_optimizer(config.train).init(params))
+    objective = radar_method.METHOD.objective(config)
+    step = jax.jit(lambda s, x, k: train_step(s, x, jnp.zeros(len(x), jnp.int32), k, objective=objective,
+                                              module=AffineField, config=config))
+    images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
+    trajectory = []
+    for _ in range(6):
+        state, _ = step(state, images, jax.random.PRNGKey(1))
+        trajectory.append(jax.device_get(state.params))
+    expected = ema_reference(jax.device_get(params), trajectory, 0.9)
+    for name in AffineField.names:
+        assert float(state.ema_params[name]) == pytest.approx(expected[name], rel=1e-5, abs=1e-7), name
+    assert any(abs(float(state.ema_params[n]) - float(state.params[n])) > 1e-3 for n in AffineField.names)
 
 
 def test_radar_trains_alike_on_one_and_two_devices(tmp_path):

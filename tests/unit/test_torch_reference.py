@@ -1,22 +1,22 @@
 """experiments/torch_reference.py: the PyTorch U-Net holding converted Flax parameters
-computes the Flax network's velocity, and its mismatch maps equal the JAX scorer's."""
+computes the Flax network's velocity, and its mismatch maps equal the JAX scorer's.
+These check the experiment script and run where PyTorch is installed (`pip install -e
+.[bench]`); the independent reference the suite always runs is the numpy U-Net of
+tests/unit/test_numpy_reference.py."""
 import dataclasses
 import importlib.util
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install -e .[bench])")
 
 from fmjax.methods.flow_mismatch.scorer import Scorer  # noqa: E402
-from fmjax.config import preset  # noqa: E402
-from fmjax.nets.unet import abstract_params  # noqa: E402
 from fmjax.nets.unet import build_model  # noqa: E402
+from references import random_unet_params  # noqa: E402
+from test_numpy_reference import NETS, SHAPE, tiny  # noqa: E402
 
-SHAPE = (16, 16, 3)
 
 
 @pytest.fixture(scope="module")
@@ -30,26 +30,10 @@ def ref():
 
 
 def random_params(net_config, seed):
-    """Noise on every leaf (GroupNorm scales around 1), without compiling an init."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        noise = 0.2 * rng.standard_normal(leaf.shape).astype(np.float32)
-        return jnp.asarray(noise + (1.0 if path[-1].key == "scale" else 0.0))
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_params(net_config, SHAPE))
+    return random_unet_params(net_config, SHAPE, seed)
 
 
-def tiny(**net):
-    config = preset("tiny")
-    return config.replace(net=dataclasses.replace(config.net, **net))
-
-
-@pytest.mark.parametrize("net", [
-    {},
-    {"num_classes": 3},
-    {"resblock_updown": False, "scale_shift_norm": False, "channel_mult": (1, 2, 2), "num_groups": 32},
-], ids=["tiny", "class_conditional", "conv_resample_additive_embedding"])
+@pytest.mark.parametrize("net", list(NETS.values()), ids=list(NETS))
 def test_torch_velocity_equals_flax(ref, net):
     config = tiny(**net)
     params = random_params(config.net, 1)

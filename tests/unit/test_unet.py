@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from fmjax.config import NetConfig
+from references import random_unet_params
+
 from fmjax.nets import layers
 from fmjax.nets.cpu import layers as cpu_layers
 from fmjax.nets.cpu.layers import conv3x3_as_matmul
@@ -22,17 +24,6 @@ def perturb(params, seed, scale=0.1):
     """Adds noise to every parameter so that zero-initialised layers become active."""
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(lambda p: p + scale * rng.standard_normal(p.shape).astype(np.float32), params)
-
-
-def random_params(config, image_shape, seed):
-    """Random parameters (no init compile): noise everywhere, GroupNorm scales around 1."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        noise = 0.2 * rng.standard_normal(leaf.shape).astype(np.float32)
-        return jnp.asarray(noise + (1.0 if path[-1].key == "scale" else 0.0))
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_params(config, image_shape))
 
 
 def images(seed, n, size=16, c=1):
@@ -127,7 +118,7 @@ def test_batch_independence(tiny):
 
 def test_class_conditioning(tiny):
     cfg = dataclasses.replace(TINY, num_classes=3)
-    params = random_params(cfg, (16, 16, 1), 1)
+    params = random_unet_params(cfg, (16, 16, 1), 1)
     assert params["params"]["label_emb"]["embedding"].shape == (4, 4 * cfg.base_channels)  # + null class
     apply = jitted(UNet(cfg, out_channels=1))
     x = images(6, 2)
@@ -149,7 +140,7 @@ def test_class_conditioning(tiny):
 
 def test_dropout_only_in_training(tiny):
     cfg = dataclasses.replace(TINY, dropout=0.3)
-    params = random_params(cfg, (16, 16, 1), 1)
+    params = random_unet_params(cfg, (16, 16, 1), 1)
     apply = jitted(UNet(cfg, out_channels=1))
     x = images(7, 2)
     t = jnp.array([0.5, 0.5])

@@ -131,7 +131,8 @@ def from_fitted(fitted) -> Forest:
     checking that it is a well-formed forest; RunError (one line) if it is missing or
     damaged."""
     if fitted is None or "forest_offset" not in fitted.values:
-        raise RunError("the run holds no Isolation Forest: train it again (fmjax train --method radar)")
+        raise RunError("the run holds no Isolation Forest: fit it with the run's fmjax train command and --resume "
+                       "(nothing is trained again)")
 
     def fail(why):
         raise RunError(f"the run's Isolation Forest is damaged ({why}): train it again")

@@ -26,7 +26,7 @@ def radar_metrics(labels, predicted_labels) -> dict:
     tp, fp, fn = int(np.sum(y & p)), int(np.sum(~y & p)), int(np.sum(y & ~p))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0  # 2PR / (P + R) from the counts: thresholded_metrics' F1 exactly
     accuracy = float(np.mean(y == p)) if y.size else math.nan
     return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
 
