@@ -20,7 +20,7 @@ Command (from the repository root; not part of `python -m pytest`):
     python tools/mutants.py --only radar     # mutants whose name contains "radar"
     python tools/mutants.py --list           # the table of mutants, nothing run
 Expected result: every mutant "caught", exit code 0.
-Run time: 12.5 minutes on a shared 2-core CPU, 3.5 of them the baseline run of the named
+Run time: 11-13 minutes on a shared 2-core CPU, about 4 of them the baseline run of the named
 tests (--no-baseline skips it).
 """
 from __future__ import annotations
