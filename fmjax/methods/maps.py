@@ -22,7 +22,7 @@ def image_score(maps, spec: str):
     """Image scores [B] from maps [B, H, W].
 
     max_plus_top1: max(H) + mean of the top 1% of pixels (at least one pixel);
-    max: max(H); topk_mean:f: mean of the top ceil(f * H * W) pixels.
+    max: max(H); topk_mean:f: mean of the top ceil(f * H * W) pixels; mean: mean of all.
     """
     kind, frac = parse_image_score(spec)
     flat = maps.reshape(maps.shape[0], -1)
@@ -30,6 +30,8 @@ def image_score(maps, spec: str):
         return jnp.max(flat, axis=-1)
     if kind == "max_plus_top1":
         return jnp.max(flat, axis=-1) + _top_mean(flat, frac)
+    if frac >= 1.0:
+        return jnp.mean(flat, axis=-1)
     return _top_mean(flat, frac)
 
 

@@ -7,12 +7,14 @@ from fmjax.errors import ScoreRuleError
 
 __all__ = ["IMAGE_SCORES", "parse_image_score"]
 
-IMAGE_SCORES = ("max_plus_top1", "max", "topk_mean:f")
+IMAGE_SCORES = ("max_plus_top1", "max", "topk_mean:f", "mean")
 
 
 def parse_image_score(spec: str):
-    """'max_plus_top1' | 'max' | 'topk_mean:f' -> (kind, fraction)."""
+    """'max_plus_top1' | 'max' | 'topk_mean:f' | 'mean' -> (kind, fraction)."""
     name, _, arg = str(spec).partition(":")
+    if name == "mean" and not arg:
+        return "topk_mean", 1.0
     if name in ("max_plus_top1", "max") and not arg:
         return name, 0.01
     if name == "topk_mean":

@@ -2,7 +2,8 @@
 
 For a test image y, K noise images eps_k and T interior times t_j = j / (T + 1):
   delta_{j,k}(p) = sum_c ( v(x, t_j) - (y - eps_k) )^2,   x = (1 - t_j) eps_k + t_j y,
-  H(p) = (1/T) sum_j w(t_j) Agg_k delta_{j,k}(p),           image score = rule(H).
+  a_j(p) = Agg_k delta_{j,k}(p) (smoothed),   H = map rule of the a_j (normalize.py; the
+  paper's: (1/T) sum_j w(t_j) a_j(p)),         image score = rule(H).
 All B*T*K network calls of a batch of images run inside one jitted function, in chunks of
 a fixed number of network inputs, so memory stays bounded and nothing recompiles.
 """
@@ -21,13 +22,14 @@ from fmjax.distributed.mesh import DATA_AXIS, data_mesh, replicated, rows
 from fmjax.errors import ScoreRuleError
 from fmjax.flow import path_point, target_velocity, to_model_range
 from fmjax.methods.batches import ImageBatches, check_images
+from fmjax.methods.flow_mismatch import normalize as norm
 from fmjax.methods.flow_mismatch.chunking import chunk_size_for_budget, even_chunk
-from fmjax.methods.flow_mismatch.settings import check_time_weight, parse_aggregate
+from fmjax.methods.flow_mismatch.settings import check_map_rule, check_time_weight, parse_aggregate
 from fmjax.methods.maps import gaussian_smooth, image_score
 from fmjax.methods.rules import parse_image_score
 
 __all__ = ["Scorer", "aggregate_paths", "aggregate_times", "delta_chunks", "grid_index", "grid_to_delta",
-           "heat_maps", "interior_times", "mismatch_delta", "path_noise", "time_weights"]
+           "heat_maps", "interior_times", "mismatch_delta", "path_noise", "per_time_maps", "time_weights"]
 
 
 # ----------------------------------------------------------------------------- rules
@@ -137,10 +139,26 @@ def mismatch_delta(velocity_fn, images, noise, times, chunk_size: int, class_ids
     return grid_to_delta(chunks, num_images, num_times, num_paths)
 
 
-def heat_maps(delta, times, aggregate: str, time_weight: str, smooth_sigma: float = 0.0):
-    """delta [B, T, K, H, W] -> maps H [B, H, W] (paths aggregated, times weighted, smoothed)."""
+def per_time_maps(delta, aggregate: str, smooth_sigma: float = 0.0):
+    """delta [B, T, K, H, W] -> a [B, T, H, W]: paths aggregated, each map smoothed."""
     per_time = aggregate_paths(delta, aggregate, axis=2)
-    return gaussian_smooth(aggregate_times(per_time, times, time_weight), smooth_sigma)
+    if smooth_sigma <= 0:
+        return per_time
+    b, t, h, w = per_time.shape
+    return gaussian_smooth(per_time.reshape(b * t, h, w), smooth_sigma).reshape(b, t, h, w)
+
+
+def heat_maps(delta, times, aggregate: str, time_weight: str, smooth_sigma: float = 0.0, normalize: str = "none",
+              map_rule: str = "weighted", stats: norm.Stats | None = None):
+    """delta [B, T, K, H, W] -> maps H [B, H, W]: paths aggregated, smoothed, combined over
+    times by `map_rule` with the normal-image statistics `stats` (normalize.py)."""
+    if normalize == "none" and map_rule == "weighted":
+        # the paper's rule; smoothing the sum equals summing the smoothed maps (linear)
+        per_time = aggregate_paths(delta, aggregate, axis=2)
+        return gaussian_smooth(aggregate_times(per_time, times, time_weight), smooth_sigma)
+    per_time = per_time_maps(delta, aggregate, smooth_sigma)
+    stats = norm.neutral_stats(len(times)) if stats is None else stats
+    return norm.mismatch_map(per_time, time_weights(times, time_weight), normalize, map_rule, stats)
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -165,6 +183,7 @@ class Scorer:
         parse_aggregate(config.aggregate, config.num_paths)
         parse_image_score(config.image_score)
         time_weights(jnp.zeros(1), config.time_weight)
+        check_map_rule(config.normalize, config.map_rule)
         self.noise = path_noise(jax.random.PRNGKey(config.seed), config.num_paths, self.image_shape)
         self.times = jnp.asarray(interior_times(config.num_times))
         self.devices = list(devices if devices is not None else jax.local_devices())
@@ -185,15 +204,15 @@ class Scorer:
 
         chunk = self.chunk_for(cfg.image_batch * len(self.devices))
 
-        def local_delta(params, images_u8, class_ids, noise, times):
-            velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
-            return (mismatch_delta(velocity, to_model_range(images_u8), noise, times, chunk, class_ids),)
+        def local(mode):
+            def fn(params, images_u8, class_ids, noise, times, stats):
+                velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
+                delta = mismatch_delta(velocity, to_model_range(images_u8), noise, times, chunk, class_ids)
+                return self._finish(mode, delta, times, stats)
+            return fn
 
-        def local_maps(params, images_u8, class_ids, noise, times):
-            return self._finish(local_delta(params, images_u8, class_ids, noise, times)[0], times)
-
-        self._batches = {True: ImageBatches(local_maps, self.image_shape, cfg.image_batch, 2, 2, self.devices),
-                         False: ImageBatches(local_delta, self.image_shape, cfg.image_batch, 2, 1, self.devices)}
+        self._batches = {mode: ImageBatches(local(mode), self.image_shape, cfg.image_batch, 3, outputs, self.devices)
+                         for mode, outputs in self._OUTPUTS.items()}
 
     def chunk_for(self, num_images: int) -> int:
         """Network inputs per call when `num_images` images are scored at once (after the
@@ -206,16 +225,24 @@ class Scorer:
             return even_chunk(cfg.image_batch * cfg.num_times * cfg.num_paths, cfg.chunk_size)
         return even_chunk(-(-num_images * cfg.num_times * cfg.num_paths // shards), cfg.chunk_size)
 
-    def _finish(self, delta, times):
-        """delta [B,T,K,H,W] -> (maps [B,H,W], scores [B])."""
+    _OUTPUTS = {"maps": 2, "delta": 1, "per_time": 1}
+
+    def _finish(self, mode: str, delta, times, stats):
+        """delta [B,T,K,H,W] -> maps: (maps [B,H,W], scores [B]); delta: (delta,);
+        per_time: (the smoothed path-aggregated maps [B,T,H,W],)."""
         cfg = self.config
-        maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma)
+        if mode == "delta":
+            return (delta,)
+        if mode == "per_time":
+            return (per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma),)
+        maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma, cfg.normalize,
+                         cfg.map_rule, stats)
         return maps, image_score(maps, cfg.image_score)
 
-    def _grid(self, want_maps: bool, num_images: int):
+    def _grid(self, mode: str, num_images: int):
         """(jitted fn, sharded index) scoring `num_images` images in one call with their
         B*T*K network inputs split over the devices in equal runs of whole chunks."""
-        key = (want_maps, num_images)
+        key = (mode, num_images)
         if key not in self._grids:
             cfg, shards = self.config, self.mesh.devices.size
             index = grid_index(num_images, cfg.num_times, cfg.num_paths, self.chunk_for(num_images), shards)
@@ -227,29 +254,42 @@ class Scorer:
             spread = jax.shard_map(local, mesh=self.mesh, in_specs=(P(),) * 5 + (P(DATA_AXIS),),
                                    out_specs=P(DATA_AXIS), check_vma=False)
 
-            def full(params, images_u8, class_ids, noise, times, index):
+            def full(params, images_u8, class_ids, noise, times, stats, index):
                 delta = grid_to_delta(spread(params, images_u8, class_ids, noise, times, index),
                                       num_images, cfg.num_times, cfg.num_paths)
-                return self._finish(delta, times) if want_maps else (delta,)
+                return self._finish(mode, delta, times, stats)
 
             self._grids[key] = (xla_options.jit(full), jax.device_put(index, rows(self.mesh)))
         return self._grids[key]
 
-    def _run(self, want_maps: bool, params, images, class_ids):
+    def _run(self, mode: str, params, images, class_ids, stats=None):
         images, class_ids = check_images(images, class_ids, self.image_shape)
         self._build(params)
+        stats = norm.neutral_stats(self.config.num_times) if stats is None else stats
         if not 0 < len(images) < self.mesh.devices.size:
-            return self._batches[want_maps](params, images, class_ids, self.noise, self.times)
-        fn, index = self._grid(want_maps, len(images))
+            return self._batches[mode](params, images, class_ids, self.noise, self.times, stats)
+        fn, index = self._grid(mode, len(images))
         params = jax.device_put(params, replicated(self.mesh))
-        outs = fn(params, images, class_ids, self.noise, self.times, index)
+        outs = fn(params, images, class_ids, self.noise, self.times, stats, index)
         return tuple(np.asarray(out) for out in outs)
 
+    def stats(self, fitted) -> norm.Stats | None:
+        """The normalisation statistics the settings need, from the run's fitted arrays."""
+        if self.config.normalize == "none":
+            return None
+        arrays = {} if fitted is None else fitted.arrays
+        return norm.from_arrays(arrays, self.config.num_times, self.image_shape[:2])
+
     def score(self, params, images, class_ids=None, fitted=None):
-        """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy.
-        (Nothing fitted enters Flow Mismatching's scores: `fitted` is not used.)"""
-        return self._run(True, params, images, class_ids)
+        """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy;
+        `fitted` (the run's Fitted) holds the normalisation statistics when normalize is
+        global or pixel."""
+        return self._run("maps", params, images, class_ids, self.stats(fitted))
 
     def delta(self, params, images, class_ids=None):
         """images uint8 [N,H,W,C] -> raw mismatch float32 [N, T, K, H, W] as numpy."""
-        return self._run(False, params, images, class_ids)[0]
+        return self._run("delta", params, images, class_ids)[0]
+
+    def per_time(self, params, images, class_ids=None):
+        """images uint8 [N,H,W,C] -> smoothed path-aggregated maps float32 [N, T, H, W]."""
+        return self._run("per_time", params, images, class_ids)[0]

@@ -12,6 +12,8 @@ __all__ = ["NEUTRAL", "PRESETS", "TRAINING", "FlowMismatchSettings", "Settings",
 
 AGGREGATES = ("min", "rank:r", "quantile:a", "mean", "median", "trimmed:f")
 TIME_WEIGHTS = ("t2", "none")
+NORMALIZATIONS = ("none", "global", "pixel")
+MAP_RULES = ("weighted", "two_sided", "combined")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +22,12 @@ class FlowMismatchSettings:
     num_times: int = 30  # T, interior times j / (T + 1)
     aggregate: str = "rank:2"  # min | rank:r | quantile:a | mean | median | trimmed:f
     time_weight: str = "t2"  # t2 | none
-    image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f
-    smooth_sigma: float = 0.0  # Gaussian smoothing of the map, in pixels; 0 = off
+    image_score: str = "max_plus_top1"  # max_plus_top1 | max | topk_mean:f | mean
+    smooth_sigma: float = 0.0  # Gaussian smoothing of the per-time maps, in pixels; 0 = off
+    # statistics of held-out normals (normalize.py): none (the paper's rule) | global (per
+    # time) | pixel (per time and pixel)
+    normalize: str = "none"
+    map_rule: str = "weighted"  # weighted | two_sided | combined (normalize.py)
     chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
     memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
     image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
@@ -79,6 +85,16 @@ def check_time_weight(rule: str) -> None:
         raise ScoreRuleError(f"unknown time weight {rule!r} (known: {', '.join(TIME_WEIGHTS)})")
 
 
+def check_map_rule(normalize: str, map_rule: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ScoreRuleError(f"unknown score.normalize {normalize!r} (known: {', '.join(NORMALIZATIONS)})")
+    if map_rule not in MAP_RULES:
+        raise ScoreRuleError(f"unknown score.map_rule {map_rule!r} (known: {', '.join(MAP_RULES)})")
+    if map_rule != "weighted" and normalize == "none":
+        raise ScoreRuleError(f"score.map_rule={map_rule} needs statistics of normal images: set score.normalize "
+                             f"to global or pixel")
+
+
 def validate(config) -> None:
     """ConfigError (one line) for Flow Mismatching settings `config.score` that cannot work."""
     s = config.score
@@ -87,6 +103,7 @@ def validate(config) -> None:
     parse_aggregate(s.aggregate, s.num_paths)
     parse_image_score(s.image_score)
     check_time_weight(s.time_weight)
+    check_map_rule(s.normalize, s.map_rule)
     if not s.smooth_sigma >= 0:
         raise ConfigError(f"score.smooth_sigma must be >= 0, got {s.smooth_sigma}")
     if s.chunk_size < 0 or s.image_batch < 1:
