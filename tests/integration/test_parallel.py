@@ -162,7 +162,7 @@ def test_pmap_mesh4_and_mesh1_agree_on_four_devices(tmp_path):
     for name in ("pmap4", "mesh1"):
         np.testing.assert_allclose(result[name]["loss"], ref["loss"], rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(result[name]["grad_norm"], ref["grad_norm"], rtol=1e-4, err_msg=name)
-    assert result["grid_programs"] == [[False, 1], [False, 3], [True, 1], [True, 3]]
+    assert result["grid_programs"] == [["delta", 1], ["delta", 3], ["maps", 1], ["maps", 3]]
     log = result["train_pmap_log"]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in log], ref["loss"], rtol=1e-5, atol=1e-6)

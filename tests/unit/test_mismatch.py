@@ -209,8 +209,8 @@ def test_fewer_images_than_devices_spread_the_grid():
     spread = fm.Scorer(toy_apply, cfg, (8, 8, 1))
     alone = fm.Scorer(toy_apply, cfg, (8, 8, 1), devices=jax.local_devices()[:1])
     maps, scores = spread.score(PARAMS, images)
-    assert list(spread._grids) == [(True, 1)]
-    assert spread._batches[True].fn._cache_size() == 0  # the per-image path never ran
+    assert list(spread._grids) == [("maps", 1)]
+    assert spread._batches["maps"].fn._cache_size() == 0  # the per-image path never ran
     want_maps, want_scores = alone.score(PARAMS, images)
     np.testing.assert_allclose(maps, want_maps, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
@@ -225,10 +225,10 @@ def test_no_recompile_for_other_image_counts():
     scorer = fm.Scorer(toy_apply, cfg, (8, 8, 1))
     rng = np.random.default_rng(5)
     scorer.score(PARAMS, rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8))
-    compiled = scorer._batches[True].fn._cache_size()
+    compiled = scorer._batches["maps"].fn._cache_size()
     for n in (1, 2, 5, 9):
         scorer.score(PARAMS, rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8))
-    assert scorer._batches[True].fn._cache_size() == compiled == 1
+    assert scorer._batches["maps"].fn._cache_size() == compiled == 1
 
 
 def test_delta_tensor_reaggregates_to_maps():
