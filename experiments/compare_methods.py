@@ -134,7 +134,8 @@ def pca_floor(dataset, config, components):
     from fmjax.methods.maps import image_score
 
     cal_config = config.calibration
-    fit, holdout = data_lib.split_holdout(dataset.train, cal_config.holdout_fraction, cal_config.seed)
+    fit, holdout = data_lib.split_holdout(dataset.train, cal_config.holdout_fraction, cal_config.seed,
+                                         cal_config.min_holdout)
     flat = lambda images: np.asarray(images, np.float64).reshape(len(images), -1) / 127.5 - 1.0
     n_components = components if components < 1 else int(min(components, len(fit) - 1))
     start = time.perf_counter()

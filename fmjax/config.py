@@ -16,7 +16,8 @@ from fmjax.errors import ConfigError
 from fmjax.methods import registry
 
 __all__ = ["CalibrationConfig", "Config", "ConfigError", "DataConfig", "NetConfig", "PRESETS", "TexturesConfig",
-           "TrainConfig", "apply_overrides", "build", "from_dict", "preset", "validate", "with_method"]
+           "TrainConfig", "apply_overrides", "build", "from_dict", "layer", "preset", "read_config_file", "validate",
+           "with_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,8 @@ class CalibrationConfig:
     """What every method fits on normal training images after training."""
 
     holdout_fraction: float = 0.1  # normal training images kept out of training to fit thresholds
+    # ... but at least min(min_holdout, N - min_holdout) of N: a 0.99 quantile of 3 scores is their maximum
+    min_holdout: int = 20
     seed: int = 0  # which images are held out
     image_threshold_quantile: float = 0.99  # of held-out normal image scores
     pixel_threshold_quantile: float = 0.999  # of held-out normal pixel values
@@ -141,8 +144,12 @@ _QUANTILE_KEYS = ("image_threshold_quantile", "pixel_threshold_quantile")
 
 
 def _upgrade(values):
-    """A config.json of the earlier layout (sections `score`, `radar`, `recon`; texture
-    and hold-out settings in `data`) in this one; others unchanged."""
+    """A config.json of an earlier layout in this one: sections `score`, `radar`, `recon`
+    with texture and hold-out settings in `data` (0.1); a `calibration` section without
+    `min_holdout` (0.2: no minimum, so its held-out normals are split again as trained)."""
+    if isinstance(values, dict) and isinstance(values.get("calibration"), dict) \
+            and "min_holdout" not in values["calibration"]:
+        values = {**values, "calibration": {**values["calibration"], "min_holdout": 0}}
     if not isinstance(values, dict) or not {"radar", "recon"} <= set(values):
         return values
     values = dict(values)
@@ -151,6 +158,7 @@ def _upgrade(values):
     data = dict(values.get("data") or {})
     calibration = {k: flow.pop(k) for k in _QUANTILE_KEYS if k in flow}
     textures = {k: data.pop(k) for k in _TEXTURE_KEYS if k in data}
+    calibration["min_holdout"] = 0
     if "holdout_fraction" in data:
         calibration["holdout_fraction"] = data.pop("holdout_fraction")
     if "seed" in data:
@@ -261,9 +269,63 @@ def apply_overrides(config: Config, overrides) -> Config:
     return config
 
 
-def build(preset_name: str = "small", method: str = "flow_mismatch", overrides=()) -> Config:
-    """The config of a preset for a method, with ["section.field=value", ...] applied."""
-    return apply_overrides(preset(preset_name, method), overrides)
+def read_config_file(path: str) -> dict:
+    """The settings in a JSON or YAML file (.yaml / .yml), as nested dicts in the layout of
+    config.json; any subset of its keys."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        if str(path).lower().endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # json and yaml parse errors: one line naming the file
+        raise ConfigError(f"config file {path} is not valid {'YAML' if str(path).endswith(('yaml', 'yml')) else 'JSON'}"
+                          f" ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold an object of sections (net, data, train, ...)")
+    return values
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def layer(config: Config, values: dict) -> Config:
+    """`config` with the settings in `values` (nested dicts, any subset of config.json's
+    keys) put over it; a `method` there switches the scoring settings first."""
+    values = _upgrade(values)
+    if not isinstance(values, dict):
+        raise ConfigError("config settings must be an object of sections")
+    method = values.get("method", config.method)
+    if not isinstance(method, str):
+        raise ConfigError(f"config key 'method' must be a method name, got {method!r}")
+    config = with_method(config, method)
+    base = json.loads(config.to_json())
+    return Config.from_dict(_merge(base, values))
+
+
+def build(preset_name: str | None = "small", method: str | None = "flow_mismatch", overrides=(),
+          config_file: str | None = None) -> Config:
+    """The config of a preset for a method, then the settings of `config_file` (JSON or
+    YAML; its `preset` and `method` are used where `preset_name` / `method` are None),
+    then ["section.field=value", ...], in that order. A run's config.json given as
+    `config_file` gives that run's config."""
+    values = read_config_file(config_file) if config_file else {}
+    preset_name = preset_name or values.get("preset") or "small"
+    method = method or values.get("method") or "flow_mismatch"
+    config = preset(preset_name, method)
+    if values:
+        config = layer(config, {**values, "method": method})
+    return apply_overrides(config, overrides)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -296,6 +358,7 @@ def validate(config: Config) -> None:
            f"train.ema_decay must be in [0, 1], got {train.ema_decay}")
     _check(_finite(cal.holdout_fraction) and 0.0 <= cal.holdout_fraction < 1.0,
            f"calibration.holdout_fraction must be in [0, 1), got {cal.holdout_fraction}")
+    _check(cal.min_holdout >= 0, f"calibration.min_holdout must be >= 0, got {cal.min_holdout}")
     for name in _QUANTILE_KEYS:
         value = getattr(cal, name)
         _check(_finite(value) and 0.0 <= value <= 1.0, f"calibration.{name} must be in [0, 1], got {value}")

@@ -93,6 +93,16 @@ def assert_image_metrics_from_csv(rows, metrics):
     assert average_precision_score(labels, scores) == pytest.approx(metrics["image_ap"], abs=1e-12)
 
 
+def other_metrics(run_dir):
+    """The one metrics-*.json an evaluation of other data or settings wrote in `run_dir`
+    (the run's own metrics.json is never overwritten by one)."""
+    import json
+
+    written = sorted(run_dir.glob("metrics-*.json"))
+    assert len(written) == 1, written
+    return json.loads(written[0].read_text())
+
+
 def metric_values(metrics):
     return {k: metrics[k] for k in METRIC_KEYS}
 

@@ -1,4 +1,5 @@
-"""The command line: `fmjax train | evaluate | predict | demo | bench | info`.
+"""The command line: `fmjax train | evaluate | predict | calibrate | export | config | demo |
+bench | info`.
 
 Each command is a module of this package with `main(args)`; `main` here parses the
 arguments, starts the process through `fmjax.app.launch.start` (allocator, devices,
@@ -17,6 +18,8 @@ COMMANDS = {
     "train": "train a model on normal images",
     "evaluate": "score a test split, print and save metrics",
     "predict": "score image files",
+    "calibrate": "fit the thresholds again on the held-out normals, with other scoring settings",
+    "config": "print the resolved config (config show)",
     "demo": "train and evaluate on the embedded textures",
     "bench": "scoring and training throughput against a plain loop, a plain forward pass and the matmul peak",
     "info": "versions, devices and the memory allocator this process runs with",
@@ -34,15 +37,18 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--category", help="category folder under ROOT (folder/mvtec/visa data); "
                                           "'all' trains one model on every category")
         p.add_argument("--out", required=True, help="run folder to write")
-        p.add_argument("--preset", default="small", help="tiny | small | paper (default: small)")
-        p.add_argument("--method", default="flow_mismatch",
-                       help=f"{' | '.join(registry.names())} (default: flow_mismatch; recon scores a flow model "
-                            f"by reconstruction)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+        _config_arguments(p, registry)
         p.add_argument("--resume", action="store_true", help="continue the run in --out")
         p.add_argument("--parallel", choices=("mesh", "pmap"), default="mesh",
                        help="data parallelism: jit over a device mesh (default) or pmap; same results")
         p.add_argument("--no-progress", action="store_true")
+    elif name == "config":
+        p.add_argument("action", choices=("show",), help="show: print the resolved config as JSON")
+        _config_arguments(p, registry)
+    elif name == "calibrate":
+        p.add_argument("--run", required=True)
+        p.add_argument("--set", action="append", default=[], metavar="score.KEY=VALUE",
+                       help="scoring setting to calibrate with and keep (score.*, calibration.*_threshold_quantile)")
     elif name in ("evaluate", "predict"):
         p.add_argument("--run", required=True)
         if name == "evaluate":
@@ -64,6 +70,14 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "bench":
         p.add_argument("--quick", action="store_true", help="reduced set, same keys (2-3 minutes on 2 CPU cores)")
         p.add_argument("--json", help="also write the figures as JSON here")
+
+
+def _config_arguments(p: argparse.ArgumentParser, registry) -> None:
+    p.add_argument("--preset", help="tiny | small | paper (default: the --config file's, else small)")
+    p.add_argument("--method", help=f"{' | '.join(registry.names())} (default: the --config file's, else "
+                                    f"flow_mismatch; recon scores a flow model by reconstruction)")
+    p.add_argument("--config", help="JSON or YAML file of settings over the preset (e.g. a run's config.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (last word)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,7 +103,8 @@ def main(argv=None) -> int:
     try:
         from fmjax.app import launch
 
-        launch.start(getattr(args, "devices", 0), distributed=args.command != "info")
+        if args.command != "config":  # printing a config needs no devices
+            launch.start(getattr(args, "devices", 0), distributed=args.command != "info")
         importlib.import_module(f"fmjax.app.{args.command}").main(args)
     except (FmjaxError, OSError) as err:
         if debug:

@@ -2,7 +2,10 @@
 RUN/metrics.json and optionally TIFF maps, the image scores and pictures."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -14,7 +17,7 @@ from fmjax.eval import metrics as metrics_lib
 from fmjax.eval import writers
 from fmjax.files import plain_name, write_json
 
-__all__ = ["COLUMNS", "display_max", "evaluate_all", "evaluate_run", "main", "metrics_table",
+__all__ = ["COLUMNS", "display_max", "evaluate_all", "evaluate_run", "main", "metrics_name", "metrics_table",
            "split_metrics"]
 
 COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "radar_f1",
@@ -55,8 +58,8 @@ def display_max(run: runs.Run, maps) -> float:
 
 
 def evaluate_run(run: runs.Run, dataset, maps_out: str | None = None, pictures_out: str | None = None,
-                 class_id: int = 0, write_metrics: bool = True) -> dict:
-    """Scores the test split; returns (and writes RUN/metrics.json) every metric.
+                 class_id: int = 0, write_metrics: bool = True, metrics_file: str = runs.METRICS) -> dict:
+    """Scores the test split; returns (and writes RUN/`metrics_file`) every metric.
 
     Standard keys for every method (see split_metrics), network_calls_per_image and
     sequential_calls_per_image, and the method's own (RADAR: radar_{accuracy,precision,
@@ -81,13 +84,14 @@ def evaluate_run(run: runs.Run, dataset, maps_out: str | None = None, pictures_o
     if pictures_out:
         writers.write_pictures(pictures_out, test, maps, scores, display_max(run, maps))
     if write_metrics:  # last: a metrics.json is never newer than the maps it describes
-        write_json(os.path.join(run.path, runs.METRICS), result)
+        write_json(os.path.join(run.path, metrics_file), result)
     return result
 
 
-def evaluate_all(run: runs.Run, spec: str, maps_out: str | None = None, pictures_out: str | None = None) -> dict:
+def evaluate_all(run: runs.Run, spec: str, maps_out: str | None = None, pictures_out: str | None = None,
+                 metrics_file: str = runs.METRICS) -> dict:
     """A unified (`--category all`) run on every category it was trained on: per-category
-    rows and their mean; RUN/metrics.json holds the mean keys plus `per_category`."""
+    rows and their mean; RUN/`metrics_file` holds the mean keys plus `per_category`."""
     categories = run.data_info.get("categories") or data_lib.categories_of(spec)
     rows = []
     for class_id, dataset in enumerate(data_lib.load_all(spec, run.config.data, categories)):
@@ -96,7 +100,7 @@ def evaluate_all(run: runs.Run, spec: str, maps_out: str | None = None, pictures
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k, v in rows[0].items()
             if isinstance(v, float) and all(isinstance(r.get(k), float) for r in rows)}
     result = {**mean, "category": "mean", "method": run.config.method, "per_category": rows}
-    write_json(os.path.join(run.path, runs.METRICS), result)
+    write_json(os.path.join(run.path, metrics_file), result)
     return result
 
 
@@ -106,21 +110,39 @@ def metrics_table(rows) -> str:
     return markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
 
 
+def metrics_name(run: runs.Run, spec: str, category: str | None, overrides=()) -> str:
+    """RUN/metrics.json for the run's own data at its own settings; for other data or other
+    scoring settings, metrics-<category or data name>-<8 hex digits of what differs>.json,
+    so the run's own metrics are never overwritten."""
+    own = spec == run.data_info.get("spec") and category in (None, run.data_info.get("category"))
+    if own and not overrides:
+        return runs.METRICS
+    what = json.dumps([spec, category, sorted(overrides or ())])
+    label = category or data_lib.parse_spec(spec)[1]
+    label = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.basename(str(label).rstrip("/\\")))
+    return f"metrics-{label or 'data'}-{hashlib.sha256(what.encode()).hexdigest()[:8]}.json"
+
+
 def main(args) -> None:
     run = runs.load_run(args.run, args.set)
+    if run.refit:
+        print(f"fmjax evaluate: note: {run.refit}", file=sys.stderr)
     spec = args.data or run.data_info.get("spec")
     if not spec:
         raise RunError(f"{args.run}/data.json is missing: pass --data")
-    category = args.category or (None if args.data else run.data_info.get("category"))
-    if spec.startswith("textures:"):
+    # the run's category by default, also on other data in the same layout
+    category = args.category or run.data_info.get("category")
+    if spec.startswith(("textures:", "fashion_mnist:")):
         category = None
+    name = metrics_name(run, spec, category, args.set)
     if category == "all":
-        result = evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out)
+        result = evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out, metrics_file=name)
         print(metrics_table(result["per_category"] + [result]))
     else:
         trained_on = run.data_info.get("categories") or []
         dataset = data_lib.load(spec, category, run.config.data, run.config.textures)
         result = evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out,
-                              class_id=trained_on.index(category) if category in trained_on else 0)
+                              class_id=trained_on.index(category) if category in trained_on else 0,
+                              metrics_file=name)
         print(metrics_table([result]))
-    print(f"metrics -> {os.path.join(args.run, runs.METRICS)}")
+    print(f"metrics -> {os.path.join(args.run, name)}")

@@ -54,8 +54,7 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
     train, data_info = _training_data(config, spec, category)
     config = resolve_flips(resolve_channels(config, train.images.shape[-1]), spec,
                            data_info.get("categories", [data_info["category"]]))
-    cal = config.calibration
-    fit, _ = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed)
+    fit, _ = runs.holdout_split(config, train)
     data_path = os.path.join(run_dir, runs.DATA)
     if resume and os.path.exists(data_path) and runs.read_json(data_path) != data_info:
         raise RunError(f"--resume: {data_path} says {runs.read_json(data_path)}, not {data_info}")
@@ -100,7 +99,7 @@ def rescore_run(src_dir: str, dst_dir: str, method: str, overrides=()) -> runs.R
 
 
 def main(args) -> None:
-    config = build(args.preset, args.method, args.set)
+    config = build(args.preset, args.method, args.set, args.config)
     run = train_run(config, args.data, args.category, args.out, resume=args.resume, progress=not args.no_progress,
                     use_pmap=args.parallel == "pmap")
     print(f"trained {run.config.train.steps} steps -> {args.out}")

@@ -13,7 +13,7 @@ import numpy as np
 
 from fmjax.data.base import DataError, Dataset, Split, normal_split
 
-__all__ = ["DataError", "Dataset", "Split", "categories_of", "load", "load_all", "normal_split",
+__all__ = ["DataError", "Dataset", "Split", "categories_of", "holdout_count", "load", "load_all", "normal_split",
            "orientation_free", "parse_spec", "split_holdout", "stratified_subset", "unified_train"]
 
 KINDS = ("textures", "folder", "mvtec", "visa", "fashion_mnist", "tfds")
@@ -78,10 +78,19 @@ def orientation_free(spec: str, categories) -> bool:
     return False
 
 
-def split_holdout(train: Split, fraction: float, seed: int):
-    """(fit, holdout): a random `fraction` of the normal training images held out for
-    fitting thresholds on normal images only. holdout is None when fraction is 0."""
-    n_hold = int(round(fraction * len(train)))
+def holdout_count(num_images: int, fraction: float, minimum: int = 0) -> int:
+    """How many of `num_images` normal training images are held out: round(fraction * N),
+    but at least min(minimum, N - minimum) (none when fraction is 0)."""
+    if fraction <= 0:
+        return 0
+    return max(int(round(fraction * num_images)), min(minimum, num_images - minimum))
+
+
+def split_holdout(train: Split, fraction: float, seed: int, minimum: int = 0):
+    """(fit, holdout): `holdout_count(len(train), fraction, minimum)` normal training images
+    drawn at random (from `seed`) and held out for fitting thresholds on normal images only.
+    holdout is None when fraction is 0."""
+    n_hold = holdout_count(len(train), fraction, minimum)
     if n_hold == 0:
         return train, None
     if n_hold >= len(train):

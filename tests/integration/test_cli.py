@@ -174,8 +174,15 @@ def test_evaluate_score_overrides(run_copy, evaluation, data_root, tmp_path, cap
 
     overrides = ["score.aggregate=mean", "score.time_weight=none", "score.use_ema=false"]
     sets = [arg for item in overrides for arg in ("--set", item)]
-    code, _, err = cli(capsys, "evaluate", "--run", run_copy, *sets, "--maps-out", tmp_path / "maps")
+    code, out, err = cli(capsys, "evaluate", "--run", run_copy, *sets, "--maps-out", tmp_path / "maps")
     assert code == 0, err
+    # one note that the thresholds were fitted again; the run's own metrics.json untouched
+    assert [line for line in err.splitlines() if "note:" in line] == [
+        line for line in err.splitlines() if line.startswith("fmjax evaluate: note: score.aggregate 'rank:2' -> 'mean'")]
+    assert "fitted again on the run's 3 held-out normal images" in err
+    assert not (run_copy / "metrics.json").exists()
+    written = sorted(p.name for p in run_copy.glob("metrics-*.json"))
+    assert len(written) == 1 and written[0].startswith(f"metrics-{CATEGORY}-") and written[0] in out
     # the scores of the overridden rule on the raw params, not the run's own
     test = load_test_split(run_copy, data_root)
     got = csv_scores(image_scores_csv(tmp_path / "maps" / CATEGORY / "image_scores.csv"), test.names)
@@ -183,7 +190,7 @@ def test_evaluate_score_overrides(run_copy, evaluation, data_root, tmp_path, cap
     np.testing.assert_allclose(got, want, rtol=1e-4)
     default = csv_scores(image_scores_csv(evaluation[1] / CATEGORY / "image_scores.csv"), test.names)
     assert np.abs(got - default).min() > 1e-2 * np.abs(default).max()
-    assert_pixel_metrics_from_tiffs(tmp_path / "maps" / CATEGORY, json.loads((run_copy / "metrics.json").read_text()))
+    assert_pixel_metrics_from_tiffs(tmp_path / "maps" / CATEGORY, json.loads((run_copy / written[0]).read_text()))
     # the overrides apply to this evaluation only
     assert run_config(run_copy) == run_config(evaluation[0])
 

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 from PIL import Image
 from helpers import (CATEGORY, TRAIN_ARGS, assert_image_metrics_from_csv, assert_pixel_metrics_from_tiffs, cli,
-                     csv_scores, image_scores_csv, make_tree, reference_run_scores, run_config)
+                     csv_scores, image_scores_csv, make_tree, other_metrics, reference_run_scores, run_config)
 
 from fmjax import data as data_lib
 from fmjax.app.cli import main
@@ -77,7 +77,7 @@ def test_unified_train_and_evaluate(two_category_root, tmp_path, capsys):
     shutil.copytree(run, copy)
     code, _, err = cli(capsys, "evaluate", "--run", copy, "--category", "widget")
     assert code == 0, err
-    single = json.loads((copy / "metrics.json").read_text())
+    single = other_metrics(copy)
     assert single["image_auroc"] == rows[1]["image_auroc"] and single["aupro"] == rows[1]["aupro"]
 
 
