@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import CATEGORY, TRAIN_ARGS, assert_one_line_error, cli, metric_values, other_metrics
 
+from fmjax import data as data_lib
 from fmjax import runs
 from fmjax.app.cli import main
 
@@ -81,3 +82,25 @@ def test_evaluate_other_data_keeps_the_run_category_and_metrics(trained_run, run
     assert code == 0, err
     assert json.loads((run_copy / "metrics.json").read_text()) == own
     assert metric_values(other_metrics(run_copy)) == metric_values(own)  # the same images
+
+
+def test_calibrate_fits_and_stores_normalisation_statistics(trained_run, run_copy, data_root, capsys):
+    settings = ["score.normalize=global", "score.map_rule=combined"]
+    # the run was trained without them: scoring with them fits them in memory, with a note
+    in_memory = runs.load_run(str(trained_run), settings)
+    assert "score.normalize 'none' -> 'global'" in in_memory.refit
+    assert not (trained_run / "calibration.npz").exists()
+    code, _, err = cli(capsys, "calibrate", "--run", run_copy, *[a for s in settings for a in ("--set", s)])
+    assert code == 0, err
+    stored = runs.load_run(str(run_copy))
+    assert stored.refit == "" and (stored.config.score.normalize, stored.config.score.map_rule) == ("global", "combined")
+    num_times = stored.config.score.num_times
+    assert stored.fitted.arrays["normalize_mean"].shape == (num_times, 1, 1)
+    for name, value in in_memory.fitted.arrays.items():
+        np.testing.assert_array_equal(stored.fitted.arrays[name], value)
+    images = data_lib.load(f"folder:{data_root}", CATEGORY, stored.config.data).test.images
+    for a, b in zip(stored.score(images), in_memory.score(images)):
+        np.testing.assert_array_equal(a, b)
+    # other statistics (per pixel) are fitted again, never the stored global ones reused
+    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--set", "score.normalize=pixel")
+    assert code == 0 and "note: score.normalize 'global' -> 'pixel'" in err, err
