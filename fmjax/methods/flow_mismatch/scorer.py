@@ -24,6 +24,7 @@ from fmjax.flow import path_point, target_velocity, to_model_range
 from fmjax.methods.batches import ImageBatches, check_images
 from fmjax.methods.flow_mismatch import normalize as norm
 from fmjax.methods.flow_mismatch.chunking import chunk_size_for_budget, even_chunk
+from fmjax.methods.flow_mismatch.order import sort_axis
 from fmjax.methods.flow_mismatch.settings import check_map_rule, check_time_weight, parse_aggregate
 from fmjax.methods.maps import gaussian_smooth, image_score
 from fmjax.methods.rules import parse_image_score
@@ -54,7 +55,7 @@ def aggregate_paths(delta, spec: str, axis: int = -3):
     kind, value = parse_aggregate(spec, num_paths)
     if kind == "mean":
         return jnp.mean(delta, axis=axis)
-    ordered = jnp.sort(delta, axis=axis)
+    ordered = sort_axis(delta, axis)  # = jnp.sort, as a sorting network (fast on XLA:CPU)
     if kind == "rank":
         return jnp.take(ordered, value - 1, axis=axis)
     if kind == "median":
