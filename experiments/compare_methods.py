@@ -1,9 +1,9 @@
-"""Flow Mismatching against RADAR, flow reconstruction and a PCA floor, on the same data
-with the same metrics and their cost.
+"""Flow Mismatching against RADAR, flow reconstruction and two non-learned floors (PCA,
+patch nearest neighbour), on the same data with the same metrics and their cost.
 
 Command:
     python experiments/compare_methods.py [--textures brick,grass,gravel] [--preset small]
-        [--set KEY=VALUE ...] [--out experiments/results/compare_methods]
+        [--set KEY=VALUE ...] [--out experiments/results/compare_methods] [--methods pca,patch_nn]
     python experiments/compare_methods.py --textures "" --fashion-mnist 0 --test-limit 1000
 
 Per embedded texture (real photos, synthetic defects on held-out crops):
@@ -14,6 +14,10 @@ Per embedded texture (real photos, synthetic defects on held-out crops):
                  Forest fitted on the normal training images
   pca            a floor: sklearn PCA fitted on the normal training images, map = squared
                  residual summed over channels, image score max_plus_top1
+  patch_nn       a floor: raw-pixel patch nearest neighbour (fmjax.baselines.PatchNN): a
+                 bank of --bank-size random --patch-size patches of the normal training
+                 images, each test patch's exact distance to its nearest bank patch, a
+                 pixel's value the mean over the patches covering it, image score = max
 All go through fmjax.app.train / fmjax.app.evaluate (the CLI's training, calibration and
 scoring path); thresholds come from held-out normal images only (radar: its forest's
 decision).
@@ -30,6 +34,7 @@ about an hour for all three: two trainings of 600 steps (flow matching and RADAR
 35 images/s each, 9 minutes apiece), then about 2 minutes of scoring (Flow Mismatching
 about 1 image/s at K*T = 32, reconstruction about 5, RADAR about 20, PCA hundreds).
 --preset tiny --textures brick takes about a minute.  Finished runs are reused.
+--methods picks a subset (e.g. --methods pca,patch_nn: the floors alone, no training).
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ import time
 import numpy as np
 
 NAMES = {"flow_mismatch": "Flow Mismatching", "radar": "RADAR", "recon": "flow reconstruction",
-         "pca": "PCA floor"}
+         "pca": "PCA floor", "patch_nn": "patch nearest neighbour"}
+NETWORKS = ("flow_mismatch", "radar", "recon")
 COLUMNS = ["dataset", "method", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
            "pixel_f1_max", "aupro", "image_f1_at_threshold", "network_calls_per_image",
            "sequential_calls_per_image", "images_per_s", "train_s"]
@@ -63,6 +69,11 @@ def _parser():
     p.add_argument("--out", default=os.path.join("experiments", "results", "compare_methods"))
     p.add_argument("--pca-components", type=float, default=0.9,
                    help="PCA: fraction of variance kept if < 1, else the number of components (default 0.9)")
+    p.add_argument("--patch-size", type=int, default=7, help="patch nearest neighbour: patch side (default 7)")
+    p.add_argument("--bank-size", type=int, default=16384,
+                   help="patch nearest neighbour: patches in the memory bank (default 16384)")
+    p.add_argument("--methods", default=",".join(NAMES),
+                   help=f"comma-separated subset of {', '.join(NAMES)} (default: all; recon needs flow_mismatch)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -122,43 +133,30 @@ def evaluate(run, dataset):
     return evaluate_run(run, dataset)
 
 
-def pca_floor(dataset, config, components):
-    """PCA reconstruction floor: fitted on the normal training images (the split the
-    networks train on), thresholds from the held-out normals, metrics as for the runs."""
-    import jax.numpy as jnp
-    from sklearn.decomposition import PCA
-
+def floor(dataset, config, model):
+    """A non-learned floor (fmjax.baselines) fitted on the normal training images the
+    networks train on (the held-out ones left out), thresholds from the held-out normals,
+    metrics as for the runs."""
     from fmjax import data as data_lib
     from fmjax.app.evaluate import split_metrics
     from fmjax.eval.calibration import thresholds
-    from fmjax.methods.maps import image_score
 
     cal_config = config.calibration
     fit, holdout = data_lib.split_holdout(dataset.train, cal_config.holdout_fraction, cal_config.seed,
                                          cal_config.min_holdout)
-    flat = lambda images: np.asarray(images, np.float64).reshape(len(images), -1) / 127.5 - 1.0
-    n_components = components if components < 1 else int(min(components, len(fit) - 1))
     start = time.perf_counter()
-    pca = PCA(n_components=n_components, svd_solver="full", random_state=0).fit(flat(fit.images))
+    model.fit(fit.images)
     train_s = time.perf_counter() - start
-
-    def score(images):
-        x = flat(images)
-        residual = x - pca.inverse_transform(pca.transform(x))
-        maps = np.square(residual).reshape(images.shape).sum(-1).astype(np.float32)
-        return maps, np.asarray(image_score(jnp.asarray(maps), "max_plus_top1"))
-
-    cal = thresholds(cal_config, *score(holdout.images)) if holdout is not None else {}
-    score(dataset.test.images)  # warm-up: compiles the image-score rule for this batch shape
+    cal = thresholds(cal_config, *model.score(holdout.images)) if holdout is not None else {}
+    model.score(dataset.test.images[:1])  # warm-up: compiles for this image shape
     start = time.perf_counter()
-    maps, scores = score(dataset.test.images)
+    maps, scores = model.score(dataset.test.images)
     seconds = time.perf_counter() - start
     threshold = cal.get("image_threshold")
     decided = None if threshold is None else (scores >= threshold).astype(np.int32)
     result = split_metrics(dataset.test, maps, scores, decided, threshold, cal.get("pixel_threshold"))
     result.update({"network_calls_per_image": 0, "sequential_calls_per_image": 0, "train_s": train_s,
-                   "images_per_s": len(dataset.test) / max(seconds, 1e-9),
-                   "pca_components": int(pca.n_components_)})
+                   "images_per_s": len(dataset.test) / max(seconds, 1e-9)})
     return result
 
 
@@ -169,12 +167,17 @@ def main(argv=None):
     launch.start()  # before jax is imported
     import jax
 
-    from fmjax import data as data_lib
+    from fmjax import baselines, data as data_lib
     from fmjax.config import build, with_method
     from fmjax.data import fashion_mnist, textures
     from fmjax.eval.viz import markdown_table
     from fmjax.files import write_json
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in NAMES]
+    if unknown or ("recon" in methods and "flow_mismatch" not in methods):
+        raise SystemExit(f"compare_methods: --methods takes {', '.join(NAMES)} (recon with flow_mismatch), "
+                         f"got {args.methods!r}")
     names = [n.strip() for n in args.textures.split(",") if n.strip()]
     for name in names:
         if name not in textures.TEXTURES:
@@ -200,29 +203,37 @@ def main(argv=None):
         print(f"== {name}", flush=True)
         progress = not args.no_progress
         trained = {}
-        print(f"   flow matching: training ({base.train.steps} steps)", flush=True)
-        trained["flow_mismatch"] = train_or_reuse(base, spec, os.path.join(root, "flow_mismatch"), progress)
-        # a flow model trained just now invalidates an older re-scored copy
-        trained["recon"] = train_or_reuse(with_method(base, "recon"), spec, os.path.join(root, "recon"), progress,
-                                          source=os.path.join(root, "flow_mismatch"),
-                                          reuse=trained["flow_mismatch"][2])
-        print(f"   radar: training ({base.train.steps} steps)", flush=True)
-        trained["radar"] = train_or_reuse(with_method(base, "radar"), spec, os.path.join(root, "radar"), progress)
-        flow_config = trained["flow_mismatch"][0].config
-        dataset = data_lib.load(spec, None, flow_config.data, flow_config.textures)
+        if "flow_mismatch" in methods:
+            print(f"   flow matching: training ({base.train.steps} steps)", flush=True)
+            trained["flow_mismatch"] = train_or_reuse(base, spec, os.path.join(root, "flow_mismatch"), progress)
+        if "recon" in methods:
+            # a flow model trained just now invalidates an older re-scored copy
+            trained["recon"] = train_or_reuse(with_method(base, "recon"), spec, os.path.join(root, "recon"), progress,
+                                              source=os.path.join(root, "flow_mismatch"),
+                                              reuse=trained["flow_mismatch"][2])
+        if "radar" in methods:
+            print(f"   radar: training ({base.train.steps} steps)", flush=True)
+            trained["radar"] = train_or_reuse(with_method(base, "radar"), spec, os.path.join(root, "radar"), progress)
+        data_config = next(iter(trained.values()))[0].config if trained else base
+        dataset = data_lib.load(spec, None, data_config.data, data_config.textures)
         if spec.startswith("fashion_mnist:"):
             dataset = dataclasses.replace(dataset, test=data_lib.stratified_subset(dataset.test, args.test_limit))
         results = {method: dict(evaluate(run, dataset), train_s=train_s)
                    for method, (run, train_s, _) in trained.items()}
-        results["recon"]["train_s"] = results["flow_mismatch"]["train_s"]  # the same model
-        results["pca"] = pca_floor(dataset, flow_config, args.pca_components)
-        for method in ("flow_mismatch", "radar", "recon", "pca"):
+        if "recon" in results:
+            results["recon"]["train_s"] = results["flow_mismatch"]["train_s"]  # the same model
+        if "pca" in methods:
+            pca = baselines.PCAFloor(args.pca_components)
+            results["pca"] = dict(floor(dataset, data_config, pca), pca_components=int(pca.pca.n_components_))
+        if "patch_nn" in methods:
+            results["patch_nn"] = floor(dataset, data_config, baselines.PatchNN(args.patch_size, args.bank_size))
+        for method in methods:
             row = {"dataset": name, "method": method, **results[method]}
             rows.append(row)
-            print(f"   {NAMES[method]:<20} image AUROC {row['image_auroc']:.3f}  pixel AUROC "
+            print(f"   {NAMES[method]:<24} image AUROC {row['image_auroc']:.3f}  pixel AUROC "
                   f"{row['pixel_auroc']:.3f}  AUPRO {row['aupro']:.3f}  {row['images_per_s']:.1f} img/s", flush=True)
     if len(names) > 1:
-        for method in ("flow_mismatch", "radar", "recon", "pca"):
+        for method in methods:
             mine = [r for r in rows if r["method"] == method and r["dataset"] in names]
             rows.append({"dataset": "texture mean", "method": method,
                          **{c: float(np.mean([r[c] for r in mine])) for c in COLUMNS[2:]}})
