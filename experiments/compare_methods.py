@@ -11,7 +11,7 @@ Per embedded texture (real photos, synthetic defects on held-out crops):
   recon          the SAME model scored by ODE reconstruction (N sequential calls), so the
                  pair isolates the scoring rule
   radar          an epsilon U-Net on patches, one noising step, Sobel maps, Isolation
-                 Forest fitted on the normal training images
+                 Forest fitted on the held-out normals (never trained on)
   pca            a floor: sklearn PCA fitted on the normal training images, map = squared
                  residual summed over channels, image score max_plus_top1
   patch_nn       a floor: raw-pixel patch nearest neighbour (fmjax.baselines.PatchNN): a

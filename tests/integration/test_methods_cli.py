@@ -155,10 +155,14 @@ def test_restored_radar_run_gives_the_forests_labels(trained, data_root, tmp_pat
     np.testing.assert_allclose([float(rows[n]["score"]) for n in names], scores, rtol=1e-5, atol=1e-6)
     maps, run_scores = run.score(images)
     np.testing.assert_array_equal(run.decide(run_scores), labels)
-    # the forest was fitted on the normal training images: mostly inliers there
-    train_scores = forest_lib.score(forest, features(folder.load_images(
-        str(data_root / CATEGORY / "train" / "good"), SIZE, 3)[0]))
-    assert (train_scores > 0).mean() <= 0.25
+    # the forest was fitted on the held-out normals (never trained on): it places its
+    # contamination share of them beyond its threshold, no more
+    config = run_config(run_dir)
+    dataset = data_lib.load(f"folder:{data_root}", CATEGORY, config.data)
+    _, held_out = runs.holdout_split(config, dataset.train)
+    assert runs.load_fitted(str(run_dir)).values["forest_fitted_on"] == "held_out_normals"
+    flagged = int((forest_lib.score(forest, features(held_out.images)) > 0).sum())
+    assert flagged <= math.ceil(config.score.contamination * len(held_out))
 
 
 def test_radar_scoring_override_refits_without_touching_the_run(trained, tmp_path, capsys):

@@ -396,3 +396,44 @@ def test_bad_inputs_raise_one_line_value_errors():
         with pytest.raises(ValueError) as err:
             make()
         assert "\n" not in str(err.value) and str(err.value)
+
+
+def test_forest_is_fitted_on_exactly_the_held_out_normals(monkeypatch):
+    """The network trained on train_images minus the held-out slice: the forest sees only
+    the held-out images' features (training images' noise errors are lower than an unseen
+    normal's), and falls back to the training images, saying so, when none are held out."""
+    import types
+
+    from fmjax.data.base import Split
+
+    rc = RadarConfig(patch_size=4, patch_stride=2, n_estimators=10, image_batch=2)
+    scorer = radar_scorer_lib.RadarScorer(toy_apply, rc, (8, 8, 1))
+    config = build("tiny", "radar", [])
+    run = types.SimpleNamespace(scorer=scorer, params=PARAMS, config=dataclasses.replace(config, score=rc))
+    rng = np.random.default_rng(4)
+    train = rng.integers(0, 256, (9, 8, 8, 1), dtype=np.uint8)
+    held = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    holdout = Split(images=held, masks=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, np.int32),
+                    names=tuple(f"h{i}" for i in range(4)), defect_types=("good",) * 4,
+                    original_sizes=np.full((4, 2), 8, np.int32))
+    seen = []
+    real_fit = forest_lib.fit
+    monkeypatch.setattr(forest_lib, "fit", lambda feats, settings: seen.append(np.array(feats)) or
+                        real_fit(feats, settings))
+
+    fitted = radar_method.METHOD.fit(run, train, holdout)
+    held_maps, held_feats = scorer.maps_and_features(PARAMS, held)
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], held_feats)
+    assert fitted.values["forest_fitted_on"] == "held_out_normals" and fitted.values["num_forest_images"] == 4
+    assert fitted.values["num_normal_images"] == 4 and fitted.values["image_threshold"] == 0.0
+    assert fitted.values["pixel_threshold"] == pytest.approx(np.quantile(held_maps, config.calibration.pixel_threshold_quantile))
+    forest = forest_lib.from_fitted(fitted)
+    np.testing.assert_array_equal(forest_lib.score(forest, held_feats),
+                                  forest_lib.score(real_fit(held_feats, rc), held_feats))
+
+    seen.clear()
+    fallback = radar_method.METHOD.fit(run, train, None)
+    np.testing.assert_array_equal(seen[0], scorer.maps_and_features(PARAMS, train)[1])
+    assert fallback.values["forest_fitted_on"] == "training_images" and fallback.values["num_forest_images"] == 9
+    assert "pixel_threshold" not in fallback.values

@@ -1,11 +1,12 @@
 """RADAR's Isolation Forest, kept as plain arrays.
 
-scikit-learn fits the forest on the features of normal training images; its trees are
-then stored as arrays (children, split feature and threshold, training samples per node)
-beside one offset, and scored by `score`, a numpy copy of IsolationForest's
-decision_function: the same float64 operations in the same order, so the scores equal
-scikit-learn's. Nothing is pickled, so loading a run folder cannot run code, and a damaged
-or crafted file is refused with a one-line error.
+scikit-learn fits the forest on the features of normal images (the held-out ones the
+network never trained on, `method.Radar.fit`); its trees are then stored as arrays
+(children, split feature and threshold, training samples per node) beside one offset,
+and scored by `score`, a numpy copy of IsolationForest's decision_function: the same
+float64 operations in the same order, so the scores equal scikit-learn's. Nothing is
+pickled, so loading a run folder cannot run code, and a damaged or crafted file is
+refused with a one-line error.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class Forest:
 
 
 def fit(features_normal, settings) -> Forest:
-    """Fits scikit-learn's IsolationForest on features [N, D] of NORMAL training images only
+    """Fits scikit-learn's IsolationForest on features [N, D] of NORMAL images only
     (test images and their labels never reach the fit); deterministic (random_state =
     settings.forest_seed). Returns its trees as arrays."""
     from sklearn.ensemble import IsolationForest

@@ -1,5 +1,5 @@
 """RADAR as a `Method`: a DDPM epsilon network trained on patches, scored by one noising
-step and Sobel maps, decided by an Isolation Forest fitted on normal training images."""
+step and Sobel maps, decided by an Isolation Forest fitted on held-out normal images."""
 from __future__ import annotations
 
 import math
@@ -47,16 +47,29 @@ class Radar(Method):
         return RadarScorer(apply_fn, config.score, image_shape, devices)
 
     def fit(self, run, train_images, holdout) -> Fitted:
-        """The Isolation Forest on the features of every normal training image, then the
-        pixel threshold from the held-out normals; the image decision is the forest's
-        (image_threshold 0: anomalous where the score -decision_function is > 0)."""
-        _, feats = run.scorer.maps_and_features(run.params, train_images)
-        values, arrays = forest_lib.to_fitted(forest_lib.fit(feats, run.config.score))
-        fitted = Fitted(values=values, arrays=arrays)
+        """The Isolation Forest on the features of the held-out normal images, which the
+        network never trained on, then the pixel threshold from the same images' maps; the
+        image decision is the forest's (image_threshold 0: anomalous where the score
+        -decision_function is > 0). The forest is two-sided: fitted on training images,
+        whose noise errors are lower than any unseen image's, it would flag unseen normals
+        as readily as anomalies. Without at least 2 held-out normals
+        (calibration.holdout_fraction = 0) it falls back to the training images, and
+        calibration.json says so (forest_fitted_on)."""
+        held_out = holdout is not None and len(holdout) >= 2
+        source = "held_out_normals" if held_out else "training_images"
+        if held_out:
+            maps, feats = run.scorer.maps_and_features(run.params, holdout.images, holdout.class_ids)
+        else:
+            _, feats = run.scorer.maps_and_features(run.params, train_images)
+        forest = forest_lib.fit(feats, run.config.score)
+        values, arrays = forest_lib.to_fitted(forest)
+        num_forest_images = len(feats)
         if holdout is not None:
-            maps, scores = run.score(holdout.images, holdout.class_ids, fitted)
-            values = {**values, **thresholds(run.config.calibration, maps, scores)}
-        values.update(image_threshold=0.0, image_decision="isolation_forest")
+            if not held_out:
+                maps, feats = run.scorer.maps_and_features(run.params, holdout.images, holdout.class_ids)
+            values.update(thresholds(run.config.calibration, maps, forest_lib.score(forest, feats)))
+        values.update(image_threshold=0.0, image_decision="isolation_forest", forest_fitted_on=source,
+                      num_forest_images=int(num_forest_images))
         return Fitted(values=values, arrays=arrays)
 
     def decide(self, scores, fitted: Fitted) -> np.ndarray:

@@ -3,8 +3,8 @@ patches, noise every patch once to timestep t_score with fixed noise, ONE networ
 on all patches, a per-pixel noise map (eps_hat - eps, or eps_hat) stitched back to an
 image map, and its Sobel gradient magnitude as the pixel-level localisation. Two image
 features (the L2 norm of the whole Sobel map, the largest patch-wise L2 norm) go to the
-Isolation Forest fitted on normal training images (`forest`), whose score is the image
-score."""
+Isolation Forest fitted on held-out normal images (`forest`, `method.Radar.fit`), whose
+score is the image score."""
 from __future__ import annotations
 
 import jax
