@@ -53,6 +53,7 @@ class TexturesConfig:
     num_test: int = 60
     anomaly_fraction: float = 0.5
     seed: int = 0
+    defects: str = "visible"  # visible | subtle (the generator before 0.2: most blobs and grain invisible)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +124,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        """A Config from nested dicts (config.json); unknown keys are errors."""
+        """A Config from nested dicts (config.json); unknown keys are errors. A `textures`
+        section without `defects` was written before the levels: its data are the subtle ones."""
         values = _upgrade(values)
+        if isinstance(values, dict) and isinstance(values.get("textures"), dict) and "defects" not in values["textures"]:
+            values = {**values, "textures": {**values["textures"], "defects": "subtle"}}
         method = values.get("method", "flow_mismatch")
         if not isinstance(method, str):
             raise ConfigError(f"config key 'method' must be a method name, got {method!r}")

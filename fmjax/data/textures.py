@@ -15,12 +15,17 @@ resolution, with a mask of exactly the region it changed:
   noise     an irregular region with altered local statistics: added grain,
             local blur or a directional smear.
 
-Every defect changes 0.5%-8% of the crop's pixels, by a mean absolute amount of
-0.3-1.5 times the crop's own standard deviation, and saturates no pixel.
-Everything is deterministic given `TexturesConfig.seed` (the config's `textures` section).
+Two levels (`TexturesConfig.defects`, `LEVELS`): "visible" (the default) draws defects
+an inspector finds in the overview at the crop's size, as in real inspection data: each
+changes 1.5%-8% of the crop's pixels by a mean absolute amount of 0.8-2.5 times the
+crop's own standard deviation (blurs and smears also shift the brightness: smudges). "subtle" is the earlier generator, draw for draw: 0.5%-8%
+of the pixels, 0.3-1.5 standard deviations, most of its blobs and grain invisible to the
+eye on grass and gravel. No defect saturates a pixel. Everything is deterministic given
+`TexturesConfig.seed` (the config's `textures` section).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -38,9 +43,41 @@ PHOTO_SIZE = 512
 HALF = PHOTO_SIZE // 2  # rows [0, HALF) feed training crops, rows [HALF, PHOTO_SIZE) test crops
 MIN_IMAGE_SIZE = 16
 
-# Acceptance limits every defect satisfies (checked after rounding to uint8).
-MIN_AREA, MAX_AREA = 0.005, 0.08  # fraction of the crop's pixels in the mask
-MIN_CONTRAST, MAX_CONTRAST = 0.3, 1.5  # mean |change| inside the mask / crop std
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """How strong the defects of one level are. area and contrast are the acceptance
+    limits every defect satisfies (checked after rounding to uint8): the fraction of the
+    crop's pixels in its mask, and its mean |change| inside the mask / the crop's std.
+    The rest are the ranges the defect kinds draw from."""
+
+    area: tuple  # (min, max) accepted
+    contrast: tuple  # (min, max) accepted
+    draw_area: tuple  # log-uniform range of a region's target area
+    amplitude: tuple  # additive defects: mean |change| / crop std
+    scratch_width: tuple  # px at a 128-px crop
+    paste_shift: float  # cut-paste: brightness offset, up to this many crop stds
+    paste_gain: tuple  # cut-paste: the donor's contrast, in crop stds
+    flatten_gain: tuple  # blob "worn": the texture's contrast kept
+    harsh_gain: tuple  # blob "harsh": the texture's contrast multiplied
+    shift: tuple  # blob "worn"/"harsh" and "discoloured": brightness shift, in crop stds
+    discolour_gain: tuple
+    blur_sigma: tuple  # px at a 64-px crop
+    smear_length: tuple  # px at a 64-px crop
+    smudge_shift: float  # blur and smear also shift the brightness by this many crop stds (0: not)
+
+
+LEVELS = {
+    "subtle": Level(area=(0.005, 0.08), contrast=(0.3, 1.5), draw_area=(0.012, 0.06), amplitude=(0.45, 1.15),
+                    scratch_width=(0.7, 2.0), paste_shift=0.4, paste_gain=(0.5, 1.1), flatten_gain=(0.15, 0.5),
+                    harsh_gain=(1.6, 2.2), shift=(0.35, 0.8), discolour_gain=(0.4, 0.8), blur_sigma=(1.5, 3.0),
+                    smear_length=(4.0, 9.0), smudge_shift=0.0),
+    "visible": Level(area=(0.015, 0.08), contrast=(0.8, 2.5), draw_area=(0.02, 0.07), amplitude=(1.1, 2.0),
+                     scratch_width=(2.0, 3.5), paste_shift=1.2, paste_gain=(0.9, 1.5), flatten_gain=(0.0, 0.15),
+                     harsh_gain=(2.4, 3.0), shift=(0.9, 1.4), discolour_gain=(0.0, 0.3), blur_sigma=(3.0, 5.0),
+                     smear_length=(9.0, 15.0), smudge_shift=0.7),
+}
 
 _MAX_TRIES = 200
 
@@ -79,6 +116,8 @@ def _check(name: str, config: TexturesConfig, image_size: int) -> None:
         raise DataError(f"textures.seed must be >= 0, got {config.seed}")
     if not 0.0 <= config.anomaly_fraction <= 1.0:
         raise DataError(f"textures.anomaly_fraction must be in [0, 1], got {config.anomaly_fraction}")
+    if config.defects not in LEVELS:
+        raise DataError(f"textures.defects must be one of {', '.join(LEVELS)}, got {config.defects!r}")
 
 
 def _rng(config: TexturesConfig, name: str, *stream: int) -> np.random.Generator:
@@ -197,8 +236,8 @@ def _soft_alpha(f: np.ndarray, rng, floor: float = 0.35) -> np.ndarray:
     return np.where(f < 1.0, floor + (1.0 - floor) * ramp, 0.0)
 
 
-def _area(rng) -> float:
-    return math.exp(rng.uniform(math.log(0.012), math.log(0.06)))
+def _area(rng, level: Level) -> float:
+    return math.exp(rng.uniform(math.log(level.draw_area[0]), math.log(level.draw_area[1])))
 
 
 # ------------------------------------------------------------- defect kinds
@@ -207,14 +246,15 @@ def _area(rng) -> float:
 # (additive changes) or only kept as drawn (replacements of the content).
 
 
-def _cutpaste(base, std, rng, donor):
+def _cutpaste(base, std, rng, donor, level):
     size = base.shape[0]
-    f = _blob_field(rng, size, _area(rng), max_aspect=2.0)
+    f = _blob_field(rng, size, _area(rng, level), max_aspect=2.0)
     alpha = _soft_alpha(f, rng, floor=0.5)
     d = donor.astype(np.float64)
     d = (d - d.mean()) / (d.std() + 1e-6)
-    level = base[f < 1.0].mean() if (f < 1.0).any() else base.mean()
-    patch = level + rng.uniform(-0.4, 0.4) * std + d * std * rng.uniform(0.5, 1.1)
+    mean_level = base[f < 1.0].mean() if (f < 1.0).any() else base.mean()
+    patch = (mean_level + rng.uniform(-level.paste_shift, level.paste_shift) * std
+             + d * std * rng.uniform(*level.paste_gain))
     return alpha * (patch - base), False
 
 
@@ -249,10 +289,10 @@ def _curve(rng, size: int, length: float) -> np.ndarray:
     return pts + margin + rng.uniform(0.0, 1.0, 2) * (room - extent)
 
 
-def _scratch(base, std, rng, donor):
+def _scratch(base, std, rng, donor, level):
     size = base.shape[0]
     scale = max(1.0, size / 128.0)  # widths are for <= 128 px; keep the same look when larger
-    width = rng.uniform(0.7, 2.0) * scale  # anti-aliased: the changed band is about 1 px wider
+    width = rng.uniform(*level.scratch_width) * scale  # anti-aliased: the changed band is about 1 px wider
     length = rng.uniform(0.3, 0.85) * size
     pts = _curve(rng, size, length)
     grid = np.stack(np.mgrid[:size, :size], -1).reshape(-1, 2).astype(np.float64)
@@ -267,29 +307,29 @@ def _scratch(base, std, rng, donor):
     return sign * std * cover * fade[nearest], True
 
 
-def _blob(base, std, rng, donor):
+def _blob(base, std, rng, donor, level):
     size = base.shape[0]
-    f = _blob_field(rng, size, _area(rng))
+    f = _blob_field(rng, size, _area(rng, level))
     alpha = _soft_alpha(f, rng)
     inside = f < 1.0
-    level = base[inside].mean() if inside.any() else base.mean()
+    mean_level = base[inside].mean() if inside.any() else base.mean()
     sign = -1.0 if rng.random() < 0.55 else 1.0
     variant = rng.integers(3)
     shade = 1.0 + 0.3 * _smooth_noise(rng, size, max(1.0, size / 16.0))
     if variant == 0:  # stain: brightness shift with some internal variation
         change = sign * std * shade
     elif variant == 1:  # worn (flattened) or harsher texture, with a slight shift
-        gain = rng.uniform(0.15, 0.5) if rng.random() < 0.6 else rng.uniform(1.6, 2.2)
-        change = (gain - 1.0) * (base - level) + 0.35 * sign * std * shade
+        gain = rng.uniform(*level.flatten_gain) if rng.random() < 0.6 else rng.uniform(*level.harsh_gain)
+        change = (gain - 1.0) * (base - mean_level) + level.shift[0] * sign * std * shade
     else:  # discoloration: both
-        gain = rng.uniform(0.4, 0.8)
-        change = (gain - 1.0) * (base - level) + 0.8 * sign * std * shade
+        gain = rng.uniform(*level.discolour_gain)
+        change = (gain - 1.0) * (base - mean_level) + level.shift[1] * sign * std * shade
     return alpha * change, variant == 0
 
 
-def _noise(base, std, rng, donor):
+def _noise(base, std, rng, donor, level):
     size = base.shape[0]
-    f = _blob_field(rng, size, _area(rng))
+    f = _blob_field(rng, size, _area(rng, level))
     alpha = _soft_alpha(f, rng, floor=0.6)
     variant = rng.integers(3)
     scale = max(1.0, size / 64.0)
@@ -298,9 +338,9 @@ def _noise(base, std, rng, donor):
         grain /= grain.std() + 1e-12
         return alpha * grain * std, True
     if variant == 1:  # local blur
-        target = ndimage.gaussian_filter(base, rng.uniform(1.5, 3.0) * scale, mode="reflect")
+        target = ndimage.gaussian_filter(base, rng.uniform(*level.blur_sigma) * scale, mode="reflect")
     else:  # directional smear
-        n = int(round(rng.uniform(4.0, 9.0) * scale)) | 1
+        n = int(round(rng.uniform(*level.smear_length) * scale)) | 1
         angle = rng.uniform(0.0, math.pi)
         kernel = np.zeros((n, n))
         r = np.linspace(-(n - 1) / 2.0, (n - 1) / 2.0, 4 * n)
@@ -308,24 +348,27 @@ def _noise(base, std, rng, donor):
         xs = np.rint((n - 1) / 2.0 + r * math.cos(angle)).astype(int)
         kernel[ys, xs] = 1.0
         target = ndimage.convolve(base, kernel / kernel.sum(), mode="reflect")
+    if level.smudge_shift:  # a smudge: smoothed and darker or brighter
+        target = target + (-1.0 if rng.random() < 0.5 else 1.0) * level.smudge_shift * std
     return alpha * (target - base), False
 
 
 _KINDS = {"cutpaste": _cutpaste, "scratch": _scratch, "blob": _blob, "noise": _noise}
 
 
-def defect_ok(clean: np.ndarray, image: np.ndarray, mask: np.ndarray) -> bool:
-    """Whether a defect meets the area, contrast and no-saturation limits.
+def defect_ok(clean: np.ndarray, image: np.ndarray, mask: np.ndarray, level: str = "visible") -> bool:
+    """Whether a defect meets the area, contrast (LEVELS[level]) and no-saturation limits.
 
     clean, image: uint8 [S, S]; mask: {0, 1} [S, S] of the defect.
     """
+    limits = LEVELS[level]
     mask = mask.astype(bool)
     area = mask.mean()
-    if not MIN_AREA <= area <= MAX_AREA:
+    if not limits.area[0] <= area <= limits.area[1]:
         return False
     change = np.abs(image.astype(np.float64) - clean)[mask].mean()
     contrast = change / (clean.std() + 1e-12)
-    if not MIN_CONTRAST <= contrast <= MAX_CONTRAST:
+    if not limits.contrast[0] <= contrast <= limits.contrast[1]:
         return False
     changed = image != clean
     if (changed & ~mask).any() or changed[mask].mean() < 0.9:
@@ -337,8 +380,8 @@ def defect_ok(clean: np.ndarray, image: np.ndarray, mask: np.ndarray) -> bool:
 
 
 def add_defect(clean: np.ndarray, kind: str, rng: np.random.Generator,
-               donor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Adds one synthetic defect of `kind` to a clean crop.
+               donor: np.ndarray | None = None, level: str = "visible") -> tuple[np.ndarray, np.ndarray]:
+    """Adds one synthetic defect of `kind`, at strength `level` (LEVELS), to a clean crop.
 
     clean: uint8 [S, S] in [0, 255]. donor: uint8 [S, S] crop of another
     texture (required for "cutpaste"). Returns (image uint8 [S, S], mask uint8
@@ -347,6 +390,9 @@ def add_defect(clean: np.ndarray, kind: str, rng: np.random.Generator,
     outside it equal `clean`. Draws are redrawn until the defect meets
     `defect_ok`.
     """
+    if level not in LEVELS:
+        raise DataError(f"unknown defect level {level!r} (known: {', '.join(LEVELS)})")
+    strength = LEVELS[level]
     if kind not in _KINDS:
         raise DataError(f"unknown defect kind {kind!r} (known: {', '.join(DEFECT_KINDS)})")
     if kind == "cutpaste" and donor is None:
@@ -354,17 +400,17 @@ def add_defect(clean: np.ndarray, kind: str, rng: np.random.Generator,
     base = clean.astype(np.float64)
     std = base.std()
     for _ in range(_MAX_TRIES):
-        delta, scalable = _KINDS[kind](base, std, rng, donor)
+        delta, scalable = _KINDS[kind](base, std, rng, donor, strength)
         if scalable:
             visible = np.abs(delta) >= 0.5
             if not visible.any():
                 continue
-            delta = delta * (rng.uniform(0.45, 1.15) * std / np.abs(delta[visible]).mean())
+            delta = delta * (rng.uniform(*strength.amplitude) * std / np.abs(delta[visible]).mean())
         image = np.clip(np.rint(base + delta), 0, 255).astype(np.uint8)
         changed = image != clean
         # pixels enclosed by the defect that rounding left unchanged still belong to it
         mask = changed | (ndimage.binary_fill_holes(changed) & (delta != 0))
-        if defect_ok(clean, image, mask):
+        if defect_ok(clean, image, mask, level):
             return image, mask.astype(np.uint8)
     raise DataError(f"could not place a {kind} defect meeting the limits in {_MAX_TRIES} draws "
                     f"(crop std {std:.1f}): use another seed or crop_size")
@@ -375,7 +421,8 @@ def load_textures(name: str, image_size: int, config: TexturesConfig = TexturesC
 
     Train: config.num_train normal crops. Test: config.num_test crops, of which
     round(anomaly_fraction * num_test) (halves rounded up) carry one defect;
-    the defect kinds cycle through DEFECT_KINDS in a random order. Images are
+    the defect kinds cycle through DEFECT_KINDS in a random order, at strength
+    config.defects (LEVELS). Images are
     uint8 [N, S, S, 1] in [0, 255]; masks uint8 [N, S, S] in {0, 1}.
     """
     _check(name, config, image_size)
@@ -394,7 +441,7 @@ def load_textures(name: str, image_size: int, config: TexturesConfig = TexturesC
     for i, kind in kind_of.items():
         drng = _rng(config, name, 3, i)
         donor = donor_patch(name, config, image_size, drng) if kind == "cutpaste" else None
-        images[i], masks[i] = add_defect(test[i], kind, drng, donor)
+        images[i], masks[i] = add_defect(test[i], kind, drng, donor, config.defects)
 
     types = tuple(kind_of.get(i, "good") for i in range(n_test))
     sizes = np.tile(np.array([[size, size]], np.int32), (n_test, 1))

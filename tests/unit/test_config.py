@@ -99,7 +99,8 @@ def test_config_json_of_the_earlier_layout_still_loads(method):
     loaded = Config.from_dict(old)
     # its held-out normals are split again as it was trained: no minimum hold-out
     assert loaded.calibration.min_holdout == 0
-    assert loaded.replace(preset=config.preset, calibration=config.calibration) == config
+    assert loaded.textures.defects == "subtle"  # the texture data it was made with
+    assert loaded.replace(preset=config.preset, calibration=config.calibration, textures=config.textures) == config
 
 
 def test_config_imports_no_jax():

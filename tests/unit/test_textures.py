@@ -1,11 +1,13 @@
 import dataclasses
+import hashlib
+import json
 
 import numpy as np
 import pytest
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
-from fmjax.config import TexturesConfig
+from fmjax.config import Config, TexturesConfig
 from fmjax.data import textures
 from fmjax.data.base import DataError
 
@@ -13,14 +15,15 @@ SIZE = 32
 CONFIG = TexturesConfig(crop_size=64, num_train=6, num_test=40, anomaly_fraction=0.75, seed=3)
 
 
-@pytest.fixture(scope="module", params=textures.TEXTURES)
+@pytest.fixture(scope="module", params=[(t, level) for t in textures.TEXTURES for level in textures.LEVELS])
 def loaded(request):
-    name = request.param
-    return name, textures.load_textures(name, SIZE, CONFIG), textures.clean_crops(name, CONFIG, SIZE)
+    name, level = request.param
+    config = dataclasses.replace(CONFIG, defects=level)
+    return name, level, textures.load_textures(name, SIZE, config), textures.clean_crops(name, config, SIZE)
 
 
 def test_shapes_labels_names(loaded):
-    name, ds, _ = loaded
+    name, _, ds, _ = loaded
     s = SIZE
     assert (ds.name, ds.category) == ("textures", name)
     assert ds.train.images.shape == (6, s, s, 1) and ds.train.images.dtype == np.uint8
@@ -45,7 +48,8 @@ def test_anomaly_count(fraction, num_test, expected):
 
 
 def test_defect_requirements(loaded):
-    _, ds, (_, clean) = loaded
+    _, level, ds, (_, clean) = loaded
+    limits = textures.LEVELS[level]
     img = ds.test.images[..., 0]
     for i in range(len(ds.test)):
         mask = ds.test.masks[i].astype(bool)
@@ -55,11 +59,11 @@ def test_defect_requirements(loaded):
         if not ds.test.labels[i]:
             continue
         area = mask.mean()
-        assert 0.005 <= area <= 0.08, (i, area)
+        assert limits.area[0] <= area <= limits.area[1], (i, area)
         change = np.abs(img[i].astype(float) - clean[i])
         assert (change[mask] > 0).mean() >= 0.9
         contrast = change[mask].mean() / clean[i].std()
-        assert 0.3 <= contrast <= 1.5, (i, ds.test.defect_types[i], contrast)
+        assert limits.contrast[0] <= contrast <= limits.contrast[1], (i, ds.test.defect_types[i], contrast)
         saturated = lambda x: ((x == 0) | (x == 255)).sum()
         assert saturated(img[i]) <= saturated(clean[i])
         # one defect: a single main connected part
@@ -68,22 +72,23 @@ def test_defect_requirements(loaded):
 
 
 def test_normal_test_crops_untouched(loaded):
-    _, ds, (_, clean) = loaded
+    _, _, ds, (_, clean) = loaded
     good = ds.test.labels == 0
     assert (ds.test.images[good, ..., 0] == clean[good]).all()
     assert ds.test.masks[good].sum() == 0
 
 
 @pytest.mark.parametrize("kind", textures.DEFECT_KINDS)
-def test_each_kind_at_default_size(kind):
+@pytest.mark.parametrize("level", textures.LEVELS)
+def test_each_kind_at_default_size(kind, level):
     config = TexturesConfig(crop_size=128, num_train=0, num_test=12, seed=1)
     _, clean = textures.clean_crops("brick", config, 64)
     widths = []
     for i, crop in enumerate(clean):
         rng = np.random.default_rng(i)
         donor = textures.donor_patch("brick", config, 64, rng)
-        image, mask = textures.add_defect(crop, kind, rng, donor)
-        assert textures.defect_ok(crop, image, mask)
+        image, mask = textures.add_defect(crop, kind, rng, donor, level)
+        assert textures.defect_ok(crop, image, mask, level)
         assert (image[mask == 0] == crop[mask == 0]).all() and mask.any()
         m = mask.astype(bool)
         if kind == "scratch":
@@ -91,7 +96,7 @@ def test_each_kind_at_default_size(kind):
         else:  # solid regions: few holes
             assert ndimage.binary_fill_holes(m).sum() <= 1.1 * m.sum()
     if kind == "scratch":
-        assert max(widths) <= 4.0, widths  # thin lines, a few pixels at most
+        assert max(widths) <= (4.0 if level == "subtle" else 6.5), widths  # thin lines, a few pixels at most
 
 
 def test_cutpaste_uses_another_texture():
@@ -147,3 +152,37 @@ def test_bad_arguments():
         textures.load_textures("brick", SIZE, dataclasses.replace(CONFIG, crop_size=300))
     with pytest.raises(DataError, match="anomaly_fraction"):
         textures.load_textures("brick", SIZE, dataclasses.replace(CONFIG, anomaly_fraction=1.5))
+
+
+def test_levels_visible_by_default_subtle_as_before():
+    """The default draws the visible defects; `subtle` is the earlier generator draw for draw
+    (the digest of its output before the levels existed); visible defects change their
+    region more; a config.json written before the levels keeps the data it was made with."""
+    assert TexturesConfig().defects == "visible"
+    digest = hashlib.sha256()
+    for name in textures.TEXTURES:
+        ds = textures.load_textures(name, 32, TexturesConfig(crop_size=64, num_train=2, num_test=12, seed=5,
+                                                             defects="subtle"))
+        digest.update(ds.test.images.tobytes())
+        digest.update(ds.test.masks.tobytes())
+    assert digest.hexdigest() == "342fd4b07bc7d23cf3c441fe285db3a7fd435cd94038e2a1c9d9faf58a3bb68e"
+
+    def contrasts(level):
+        config = TexturesConfig(crop_size=128, num_train=0, num_test=24, defects=level)
+        out = []
+        for name in textures.TEXTURES:
+            ds, clean = textures.load_textures(name, 64, config), textures.clean_crops(name, config, 64)[1]
+            for image, mask, crop in zip(ds.test.images[..., 0], ds.test.masks.astype(bool), clean):
+                if mask.any():
+                    out.append(np.abs(image.astype(float) - crop)[mask].mean() / crop.std())
+        return np.array(out)
+
+    subtle, visible = contrasts("subtle"), contrasts("visible")
+    assert visible.min() >= 0.8 and np.median(visible) > 1.5 * np.median(subtle)
+    old = json.loads(Config().to_json())
+    del old["textures"]["defects"]
+    assert Config.from_dict(old).textures.defects == "subtle"
+    with pytest.raises(DataError, match="defects"):
+        textures.load_textures("brick", SIZE, dataclasses.replace(CONFIG, defects="loud"))
+    with pytest.raises(DataError, match="level"):
+        textures.add_defect(np.full((SIZE, SIZE), 100, np.uint8), "blob", np.random.default_rng(0), None, "loud")
