@@ -29,8 +29,8 @@ if __name__ == "__main__":
     launch.start()
     classes = args.classes.split(",") if args.classes else [str(i) for i in range(10)]
     names = [fashion_mnist.CLASSES[fashion_mnist.class_index(c)] for c in classes]
-    # 32x32 grey images; image-level only
-    args.set = ["data.image_size=32", "calibration.holdout_fraction=0.02"] + list(args.set)
+    if args.preset != "auto":  # auto reads 32x32 (the padded frame) and holds out 10% by itself
+        args.set = ["data.image_size=32", "calibration.holdout_fraction=0.02"] + list(args.set)
     rows = run_table(lambda name: (f"fashion_mnist:{name}", None), names, args,
                      "One-class Fashion-MNIST (image AUROC; synthetic-free, real images)")
     print("Published from-scratch anchors (mean AUROC %): " + ", ".join(f"{k} {v}" for k, v in ANCHORS.items()))

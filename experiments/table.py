@@ -12,13 +12,14 @@ import time
 
 import numpy as np
 
-COLUMNS = ["category", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
+COLUMNS = ["category", "preset", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
            "aupro", "image_f1_at_threshold", "train_seconds", "eval_seconds"]
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="auto", help="auto (default: chosen per category from its training "
+                                                      "images) or a preset name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--categories", help="comma-separated subset (default: all)")
     p.add_argument("--out", required=True, help="folder for runs and tables")
@@ -30,11 +31,11 @@ def run_table(spec_of, categories, args, title: str) -> list[dict]:
     """spec_of(category) -> (data spec, category or None). Returns the rows (plus mean)."""
     from fmjax import data as data_lib
     from fmjax.app.evaluate import evaluate_run
-    from fmjax.app.train import train_run
-    from fmjax.config import build
+    from fmjax.app.train import resolve_auto, train_run
+    from fmjax.config import AUTO, build
     from fmjax.files import write_json
 
-    config = build(args.preset, "flow_mismatch", args.set)
+    config = None if args.preset == AUTO else build(args.preset, "flow_mismatch", args.set)
     os.makedirs(args.out, exist_ok=True)
     rows_path = os.path.join(args.out, "rows.json")
     done = {r["category"]: r for r in json.load(open(rows_path))} if args.resume and os.path.exists(rows_path) else {}
@@ -46,14 +47,17 @@ def run_table(spec_of, categories, args, title: str) -> list[dict]:
         spec, cat = spec_of(category)
         run_dir = os.path.join(args.out, "runs", category)
         start = time.perf_counter()
-        run = train_run(config, spec, cat, run_dir, resume=os.path.isdir(run_dir), progress=False)
+        run_config, data = config, None
+        if config is None:
+            run_config, data, _ = resolve_auto(spec, cat, "flow_mismatch", args.set)
+        run = train_run(run_config, spec, cat, run_dir, resume=os.path.isdir(run_dir), progress=False, data=data)
         train_s = time.perf_counter() - start
         dataset = data_lib.load(spec, cat, run.config.data, run.config.textures)
         if getattr(args, "test_limit", 0):
             dataset = dataclasses.replace(dataset, test=data_lib.stratified_subset(dataset.test, args.test_limit))
         start = time.perf_counter()
         result = evaluate_run(run, dataset)
-        result.update(category=category, train_seconds=train_s, eval_seconds=time.perf_counter() - start)
+        result.update(category=category, preset=run.config.preset, train_seconds=train_s, eval_seconds=time.perf_counter() - start)
         rows.append(result)
         write_json(rows_path, rows)
         print(f"{category}: image AUROC {result['image_auroc']:.3f} pixel AUROC {result['pixel_auroc']:.3f}",
@@ -78,6 +82,6 @@ def write_table(rows, out: str, title: str, config) -> str:
         writer.writeheader()
         writer.writerows(rows + [mean])
     with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump({"rows": rows, "mean": mean, "config": json.loads(config.to_json())}, f, indent=2)
+        json.dump({"rows": rows, "mean": mean, "config": json.loads(config.to_json()) if config else "auto: each run's config.json"}, f, indent=2)
     print(text)
     return text

@@ -15,7 +15,7 @@ import typing
 from fmjax.errors import ConfigError
 from fmjax.methods import registry
 
-__all__ = ["CalibrationConfig", "Config", "ConfigError", "DataConfig", "NetConfig", "PRESETS", "TexturesConfig",
+__all__ = ["AUTO", "CalibrationConfig", "Config", "ConfigError", "DataConfig", "NetConfig", "PRESETS", "TexturesConfig",
            "TrainConfig", "apply_overrides", "build", "from_dict", "layer", "preset", "read_config_file", "validate",
            "with_method"]
 
@@ -375,6 +375,10 @@ def validate(config: Config) -> None:
     registry.settings_module(config.method).validate(config)
 
 
+AUTO = "auto"  # not a config: chosen from the training data by fmjax.app.train.resolve_auto
+_SMALL_NET = NetConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_rates=(4,),
+                       num_head_channels=32, dropout=0.0, num_groups=8)
+
 PRESETS = {
     # seconds on a CPU: for tests
     "tiny": Config(
@@ -386,15 +390,34 @@ PRESETS = {
         train=TrainConfig(steps=20, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every=5,
                           checkpoint_every=10, ema_decay=0.9, hflip=False, vflip=False),
     ),
-    # minutes on a 2-core CPU: the demo
+    # minutes on a 2-core CPU: the paper's scoring rule on patches (the default before `auto`)
     "small": Config(
         preset="small",
-        net=NetConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_rates=(4,),
-                      num_head_channels=32, dropout=0.0, num_groups=8),
+        net=_SMALL_NET,
         data=DataConfig(image_size=64),
         textures=TexturesConfig(crop_size=128, num_train=256, num_test=40),
         train=TrainConfig(steps=600, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50,
                           log_every=50, checkpoint_every=200, ema_decay=0.995),
+    ),
+    # the default through `auto` (fmjax.app.train.resolve_auto) for stationary textures:
+    # random patches of the working size, statistics shared over positions
+    "texture": Config(
+        preset="texture",
+        net=_SMALL_NET,
+        data=DataConfig(image_size=64),
+        textures=TexturesConfig(crop_size=128, num_train=256, num_test=40),
+        train=TrainConfig(steps=1200, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50,
+                          log_every=50, checkpoint_every=400, ema_decay=0.995),
+    ),
+    # the default through `auto` for aligned images (objects, digits): the whole image at
+    # its own size (auto sets data.image_size), per-pixel statistics
+    "aligned": Config(
+        preset="aligned",
+        net=_SMALL_NET,
+        data=DataConfig(image_size=32),
+        textures=TexturesConfig(crop_size=128, num_train=256, num_test=40),
+        train=TrainConfig(steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=50, log_every=50,
+                          checkpoint_every=500, ema_decay=0.995, hflip=False, vflip=False),
     ),
     # docs/method.md section 1 (about 45.3 M parameters); meant for accelerators
     "paper": Config(
@@ -408,7 +431,10 @@ PRESETS = {
 
 
 def preset(name: str, method: str = "flow_mismatch") -> Config:
-    """Preset `name` (tiny, small, paper) for method `method`."""
+    """Preset `name` (tiny, small, texture, aligned, paper) for method `method`."""
+    if name == AUTO:
+        raise ConfigError("preset auto is chosen from the training data: use it with fmjax train or fmjax demo, "
+                          "or name a preset (" + ", ".join(PRESETS) + ")")
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return with_method(PRESETS[name], method)

@@ -45,6 +45,8 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "config":
         p.add_argument("action", choices=("show",), help="show: print the resolved config as JSON")
         _config_arguments(p, registry)
+        p.add_argument("--data", help="the training data, for the auto preset's choice")
+        p.add_argument("--category")
     elif name == "calibrate":
         p.add_argument("--run", required=True)
         p.add_argument("--set", action="append", default=[], metavar="score.KEY=VALUE",
@@ -63,7 +65,7 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
                        help="scoring override for this run only (e.g. score.num_paths=32)")
     elif name == "demo":
         p.add_argument("--out", default="fmjax_demo", help="folder for runs and pictures (default: fmjax_demo)")
-        p.add_argument("--preset", default="small")
+        p.add_argument("--preset", default="auto", help="as for train (default: auto)")
         p.add_argument("--textures", default="brick,grass,gravel")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--no-progress", action="store_true")
@@ -73,7 +75,8 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def _config_arguments(p: argparse.ArgumentParser, registry) -> None:
-    p.add_argument("--preset", help="tiny | small | paper (default: the --config file's, else small)")
+    p.add_argument("--preset", help="auto | texture | aligned | small | tiny | paper (default: the --config file's, "
+                                    "else auto: chosen from the training images)")
     p.add_argument("--method", help=f"{' | '.join(registry.names())} (default: the --config file's, else "
                                     f"flow_mismatch; recon scores a flow model by reconstruction)")
     p.add_argument("--config", help="JSON or YAML file of settings over the preset (e.g. a run's config.json)")

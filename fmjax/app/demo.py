@@ -9,8 +9,8 @@ import numpy as np
 
 from fmjax import data as data_lib
 from fmjax.app.evaluate import COLUMNS, evaluate_run, metrics_table
-from fmjax.app.train import train_run
-from fmjax.config import build
+from fmjax.app.train import resolve_auto, train_run
+from fmjax.config import AUTO, build
 from fmjax.errors import DataError
 from fmjax.files import write_json, write_text_atomic
 
@@ -26,7 +26,7 @@ def main(args) -> None:
     for name in names:
         if name not in textures.TEXTURES:
             raise DataError(f"unknown texture {name!r} (known: {', '.join(textures.TEXTURES)})")
-    config = build(args.preset, "flow_mismatch", args.set)
+    config = None if args.preset == AUTO else build(args.preset, "flow_mismatch", args.set)
     # the three textures share shapes: later ones reuse the compiled programs
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out, ".jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -34,9 +34,14 @@ def main(args) -> None:
     for name in names:
         start = time.perf_counter()
         run_dir = os.path.join(args.out, name)
-        print(f"== {name}: training ({config.train.steps} steps) ...", flush=True)
-        run = train_run(config, f"textures:{name}", None, run_dir, resume=os.path.isdir(run_dir),
-                        progress=not args.no_progress)
+        spec, data, preset = f"textures:{name}", None, args.preset
+        if config is None:
+            run_config, data, preset = resolve_auto(spec, None, "flow_mismatch", args.set)
+        else:
+            run_config = config
+        print(f"== {name}: training ({run_config.train.steps} steps, preset {preset}) ...", flush=True)
+        run = train_run(run_config, spec, None, run_dir, resume=os.path.isdir(run_dir),
+                        progress=not args.no_progress, data=data)
         dataset = data_lib.load(f"textures:{name}", None, run.config.data, run.config.textures)
         result = evaluate_run(run, dataset, pictures_out=os.path.join(run_dir, "pictures"))
         result["seconds"] = time.perf_counter() - start

@@ -9,12 +9,13 @@ import tempfile
 
 from fmjax import data as data_lib
 from fmjax import runs
-from fmjax.config import Config, apply_overrides, build, with_method
+from fmjax.config import AUTO, Config, apply_overrides, build, layer, preset, read_config_file, with_method
+from fmjax.data import profile
 from fmjax.errors import RunError
 from fmjax.files import write_json, write_text_atomic
 from fmjax.methods import registry
 
-__all__ = ["main", "rescore_run", "resolve_channels", "resolve_flips", "train_run"]
+__all__ = ["main", "preset_name", "rescore_run", "resolve_auto", "resolve_channels", "resolve_flips", "train_run"]
 
 
 def resolve_channels(config: Config, channels: int) -> Config:
@@ -45,13 +46,52 @@ def _training_data(config: Config, spec: str, category: str | None):
     return dataset.train, {"spec": spec, "category": dataset.category}
 
 
+def preset_name(args) -> str:
+    """The preset a command asks for: --preset, else the --config file's, else auto."""
+    if args.preset:
+        return args.preset
+    return (read_config_file(args.config).get("preset") if args.config else None) or AUTO
+
+
+def resolve_auto(spec: str, category: str | None, method: str | None = None, overrides=(),
+                 config_file: str | None = None):
+    """The `auto` preset: 'aligned' or 'texture' (fmjax.data.profile.kind) chosen from the
+    normal training images, then the --config file's settings and the overrides.
+
+    aligned: whole images at their own size (profile.aligned_size), per-pixel statistics;
+    texture: the texture preset (random patches; flips on for plain image folders, whose
+    orientation is otherwise unknown). Returns (config, (train Split, data.json contents),
+    a one-line reason)."""
+    values = read_config_file(config_file) if config_file else {}
+    method = method or values.get("method") or "flow_mismatch"
+    probe = preset("texture", method)
+    train, data_info = _training_data(probe, spec, category)
+    score = profile.alignment(train.images)
+    chosen = profile.kind(train.images)
+    reason = f"alignment {score:.3f} {'>' if chosen == 'aligned' else '<='} {profile.ALIGNED_THRESHOLD}"
+    config = preset(chosen, method)
+    if chosen == "aligned":
+        size = profile.aligned_size(train.original_sizes)
+        config = config.replace(data=dataclasses.replace(config.data, image_size=size))
+        reason += f", image size {size}"
+    elif data_lib.parse_spec(spec)[0] == "folder":
+        config = config.replace(train=dataclasses.replace(config.train, hflip=True, vflip=True))
+    if values:
+        config = layer(config, {**values, "method": method, "preset": chosen})
+    config = apply_overrides(config, overrides)
+    if config.data != probe.data or config.textures != probe.textures:
+        train, data_info = _training_data(config, spec, category)
+    return config, (train, dict(data_info, preset=f"auto: {chosen} ({reason})")), f"{chosen} ({reason})"
+
+
 def train_run(config: Config, spec: str, category: str | None, run_dir: str, resume: bool = False,
-              progress: bool = True, devices=None, use_pmap: bool = False) -> runs.Run:
-    """Reads the data, trains the method's network on the normal training images but the
-    held-out ones, then fits the method on normal images (`runs.fit_run`). Returns the Run."""
+              progress: bool = True, devices=None, use_pmap: bool = False, data=None) -> runs.Run:
+    """Reads the data (unless `data` = (train Split, data.json contents) is given), trains
+    the method's network on the normal training images but the held-out ones, then fits
+    the method on normal images (`runs.fit_run`). Returns the Run."""
     from fmjax.training import loop
 
-    train, data_info = _training_data(config, spec, category)
+    train, data_info = data or _training_data(config, spec, category)
     config = resolve_flips(resolve_channels(config, train.images.shape[-1]), spec,
                            data_info.get("categories", [data_info["category"]]))
     fit, _ = runs.holdout_split(config, train)
@@ -99,7 +139,12 @@ def rescore_run(src_dir: str, dst_dir: str, method: str, overrides=()) -> runs.R
 
 
 def main(args) -> None:
-    config = build(args.preset, args.method, args.set, args.config)
+    data = None
+    if preset_name(args) == AUTO:
+        config, data, reason = resolve_auto(args.data, args.category, args.method, args.set, args.config)
+        print(f"preset auto: {reason}", flush=True)
+    else:
+        config = build(args.preset, args.method, args.set, args.config)
     run = train_run(config, args.data, args.category, args.out, resume=args.resume, progress=not args.no_progress,
-                    use_pmap=args.parallel == "pmap")
+                    use_pmap=args.parallel == "pmap", data=data)
     print(f"trained {run.config.train.steps} steps -> {args.out}")

@@ -141,8 +141,8 @@ def load_fashion_mnist(cls, image_size: int = 32, data_dir=None, num_test: int |
         "good" or the true class name.
     Images uint8 [N, S, S, 1]: the 28x28 grey images zero-padded to 32x32 and,
     if image_size != 32, resized bilinearly to S. Masks are all zero (image-level
-    labels only), full_masks None, and original_sizes (S, S): the padded frame
-    is the image's geometry, so maps are never cropped or rescaled back to 28x28.
+    labels only), full_masks None, and original_sizes (32, 32): the padded frame
+    is the image's geometry, so maps are never cropped back to 28x28.
     <index> is the image's 5-digit position in its IDX file.
     """
     index = class_index(cls)
@@ -167,7 +167,8 @@ def load_fashion_mnist(cls, image_size: int = 32, data_dir=None, num_test: int |
     if not len(test_labels):
         raise DataError(f"{_file(folder, 'test_images')} has no images: use the full Fashion-MNIST test files")
     s = int(image_size)
-    train = normal_split(to_working_size(train_images[picked], s), [f"train/{name}/{i:05d}" for i in picked])
+    train = normal_split(to_working_size(train_images[picked], s), [f"train/{name}/{i:05d}" for i in picked],
+                         np.full((len(picked), 2), PADDED_SIZE, np.int32))
     n = len(test_labels)
     test = Split(
         images=to_working_size(test_images, s),
@@ -175,6 +176,6 @@ def load_fashion_mnist(cls, image_size: int = 32, data_dir=None, num_test: int |
         labels=(test_labels != index).astype(np.int32),
         names=tuple(f"test/{CLASSES[y]}/{i:05d}" for i, y in enumerate(test_labels)),
         defect_types=tuple("good" if y == index else CLASSES[y] for y in test_labels),
-        original_sizes=np.full((n, 2), s, np.int32),
+        original_sizes=np.full((n, 2), PADDED_SIZE, np.int32),
     )
     return Dataset(name="fashion_mnist", category=name, train=train, test=test)

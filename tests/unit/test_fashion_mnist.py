@@ -119,7 +119,8 @@ def test_other_image_size_resizes_the_padded_frame(data):
     padded = fm.load_fashion_mnist(0, data_dir=data).train.images[0, ..., 0]
     expected = np.asarray(Image.fromarray(padded).resize((64, 64), Image.BILINEAR))
     assert ds.train.images.shape == (3, 64, 64, 1) and (ds.train.images[0, ..., 0] == expected).all()
-    assert ds.test.masks.shape == (6, 64, 64) and (ds.test.original_sizes == 64).all()
+    assert ds.test.masks.shape == (6, 64, 64) and (ds.test.original_sizes == 32).all()  # the padded frame
+    assert (ds.train.original_sizes == 32).all()
 
 
 def test_folder_from_env_and_missing_files(data, tmp_path, monkeypatch):

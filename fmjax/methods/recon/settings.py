@@ -30,6 +30,8 @@ PRESETS = {
     "tiny": Settings(steps=4, image_batch=2),
     # the same smoothing as Flow Mismatching's small preset, so a comparison isolates the scoring rule
     "small": Settings(steps=10, smooth_sigma=2.0),
+    "texture": Settings(steps=10, smooth_sigma=2.0),
+    "aligned": Settings(steps=10, smooth_sigma=1.0),
 }
 NEUTRAL = ("image_batch",)
 TRAINING = ()

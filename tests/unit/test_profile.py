@@ -1,0 +1,111 @@
+"""The `auto` preset: what kind of images a training set holds, and the config it gets."""
+import numpy as np
+import pytest
+
+from fmjax.app import train as train_app
+from fmjax.config import ConfigError, build
+from fmjax.data import profile
+from tests.helpers import cli, save_png
+
+
+def centred_objects(n, size=28, seed=0):
+    """uint8 [n, size, size, 1]: a bright disk of varying radius at the centre, noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    radius = rng.uniform(size / 5, size / 3, (n, 1, 1))
+    disk = (np.hypot(yy, xx)[None] < radius) * 180.0
+    return np.clip(disk + 30 + rng.normal(0, 10, (n, size, size)), 0, 255).astype(np.uint8)[..., None]
+
+
+def stationary_texture(n, size=28, seed=0):
+    """uint8 [n, size, size, 3]: stripes at a random phase and angle per image, noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / 2.0 + phase)
+        out.append(128 + 70 * wave[..., None] + rng.normal(0, 10, (size, size, 3)))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def test_alignment_separates_objects_from_textures():
+    objects, texture = profile.alignment(centred_objects(40)), profile.alignment(stationary_texture(40))
+    assert objects > 0.5 and texture < 0.05
+    assert profile.kind(centred_objects(40)) == "aligned"
+    assert profile.kind(stationary_texture(40)) == "texture"
+    # position, not content: the same disks scattered at random places are a texture
+    rng = np.random.default_rng(1)
+    scattered = np.stack([np.roll(x, tuple(rng.integers(0, 28, 2)), axis=(0, 1)) for x in centred_objects(40)])
+    assert profile.alignment(scattered) < profile.ALIGNED_THRESHOLD
+
+
+def test_alignment_edge_cases():
+    assert profile.alignment(centred_objects(1)) == 0.0
+    assert profile.alignment(np.full((5, 8, 8, 1), 7, np.uint8)) == 0.0
+
+
+@pytest.mark.parametrize("sizes, want", [([[28, 28]], 32), ([[8, 8]], 16), ([[20, 24], [16, 16]], 32),
+                                         ([[900, 1024]], 64), ([[64, 48]], 64), ([[33, 10]], 48)])
+def test_aligned_size(sizes, want):
+    assert profile.aligned_size(np.asarray(sizes)) == want
+
+
+def write_class_folder(root, images):
+    """ROOT/digits/{train/good, test/good} of `images` (the first three again as test images)."""
+    for i, x in enumerate(images):
+        save_png(root / "digits/train/good" / f"{i:03d}.png", x[..., 0] if x.shape[-1] == 1 else x)
+    for i, x in enumerate(images[:3]):
+        save_png(root / "digits/test/good" / f"{i:03d}.png", x[..., 0] if x.shape[-1] == 1 else x)
+    return root
+
+
+def test_auto_picks_aligned_for_objects_and_applies_overrides_after(tmp_path):
+    root = write_class_folder(tmp_path, centred_objects(24))
+    config, (train, info), reason = train_app.resolve_auto(f"folder:{root}", "digits")
+    assert reason.startswith("aligned") and config.preset == "aligned"
+    assert config.data.image_size == 32 and train.images.shape == (24, 32, 32, 1)
+    assert config.train.patch_size == 0 and not config.train.hflip and not config.train.vflip
+    assert (config.score.normalize, config.score.map_rule) == ("pixel", "two_sided")
+    assert info["preset"].startswith("auto: aligned")
+    config, (train, _), _ = train_app.resolve_auto(f"folder:{root}", "digits", overrides=["data.image_size=16",
+                                                                                         "score.num_paths=2"])
+    assert config.data.image_size == 16 and train.images.shape[1:3] == (16, 16)  # read again at the override
+    assert config.score.num_paths == 2 and config.score.normalize == "pixel"
+
+
+def test_auto_picks_texture_with_flips_for_a_folder_of_patterns(tmp_path):
+    root = write_class_folder(tmp_path, stationary_texture(24))
+    config, (train, _), reason = train_app.resolve_auto(f"folder:{root}", "digits")
+    assert reason.startswith("texture") and config.preset == "texture"
+    assert config.data.image_size == 64 and config.train.patch_size == 32 and train.images.shape[1] == 64
+    assert config.train.hflip and config.train.vflip
+    assert (config.score.normalize, config.score.map_rule) == ("global", "combined")
+
+
+def test_auto_for_another_method_keeps_that_method(tmp_path):
+    root = write_class_folder(tmp_path, centred_objects(24))
+    config, _, _ = train_app.resolve_auto(f"folder:{root}", "digits", "recon")
+    assert config.method == "recon" and config.preset == "aligned" and config.data.image_size == 32
+
+
+def test_auto_is_the_default_of_fmjax_train(tmp_path, monkeypatch, capsys):
+    root = write_class_folder(tmp_path, centred_objects(24))
+    seen = {}
+
+    def fake_train_run(config, spec, category, run_dir, data=None, **_):
+        seen.update(config=config, data=data)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_app, "train_run", fake_train_run)
+    with pytest.raises(SystemExit):
+        cli(capsys, "train", "--data", f"folder:{root}", "--category", "digits", "--out", tmp_path / "run",
+            "--set", "train.steps=3")
+    assert seen["config"].preset == "aligned" and seen["config"].train.steps == 3
+    assert seen["data"][0].images.shape[1:] == (32, 32, 1)
+    assert "preset auto: aligned" in capsys.readouterr().out
+
+
+def test_auto_is_not_a_config():
+    with pytest.raises(ConfigError, match="chosen from the training data"):
+        build("auto")
