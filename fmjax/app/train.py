@@ -94,11 +94,17 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
     train, data_info = data or _training_data(config, spec, category)
     config = resolve_flips(resolve_channels(config, train.images.shape[-1]), spec,
                            data_info.get("categories", [data_info["category"]]))
-    fit, _ = runs.holdout_split(config, train)
+    cal = config.calibration
+    fit, holdout = runs.holdout_split(config, train)
+    method = registry.get(config.method)
+    needed, held = method.min_holdout(config), 0 if holdout is None else len(holdout)
+    if held < needed:
+        raise RunError(f"{config.method} with these settings needs at least {needed} held-out normal images; "
+                       f"calibration.holdout_fraction={cal.holdout_fraction} holds out {held} of {len(train)}: "
+                       f"raise it, or set score.normalize=none")
     data_path = os.path.join(run_dir, runs.DATA)
     if resume and os.path.exists(data_path) and runs.read_json(data_path) != data_info:
         raise RunError(f"--resume: {data_path} says {runs.read_json(data_path)}, not {data_info}")
-    method = registry.get(config.method)
     loop.train(config, method.objective(config), fit.images, run_dir, class_ids=fit.class_ids, resume=resume,
                progress=progress, devices=devices, use_pmap=use_pmap,
                init_shape=method.init_shape(config, fit.images.shape[1:]))

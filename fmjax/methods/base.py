@@ -78,6 +78,10 @@ class Method(abc.ABC):
         fitted: Fitted) -> (maps float32 [N,H,W], scores float32 [N]) as numpy, higher =
         more anomalous; apply_fn(params, x, t, y) is the network in eval mode."""
 
+    def min_holdout(self, config) -> int:
+        """The fewest held-out normal images `fit` can work with (checked before training)."""
+        return 0
+
     def fit(self, run, train_images, holdout) -> Fitted:
         """What this method fits on normal images after training. `run` scores with the
         trained network (`run.score`, `run.scorer`, `run.params`, `run.config`);

@@ -109,3 +109,13 @@ def test_auto_is_the_default_of_fmjax_train(tmp_path, monkeypatch, capsys):
 def test_auto_is_not_a_config():
     with pytest.raises(ConfigError, match="chosen from the training data"):
         build("auto")
+
+
+def test_normalised_scoring_without_held_out_normals_stops_before_training(tmp_path, capsys):
+    from tests.helpers import assert_one_line_error
+
+    root = write_class_folder(tmp_path, centred_objects(4))
+    code, _, err = cli(capsys, "train", "--data", f"folder:{root}", "--category", "digits", "--out", tmp_path / "run")
+    assert_one_line_error(code, err)
+    assert "held-out normal images" in err and "score.normalize=none" in err
+    assert not (tmp_path / "run").exists()

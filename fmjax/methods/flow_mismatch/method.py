@@ -33,6 +33,11 @@ class FlowMismatch(Method):
     def scorer(self, config, apply_fn, image_shape, devices=None) -> Scorer:
         return Scorer(apply_fn, config.score, image_shape, devices)
 
+    def min_holdout(self, config) -> int:
+        """Normalisation statistics need two held-out normals (four to fit them and the
+        thresholds on different images)."""
+        return 0 if config.score.normalize == "none" else 2
+
     def fit(self, run, train_images, holdout) -> Fitted:
         """Thresholds from held-out normals; with score.normalize global or pixel, first the
         normalisation statistics from one half of them (`normalize.fit_stats`), then the
