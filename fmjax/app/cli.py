@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": "score a test split, print and save metrics",
     "predict": "score image files",
     "calibrate": "fit the thresholds again on the held-out normals, with other scoring settings",
+    "export": "serialize a run's scorer for fmjax.serving (jax and numpy only)",
     "config": "print the resolved config (config show)",
     "demo": "train and evaluate on the embedded textures",
     "bench": "scoring and training throughput against a plain loop, a plain forward pass and the matmul peak",
@@ -47,6 +48,12 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
         _config_arguments(p, registry)
         p.add_argument("--data", help="the training data, for the auto preset's choice")
         p.add_argument("--category")
+    elif name == "export":
+        p.add_argument("--run", required=True)
+        p.add_argument("--out", required=True, help="folder to write (scorer.json, scorer.jaxexport, arrays.npz)")
+        p.add_argument("--platforms", help="comma-separated: cpu, cuda, rocm, tpu (default: this machine's)")
+        p.add_argument("--set", action="append", default=[], metavar="score.KEY=VALUE",
+                       help="scoring setting for the exported scorer (thresholds fitted again if needed)")
     elif name == "calibrate":
         p.add_argument("--run", required=True)
         p.add_argument("--set", action="append", default=[], metavar="score.KEY=VALUE",

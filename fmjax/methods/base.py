@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import Any, Callable
 
 import numpy as np
 
 from fmjax.eval.calibration import thresholds
 from fmjax.methods import registry
 
-__all__ = ["Fitted", "Method"]
+__all__ = ["Fitted", "Method", "ScoringProgram"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,26 @@ class Fitted:
 
     def get(self, key, default=None):
         return self.values.get(key, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringProgram:
+    """A method's whole jitted scoring on one device, as `fmjax export` serializes it:
+    fn(params, consts, images uint8 [batch,H,W,C], class_ids int32 [batch]) ->
+    (maps float32 [batch,H,W], outputs float32 [batch, ...]), a pure function of its
+    arguments; consts: the pytree of arrays it needs beside the params (fixed noise,
+    times, the fitted arrays that enter the jitted code). `finish` turns the outputs into
+    image scores outside the program, in numpy: "scores" (they are the scores) or
+    "isolation_forest" (they are a forest's features; the forest is `finish_fitted`).
+    `decision`: (">=" or ">", threshold): an image is anomalous where its score compares
+    so with the threshold; None when nothing was fitted to decide with."""
+
+    fn: Callable
+    consts: Any
+    batch: int
+    finish: str = "scores"
+    finish_fitted: "Fitted | None" = None
+    decision: tuple | None = None
 
 
 class Method(abc.ABC):
@@ -81,6 +102,20 @@ class Method(abc.ABC):
     def min_holdout(self, config) -> int:
         """The fewest held-out normal images `fit` can work with (checked before training)."""
         return 0
+
+    def program(self, run, apply_fn=None) -> ScoringProgram:
+        """The run's whole scoring as one device's pure function (`ScoringProgram`), for
+        export: the same jitted function its scorer runs on every device. apply_fn: the
+        network to use (default: the run's). Its `decision` follows `decide`: score >= the
+        image threshold."""
+        scorer = run.scorer if apply_fn is None else self.scorer(run.config, apply_fn, run.image_shape)
+        if not hasattr(scorer, "program"):
+            from fmjax.errors import RunError
+
+            raise RunError(f"method {self.name} has no exportable scoring program")
+        program = scorer.program(run.params, run.fitted)
+        threshold = run.fitted.get("image_threshold")
+        return dataclasses.replace(program, decision=None if threshold is None else (">=", float(threshold)))
 
     def fit(self, run, train_images, holdout) -> Fitted:
         """What this method fits on normal images after training. `run` scores with the

@@ -104,3 +104,135 @@ def test_calibrate_fits_and_stores_normalisation_statistics(trained_run, run_cop
     # other statistics (per pixel) are fitted again, never the stored global ones reused
     code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--set", "score.normalize=pixel")
     assert code == 0 and "note: score.normalize 'global' -> 'pixel'" in err, err
+
+
+# ----------------------------------------------------------------------------- export and the Python API
+
+# a child that cannot import Flax, Optax, Orbax, scikit-*, PIL or fmjax's model,
+# training, config and run code: what fmjax.serving may need is JAX and numpy
+SERVING_CHILD = r"""
+import importlib.abc, json, sys
+import numpy as np
+
+BLOCKED = ("flax", "optax", "orbax", "sklearn", "skimage", "PIL", "tensorflow", "fmjax.nets",
+           "fmjax.training", "fmjax.config", "fmjax.runs", "fmjax.api", "fmjax.app", "fmjax.data",
+           "fmjax.methods.flow_mismatch", "fmjax.methods.base", "fmjax.eval")
+
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError(f"blocked: {name}")
+        return None
+
+
+sys.meta_path.insert(0, Block())
+from fmjax import serving
+from fmjax.errors import DataError
+
+scorer = serving.load(sys.argv[1])
+images = np.load(sys.argv[2])
+maps, scores, anomalous = scorer(images)
+grey_float = scorer(images[..., :1].astype(np.float32) / 255.0)
+try:
+    scorer(images[0])
+    refused = ""
+except DataError as err:
+    refused = str(err)
+np.savez(sys.argv[3], maps=maps, scores=scores, anomalous=anomalous, grey_maps=grey_float.maps)
+print(json.dumps({"refused": refused, "modules": sorted(m for m in sys.modules if m.startswith("fmjax"))}))
+"""
+
+
+def test_exported_scorer_equals_the_run_with_jax_and_numpy_only(trained_run, data_root, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from helpers import load_test_split, subprocess_env
+
+    export_dir = tmp_path / "exported"
+    code, out, err = cli(capsys, "export", "--run", trained_run, "--out", export_dir)
+    assert code == 0 and "exported flow_mismatch scorer for cpu" in out, err
+    test = load_test_split(trained_run, data_root)
+    np.save(tmp_path / "images.npy", test.images)
+    child = subprocess.run([sys.executable, "-c", SERVING_CHILD, str(export_dir), str(tmp_path / "images.npy"),
+                            str(tmp_path / "out.npz")], env=subprocess_env(1, fast_compile=False),
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert "images must be [N, H, W, C]" in report["refused"] and "image[None]" in report["refused"]
+    assert set(report["modules"]) <= {"fmjax", "fmjax.errors", "fmjax.serving", "fmjax.version", "fmjax.xla_options"}
+    got = np.load(tmp_path / "out.npz")
+    run = runs.load_run(str(trained_run))
+    maps, scores = run.score(test.images)
+    np.testing.assert_allclose(got["maps"], maps, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got["scores"], scores, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got["anomalous"], run.decide(scores).astype(bool))
+    # grey float images are the same images once repeated to RGB and rounded
+    grey = np.repeat(test.images[..., :1], 3, axis=-1)
+    np.testing.assert_allclose(got["grey_maps"], run.score(grey)[0], atol=1e-5, rtol=1e-5)
+    # a changed file is refused
+    (export_dir / "arrays.npz").write_bytes((export_dir / "arrays.npz").read_bytes()[:-8])
+    from fmjax import serving
+    from fmjax.errors import RunError
+
+    with pytest.raises(RunError, match="not the file fmjax export wrote"):
+        serving.load(str(export_dir))
+
+
+def test_python_api_scores_images_of_any_size_as_predict_does(trained_run, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    import fmjax
+
+    det = fmjax.load(str(trained_run))
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (12, 9), dtype=np.uint8)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(rgb).save(inputs / "a_rgb.png")
+    Image.fromarray(grey).save(inputs / "b_grey.png")
+    scored = det.score([rgb, grey.astype(np.float32) / 255.0])
+    assert [m.shape for m in scored.maps] == [(30, 41), (12, 9)] and scored.anomalous.dtype == bool
+    rows = det.predict(str(inputs), str(tmp_path / "pred"))
+    assert [r["image"] for r in rows] == ["a_rgb", "b_grey"]
+    np.testing.assert_allclose([r["score"] for r in rows], scored.scores, rtol=1e-6)
+    # an array at the run's size: exactly Run.score
+    images = rng.integers(0, 256, (3,) + det.image_shape, dtype=np.uint8)
+    maps, scores = det.run.score(images)
+    again = det.score(images)
+    np.testing.assert_array_equal(again.maps, maps)
+    np.testing.assert_array_equal(again.scores, scores)
+    with open(tmp_path / "pred" / "scores.csv", newline="") as f:
+        assert [row["image"] for row in csv.DictReader(f)] == ["a_rgb", "b_grey"]
+
+
+@pytest.mark.parametrize("settings,platforms", [
+    (["score.normalize=pixel", "score.map_rule=two_sided", "score.smooth_sigma=1"], "cpu"),
+    (["score.normalize=global", "score.map_rule=combined"], "cpu,cuda,tpu")])
+def test_exported_scorer_carries_the_normalisation_statistics(trained_run, data_root, tmp_path, capsys, settings,
+                                                              platforms):
+    from helpers import load_test_split
+
+    from fmjax import serving
+
+    export_dir = tmp_path / "exported"
+    code, out, err = cli(capsys, "export", "--run", trained_run, "--out", export_dir, "--platforms", platforms,
+                         *[a for s in settings for a in ("--set", s)])
+    assert code == 0 and "score.normalize 'none' ->" in err, err
+    assert f"scorer for {platforms.replace(',', ', ')}" in out
+    run = runs.load_run(str(trained_run), settings)
+    assert "normalize_mean" in run.fitted.arrays
+    test = load_test_split(trained_run, data_root)
+    maps, scores = run.score(test.images)
+    got = serving.load(str(export_dir))(test.images)
+    np.testing.assert_allclose(got.maps, maps, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got.scores, scores, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got.anomalous, run.decide(scores).astype(bool))
+    # without its statistics the program would score otherwise: they are really in it
+    plain = run.score(test.images, fitted=type(run.fitted)(arrays={
+        k: (np.zeros_like(v) if k.endswith(("mean", "center")) else np.ones_like(v)) for k, v in run.fitted.arrays.items()}))
+    assert np.abs(plain[0] - got.maps).max() > 1e-3

@@ -54,3 +54,31 @@ def test_held_out_slice_has_a_minimum():
     assert holdout_count(100, 0.1, 20) == 20  # 20 of them
     assert holdout_count(256, 0.1, 20) == 26  # the fraction when it gives more
     assert holdout_count(100, 0.0, 20) == 0 and holdout_count(100, 0.1, 0) == 10
+
+
+def test_serving_preprocessing_follows_the_command_line_reader():
+    import numpy as np
+    from PIL import Image
+
+    from fmjax.errors import DataError
+    from fmjax.eval.viz import resize_map
+    from fmjax.serving import match_channels, prepare, resize_maps, to_uint8
+
+    rng = np.random.default_rng(0)
+    for h, w, size in [(37, 50, 16), (100, 30, 16), (20, 24, 16), (10, 12, 16), (64, 64, 64)]:
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        got, original = prepare(image[None], (size, size, 3))
+        want = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        assert original == (h, w) and got.dtype == np.uint8
+        assert np.abs(got[0].astype(int) - want).max() <= 1 and np.mean(got[0] != want) < 0.2, (h, w)
+        heat = rng.random((size, size)).astype(np.float32)
+        np.testing.assert_allclose(resize_maps(heat[None], (h, w))[0], resize_map(heat, (h, w)), atol=1e-5)
+    # PIL's grey conversion and float images as the reader takes float files
+    rgb = rng.integers(0, 256, (1, 5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(match_channels(rgb, 1)[0, ..., 0], np.asarray(Image.fromarray(rgb[0]).convert("L")))
+    assert match_channels(rgb[..., :1], 3).shape == (1, 5, 7, 3)
+    np.testing.assert_array_equal(to_uint8(np.array([0.0, 0.5, 1.0])), [0, 128, 255])
+    np.testing.assert_array_equal(to_uint8(np.array([0.0, 127.6, 300.0])), [0, 128, 255])
+    for bad in (np.zeros((4, 4, 3)), np.zeros((1, 4, 4, 2)), np.zeros((1, 2, 4, 4, 3))):
+        with pytest.raises(DataError, match=r"images must be \[N, H, W, C\]"):
+            prepare(bad, (16, 16, 3))

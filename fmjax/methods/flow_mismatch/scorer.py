@@ -21,6 +21,7 @@ from fmjax import xla_options
 from fmjax.distributed.mesh import DATA_AXIS, data_mesh, replicated, rows
 from fmjax.errors import ScoreRuleError
 from fmjax.flow import path_point, target_velocity, to_model_range
+from fmjax.methods.base import ScoringProgram
 from fmjax.methods.batches import ImageBatches, check_images
 from fmjax.methods.flow_mismatch import normalize as norm
 from fmjax.methods.flow_mismatch.chunking import chunk_size_for_budget, even_chunk
@@ -212,8 +213,21 @@ class Scorer:
                 return self._finish(mode, delta, times, stats)
             return fn
 
-        self._batches = {mode: ImageBatches(local(mode), self.image_shape, cfg.image_batch, 3, outputs, self.devices)
-                         for mode, outputs in self._OUTPUTS.items()}
+        self._local = {mode: local(mode) for mode in self._OUTPUTS}
+        self._batches = {mode: ImageBatches(self._local[mode], self.image_shape, cfg.image_batch, 3, outputs,
+                                            self.devices) for mode, outputs in self._OUTPUTS.items()}
+
+    def program(self, params, fitted=None) -> ScoringProgram:
+        """The per-device function `score` runs on every device, for export
+        (`fmjax.methods.base.ScoringProgram`; settles chunk_size = 0 first); the
+        normalisation statistics the settings need travel among its constants."""
+        self._build(params)
+        local, stats = self._local["maps"], self.stats(fitted)
+        stats = norm.neutral_stats(self.config.num_times) if stats is None else stats
+        return ScoringProgram(fn=lambda params, consts, images_u8, class_ids: local(
+            params, images_u8, class_ids, consts["noise"], consts["times"], norm.Stats(*consts["stats"])),
+            consts={"noise": self.noise, "times": self.times, "stats": tuple(np.asarray(a) for a in stats)},
+            batch=self.config.image_batch)
 
     def chunk_for(self, num_images: int) -> int:
         """Network inputs per call when `num_images` images are scored at once (after the

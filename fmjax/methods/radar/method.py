@@ -2,6 +2,7 @@
 step and Sobel maps, decided by an Isolation Forest fitted on held-out normal images."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -71,6 +72,10 @@ class Radar(Method):
         values.update(image_threshold=0.0, image_decision="isolation_forest", forest_fitted_on=source,
                       num_forest_images=int(num_forest_images))
         return Fitted(values=values, arrays=arrays)
+
+    def program(self, run, apply_fn=None):
+        """The base program with the forest's decision: anomalous where the score is > 0."""
+        return dataclasses.replace(super().program(run, apply_fn), decision=(">", 0.0))
 
     def decide(self, scores, fitted: Fitted) -> np.ndarray:
         """The forest's own labels: anomalous exactly where the score is > 0."""

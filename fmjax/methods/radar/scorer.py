@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from fmjax.errors import ConfigError
 from fmjax.flow import to_model_range
+from fmjax.methods.base import ScoringProgram
 from fmjax.methods.batches import ImageBatches
 from fmjax.methods.maps import gaussian_smooth
 from fmjax.methods.radar import forest as forest_lib
@@ -123,8 +124,19 @@ class RadarScorer:
         def local(params, images_u8, class_ids, noise):
             return radar_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids)
 
+        self._local = local
         self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 1, 2, devices)
         self.mesh = self._batches.mesh
+
+    def program(self, params, fitted=None) -> ScoringProgram:
+        """The per-device function `maps_and_features` runs on every device, for export;
+        its outputs are the forest's features and the forest (float64, numpy) scores them
+        outside the program."""
+        forest_lib.from_fitted(fitted)  # a one-line error for a run without a sound forest
+        local = self._local
+        return ScoringProgram(fn=lambda params, consts, images_u8, class_ids: local(
+            params, images_u8, class_ids, consts["noise"]), consts={"noise": self.noise},
+            batch=self.config.image_batch, finish="isolation_forest", finish_fitted=fitted)
 
     def maps_and_features(self, params, images, class_ids=None):
         """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,2])."""

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.flow import integrate, path_point, to_model_range
+from fmjax.methods.base import ScoringProgram
 from fmjax.methods.batches import ImageBatches
 from fmjax.methods.maps import gaussian_smooth, image_score
 from fmjax.methods.recon.settings import ReconSettings, validate_settings
@@ -62,8 +63,15 @@ class ReconScorer:
             maps = gaussian_smooth(maps, settings.smooth_sigma)
             return maps, image_score(maps, settings.image_score)
 
+        self._local = local
         self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 1, 2, devices)
         self.mesh = self._batches.mesh
+
+    def program(self, params, fitted=None) -> ScoringProgram:
+        """The per-device function `score` runs on every device, for export."""
+        local = self._local
+        return ScoringProgram(fn=lambda params, consts, images_u8, class_ids: local(
+            params, images_u8, class_ids, consts["noise"]), consts={"noise": self.noise}, batch=self.config.image_batch)
 
     def score(self, params, images, class_ids=None, fitted=None):
         """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy."""
