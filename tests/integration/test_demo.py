@@ -17,16 +17,19 @@ def test_demo_default_resolves_auto_per_texture(tmp_path, monkeypatch, capsys):
         raise SystemExit(0)
 
     monkeypatch.setattr(demo, "train_run", fake_train_run)
-    with pytest.raises(SystemExit):
-        cli(capsys, "demo", "--out", tmp_path / "demo", "--textures", "grass", "--set", "train.steps=7")
-    assert seen == [("textures:grass", "texture", 7, (256, 64, 64, 1))]
-    assert "preset texture (alignment" in capsys.readouterr().out
+    for extra in ([], ["--steps", "0"], ["--steps", "50", "--set", "train.steps=7"]):
+        with pytest.raises(SystemExit):
+            cli(capsys, "demo", "--out", tmp_path / "demo", "--textures", "grass", *extra)
+        assert "preset texture (alignment" in capsys.readouterr().out
+    shape = (256, 64, 64, 1)
+    assert seen == [("textures:grass", "texture", 600, shape), ("textures:grass", "texture", 1200, shape),
+                    ("textures:grass", "texture", 7, shape)]
 
 
 def test_tiny_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = cli(capsys, "demo", "--out", out, "--textures", "brick", "--preset", "tiny", "--no-progress",
-                            "--set", "train.steps=3")
+                            "--steps", "3")
     assert code == 0, err
     rows = json.load(open(out / "demo_results.json"))
     assert [r["category"] for r in rows] == ["brick"]
