@@ -82,7 +82,8 @@ def evaluate_run(run: runs.Run, dataset, maps_out: str | None = None, pictures_o
     if maps_out:
         writers.write_maps(maps_out, dataset.category, test, maps, scores, decided)
     if pictures_out:
-        writers.write_pictures(pictures_out, test, maps, scores, display_max(run, maps))
+        writers.write_pictures(pictures_out, test, maps, scores, display_max(run, maps),
+                               threshold=cal.get("image_threshold"))
     if write_metrics:  # last: a metrics.json is never newer than the maps it describes
         write_json(os.path.join(run.path, metrics_file), result)
     return result

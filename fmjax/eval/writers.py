@@ -44,8 +44,13 @@ def write_maps(out_dir: str, category: str, split, maps, scores, decided=None) -
                                  "" if decided is None else int(decided[i])])
 
 
-def write_pictures(out_dir: str, split, maps, scores, vmax: float, limit: int = 24) -> None:
-    """Panels (image | overlay | map | mask) for up to `limit` test images, anomalous first."""
+def write_pictures(out_dir: str, split, maps, scores, vmax: float, limit: int = 24, threshold=None) -> list[str]:
+    """Panels (image | overlay | map | mask) for up to `limit` test images, anomalous first,
+    and with matplotlib (the `plots` extra) the figures of `fmjax.eval.plots` (ROC / PR,
+    AUROC per defect type, score histogram with the image `threshold`); returns the
+    figures' names."""
+    from fmjax.eval import plots
+
     order = np.argsort(-split.labels, kind="stable")[:limit]
     with staged_dir(out_dir) as tmp:
         tiles = []
@@ -54,6 +59,7 @@ def write_pictures(out_dir: str, split, maps, scores, vmax: float, limit: int = 
             tiles.append(tile)
             viz.save_png(inside(tmp, split.names[i].replace("/", "_") + ".png", "image name"), tile)
         viz.save_png(os.path.join(tmp, "overview.png"), viz.grid(tiles, 2))
+        return plots.write_figures(tmp, split.labels, scores, split.defect_types, threshold)
 
 
 def write_predictions(out_dir: str, paths, names, sizes, channels: int, maps, scores, decided, threshold,

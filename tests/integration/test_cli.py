@@ -20,6 +20,8 @@ from PIL import Image
 
 from fmjax import data as data_lib
 from fmjax.app.cli import main
+from fmjax.eval import plots
+
 
 @pytest.fixture(scope="module")
 def trained(data_root, tmp_path_factory):
@@ -107,7 +109,8 @@ def test_evaluate_then_predict(evaluation, data_root, tmp_path, capsys):
         assert anomalous == str(int(score >= image_threshold))
     assert_image_metrics_from_csv(rows, metrics)
     pictures = sorted(p.name for p in pictures_dir.glob("*.png"))
-    assert "overview.png" in pictures and len(pictures) == 7
+    figures = set(plots.FIGURES) if plots.available() else set()  # with the plots extra
+    assert "overview.png" in pictures and len(pictures) == 7 + len(figures) and figures <= set(pictures)
 
     # predict on a folder with 2 defect and 2 normal images
     inputs = tmp_path / "inputs"
