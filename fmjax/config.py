@@ -150,9 +150,10 @@ _QUANTILE_KEYS = ("image_threshold_quantile", "pixel_threshold_quantile")
 def _upgrade(values):
     """A config.json of an earlier layout in this one: sections `score`, `radar`, `recon`
     with texture and hold-out settings in `data` (0.1); a `calibration` section without
-    `min_holdout` (0.2: no minimum, so its held-out normals are split again as trained)."""
+    `min_holdout` in a whole config (0.2: no minimum, so its held-out normals are split
+    again as trained; a partial --config file keeps the preset's minimum)."""
     if isinstance(values, dict) and isinstance(values.get("calibration"), dict) \
-            and "min_holdout" not in values["calibration"]:
+            and "min_holdout" not in values["calibration"] and {"net", "data", "train"} <= set(values):
         values = {**values, "calibration": {**values["calibration"], "min_holdout": 0}}
     if not isinstance(values, dict) or not {"radar", "recon"} <= set(values):
         return values

@@ -82,3 +82,14 @@ def test_serving_preprocessing_follows_the_command_line_reader():
     for bad in (np.zeros((4, 4, 3)), np.zeros((1, 4, 4, 2)), np.zeros((1, 2, 4, 4, 3))):
         with pytest.raises(DataError, match=r"images must be \[N, H, W, C\]"):
             prepare(bad, (16, 16, 3))
+
+
+def test_a_partial_calibration_section_keeps_the_presets_minimum(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"calibration": {"holdout_fraction": 0.2}}')
+    config = build("small", "flow_mismatch", (), str(path))
+    assert config.calibration.holdout_fraction == 0.2
+    assert config.calibration.min_holdout == preset("small").calibration.min_holdout > 0
+    whole = json.loads(preset("small").to_json())
+    del whole["calibration"]["min_holdout"]  # a whole config.json written before the minimum existed
+    assert Config.from_dict(whole).calibration.min_holdout == 0
