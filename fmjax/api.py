@@ -146,13 +146,14 @@ class Detector:
 
 def train(data: str, out: str, category: str | None = None, *, preset: str | None = None,
           method: str | None = None, config: Config | str | None = None, overrides: Sequence[str] = (),
-          progress: bool = True) -> Detector:
+          progress: bool = True, logdir: str | None = None) -> Detector:
     """`fmjax train`: trains on the normal images of `data` (textures:NAME, folder:ROOT,
     mvtec:ROOT, ...; `category` for folder-style data) into run folder `out`, fits the
     thresholds on held-out normals, returns the Detector. preset: as `fmjax train
     --preset` (default: the config file's, else auto, chosen from the training data);
     config: a Config, or a JSON / YAML file layered over the preset; overrides:
-    ["section.field=value", ...] last."""
+    ["section.field=value", ...] last; logdir: TensorBoard event files of the training
+    (needs tensorboardX)."""
     import types
 
     from fmjax.app.train import AUTO, preset_name, resolve_auto, train_run
@@ -166,7 +167,7 @@ def train(data: str, out: str, category: str | None = None, *, preset: str | Non
         resolved, prepared, _ = resolve_auto(data, category, method, list(overrides), config)
     else:
         resolved = build(preset, method, list(overrides), config)
-    return Detector(train_run(resolved, data, category, out, progress=progress, data=prepared))
+    return Detector(train_run(resolved, data, category, out, progress=progress, data=prepared, logdir=logdir))
 
 
 def load(run_dir: str, overrides: Sequence[str] = ()) -> Detector:

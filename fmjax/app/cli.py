@@ -43,6 +43,7 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--parallel", choices=("mesh", "pmap"), default="mesh",
                        help="data parallelism: jit over a device mesh (default) or pmap; same results")
         p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--logdir", help="also write TensorBoard event files here (needs tensorboardX)")
     elif name == "config":
         p.add_argument("action", choices=("show",), help="show: print the resolved config as JSON")
         _config_arguments(p, registry)
@@ -64,7 +65,8 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
             p.add_argument("--data", help="default: the data the run was trained on")
             p.add_argument("--category")
             p.add_argument("--maps-out", help="write float32 TIFF maps (MVTec evaluation layout)")
-            p.add_argument("--pictures-out", help="write heat-map overlay PNGs")
+            p.add_argument("--pictures-out", help="write heat-map overlay PNGs (and ROC/PR figures with matplotlib)")
+            p.add_argument("--logdir", help="also write the metrics as TensorBoard events (needs tensorboardX)")
         else:
             p.add_argument("--input", required=True, help="an image file or a folder of images")
             p.add_argument("--out", required=True)

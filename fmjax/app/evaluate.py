@@ -125,6 +125,9 @@ def metrics_name(run: runs.Run, spec: str, category: str | None, overrides=()) -
 
 
 def main(args) -> None:
+    from fmjax.eval.events import EventLog
+
+    log = EventLog(args.logdir) if args.logdir else None  # a missing tensorboardX stops before any work
     run = runs.load_run(args.run, args.set)
     if run.refit:
         print(f"fmjax evaluate: note: {run.refit}", file=sys.stderr)
@@ -146,4 +149,7 @@ def main(args) -> None:
                               class_id=trained_on.index(category) if category in trained_on else 0,
                               metrics_file=name)
         print(metrics_table([result]))
+    if log is not None:
+        with log:
+            log.scalars(f"eval/{result.get('category') or category or 'data'}", result, run.config.train.steps)
     print(f"metrics -> {os.path.join(args.run, name)}")

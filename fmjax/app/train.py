@@ -2,6 +2,7 @@
 what the method needs on normal training images, and leave a run folder ready to score."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -85,10 +86,13 @@ def resolve_auto(spec: str, category: str | None, method: str | None = None, ove
 
 
 def train_run(config: Config, spec: str, category: str | None, run_dir: str, resume: bool = False,
-              progress: bool = True, devices=None, use_pmap: bool = False, data=None) -> runs.Run:
+              progress: bool = True, devices=None, use_pmap: bool = False, data=None,
+              logdir: str | None = None) -> runs.Run:
     """Reads the data (unless `data` = (train Split, data.json contents) is given), trains
     the method's network on the normal training images but the held-out ones, then fits
-    the method on normal images (`runs.fit_run`). Returns the Run."""
+    the method on normal images (`runs.fit_run`). Returns the Run. logdir: TensorBoard
+    event files of every logged step (train/loss, grad_norm, images_per_s, learning_rate;
+    `fmjax.eval.events`)."""
     from fmjax.training import loop
 
     train, data_info = data or _training_data(config, spec, category)
@@ -105,9 +109,22 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
     data_path = os.path.join(run_dir, runs.DATA)
     if resume and os.path.exists(data_path) and runs.read_json(data_path) != data_info:
         raise RunError(f"--resume: {data_path} says {runs.read_json(data_path)}, not {data_info}")
-    loop.train(config, method.objective(config), fit.images, run_dir, class_ids=fit.class_ids, resume=resume,
-               progress=progress, devices=devices, use_pmap=use_pmap,
-               init_shape=method.init_shape(config, fit.images.shape[1:]))
+    with contextlib.ExitStack() as stack:
+        on_log = None
+        if logdir:
+            from fmjax.eval.events import EventLog
+            from fmjax.training.state import learning_rate
+
+            log = stack.enter_context(EventLog(logdir))
+
+            def on_log(record):
+                values = {k: v for k, v in record.items() if k != "step"}
+                values["learning_rate"] = learning_rate(config.train, record["step"] - 1)  # the last update's
+                log.scalars("train", values, record["step"])
+
+        loop.train(config, method.objective(config), fit.images, run_dir, class_ids=fit.class_ids, resume=resume,
+                   progress=progress, devices=devices, use_pmap=use_pmap,
+                   init_shape=method.init_shape(config, fit.images.shape[1:]), on_log=on_log)
     write_json(data_path, data_info)
     run = runs.load_run(run_dir)
     run.fitted = runs.fit_run(run, train)
@@ -152,5 +169,5 @@ def main(args) -> None:
     else:
         config = build(args.preset, args.method, args.set, args.config)
     run = train_run(config, args.data, args.category, args.out, resume=args.resume, progress=not args.no_progress,
-                    use_pmap=args.parallel == "pmap", data=data)
+                    use_pmap=args.parallel == "pmap", data=data, logdir=args.logdir)
     print(f"trained {run.config.train.steps} steps -> {args.out}")

@@ -71,7 +71,7 @@ def _open_run(config: Config, run_dir: str, init_shape, resume: bool, init_key, 
 
 def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str, class_ids=None,
           resume: bool = False, progress: bool = True, devices=None, stop_at: int | None = None,
-          use_pmap: bool = False, init_shape=None) -> TrainState:
+          use_pmap: bool = False, init_shape=None, on_log=None) -> TrainState:
     """Trains the network on normal images uint8 [N,H,W,C] for `objective`; returns the
     final state (as one copy).
 
@@ -80,6 +80,8 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
     devices: the local devices (default: all); a batch that does not split over all of them
     uses the largest number that divides it. init_shape: the shape (h, w, C) the params are
     initialised at (default: the images'; the U-Net is fully convolutional).
+    on_log(record): called with each train_log.jsonl record (step, loss, grad_norm,
+    images_per_s) on the writing process, e.g. for TensorBoard.
     `stop_at` ends early after that step (the run can be resumed). `use_pmap` runs the pmap
     step instead of the mesh step: same result. On several processes (after
     `multihost.maybe_initialize_distributed()`) every process runs this with the same
@@ -143,7 +145,9 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
         if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
             values = jax.device_get(window)
             elapsed = time.perf_counter() - window_start
-            log_window(values, done, cfg.batch_size, elapsed, log_path if writer else None, bar)
+            record = log_window(values, done, cfg.batch_size, elapsed, log_path if writer else None, bar)
+            if on_log is not None and writer:
+                on_log(record)
             window, window_start = [], time.perf_counter()
         if done % cfg.checkpoint_every == 0 or done == end:
             save_state(manager, done, current(state))  # every process saves; orbax writes once

@@ -11,7 +11,7 @@ import optax
 from fmjax.config import Config, TrainConfig
 from fmjax.nets import unet
 
-__all__ = ["TrainState", "abstract_state", "apply_gradients", "init_state", "make_optimizer"]
+__all__ = ["TrainState", "abstract_state", "apply_gradients", "init_state", "learning_rate", "make_optimizer"]
 
 
 @flax.struct.dataclass
@@ -20,6 +20,14 @@ class TrainState:
     params: Any
     ema_params: Any
     opt_state: Any
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate `make_optimizer` applies at update `step` (0-based): linear
+    warm-up from 0 over train.warmup_steps, then train.learning_rate."""
+    if cfg.warmup_steps <= 0:
+        return float(cfg.learning_rate)
+    return float(cfg.learning_rate) * min(step, cfg.warmup_steps) / cfg.warmup_steps
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

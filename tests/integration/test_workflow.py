@@ -17,7 +17,8 @@ from fmjax.app.cli import main
 @pytest.fixture(scope="module")
 def trained_run(data_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("workflow") / "run"
-    code = main(["train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", str(run), *TRAIN_ARGS])
+    code = main(["train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", str(run), *TRAIN_ARGS,
+                 "--logdir", str(run.parent / "logs")])
     assert code == 0
     return run
 
@@ -70,6 +71,25 @@ def test_calibrate_stores_the_settings_it_fitted_with(trained_run, run_copy, dat
     # what the network was trained with cannot change
     code, _, err = cli(capsys, "calibrate", "--run", run_copy, "--set", "train.steps=3")
     assert_one_line_error(code, err)
+
+
+def test_logdir_holds_the_training_log_and_the_metrics_as_tensorboard_events(trained_run, run_copy, capsys):
+    from fmjax.eval.events import read_scalars
+    from fmjax.training.state import learning_rate
+
+    logged = [json.loads(line) for line in (trained_run / "train_log.jsonl").read_text().splitlines()]
+    events = read_scalars(str(trained_run.parent / "logs"))
+    for key in ("loss", "grad_norm", "images_per_s"):
+        assert events[f"train/{key}"] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in logged]
+    config = runs.load_run(str(trained_run)).config
+    assert events["train/learning_rate"] == [(r["step"], pytest.approx(learning_rate(config.train, r["step"] - 1)))
+                                             for r in logged]
+    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--logdir", run_copy / "eval_logs")
+    assert code == 0, err
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    events = read_scalars(str(run_copy / "eval_logs"))
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert events[f"eval/{CATEGORY}/{key}"] == [(config.train.steps, pytest.approx(metrics[key], rel=1e-6))]
 
 
 def test_evaluate_other_data_keeps_the_run_category_and_metrics(trained_run, run_copy, data_root, tmp_path, capsys):
