@@ -58,13 +58,15 @@ def _defect_auroc(labels, scores, defect_types):
     kinds = sorted({t for t, label in zip(defect_types, labels) if label == 1})
     values = [roc_auc_score(np.r_[np.zeros(normal.sum()), np.ones(sum(t == k for t in defect_types))],
                             np.r_[scores[normal], scores[np.asarray(defect_types) == k]]) for k in kinds]
-    fig = _figure((max(4.0, 0.6 * len(kinds) + 2), 4))
+    fig = _figure((max(5.0, 0.7 * len(kinds) + 2), 4))
     ax = fig.subplots()
-    ax.bar(range(len(kinds)), values, color="tab:blue")
+    bars = ax.bar(range(len(kinds)), values, width=0.6, color="tab:blue")
+    ax.bar_label(bars, fmt="%.3f", padding=2)
+    ax.set_xlim(-0.75, len(kinds) - 0.25)
     ax.axhline(0.5, color="k", ls=":", lw=0.8)
     tilted = len(kinds) > 4
     ax.set_xticks(range(len(kinds)), kinds, rotation=45 if tilted else 0, ha="right" if tilted else "center")
-    ax.set(ylim=(0, 1), ylabel="image AUROC", title="image AUROC per defect type (against all normal images)")
+    ax.set(ylim=(0, 1.08), ylabel="image AUROC against all normal images", title="image AUROC per defect type")
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -77,7 +79,10 @@ def _histogram(labels, scores, threshold):
     ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"anomalous ({int((labels == 1).sum())})")
     if threshold is not None:
         ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.4g}")
-    ax.set(xlabel="image score", ylabel="test images", title="image scores")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="image score", ylabel="test images", title="image scores of the test split")
     ax.legend()
     return fig
 
