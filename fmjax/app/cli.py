@@ -72,6 +72,7 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
             p.add_argument("--out", required=True)
         p.add_argument("--set", action="append", default=[], metavar="score.KEY=VALUE",
                        help="scoring override for this run only (e.g. score.num_paths=32)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar while scoring (none off a terminal)")
     elif name == "demo":
         p.add_argument("--out", default="fmjax_demo", help="folder for runs and pictures (default: fmjax_demo)")
         p.add_argument("--preset", default="auto", help="as for train (default: auto)")

@@ -126,6 +126,7 @@ def metrics_name(run: runs.Run, spec: str, category: str | None, overrides=()) -
 
 def main(args) -> None:
     from fmjax.eval.events import EventLog
+    from fmjax.methods.batches import scoring_progress
 
     log = EventLog(args.logdir) if args.logdir else None  # a missing tensorboardX stops before any work
     run = runs.load_run(args.run, args.set)
@@ -139,16 +140,17 @@ def main(args) -> None:
     if spec.startswith(("textures:", "fashion_mnist:")):
         category = None
     name = metrics_name(run, spec, category, args.set)
-    if category == "all":
-        result = evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out, metrics_file=name)
-        print(metrics_table(result["per_category"] + [result]))
-    else:
-        trained_on = run.data_info.get("categories") or []
-        dataset = data_lib.load(spec, category, run.config.data, run.config.textures)
-        result = evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out,
-                              class_id=trained_on.index(category) if category in trained_on else 0,
-                              metrics_file=name)
-        print(metrics_table([result]))
+    with scoring_progress("scoring", not args.no_progress and sys.stderr.isatty()):
+        if category == "all":
+            result = evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out, metrics_file=name)
+            print(metrics_table(result["per_category"] + [result]))
+        else:
+            trained_on = run.data_info.get("categories") or []
+            dataset = data_lib.load(spec, category, run.config.data, run.config.textures)
+            result = evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out,
+                                  class_id=trained_on.index(category) if category in trained_on else 0,
+                                  metrics_file=name)
+            print(metrics_table([result]))
     if log is not None:
         with log:
             log.scalars(f"eval/{result.get('category') or category or 'data'}", result, run.config.train.steps)

@@ -27,9 +27,12 @@ def predict(run: runs.Run, input_path, out_dir: str) -> list[dict]:
 def main(args) -> None:
     import sys
 
+    from fmjax.methods.batches import scoring_progress
+
     run = runs.load_run(args.run, args.set)
     if run.refit:
         print(f"fmjax predict: note: {run.refit}", file=sys.stderr)
-    rows = predict(run, args.input, args.out)
+    with scoring_progress("scoring", not args.no_progress and sys.stderr.isatty()):
+        rows = predict(run, args.input, args.out)
     flagged = sum(1 for r in rows if r["anomalous"] == 1)
     print(f"scored {len(rows)} images ({flagged} anomalous by {run.method.decision_rule}) -> {args.out}")
