@@ -57,8 +57,14 @@ def evaluate_grid(delta, times, test, base, k_values, t_values, aggregates, weig
 
 
 def line_plot(path, series, xlabel, ylabel):
-    """Tiny PNG line plot (no plotting dependency): series = {name: [(x, y), ...]}."""
+    """PNG line plot of series = {name: [(x, y), ...]}: with matplotlib (fmjax[plots]) a
+    figure with real axes (fmjax.eval.plots), else a small PIL drawing."""
     from PIL import Image, ImageDraw
+
+    from fmjax.eval import plots
+
+    if plots.write_line_plot(path, series, xlabel, ylabel):
+        return
 
     w, h, m = 480, 320, 40
     img = Image.new("RGB", (w, h), "white")

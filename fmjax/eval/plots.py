@@ -1,14 +1,15 @@
 """Figures of an evaluation with matplotlib (the optional `plots` extra; without it
 `available()` is False and nothing is drawn): ROC and PR curves of the image scores,
 the per-defect-type image AUROC, and the histogram of normal and anomalous image
-scores with the fitted threshold. Each figure is a PNG with real axes and ticks."""
+scores with the fitted threshold; and line plots of study results (metric against a
+setting, one line per rule). Each figure is a PNG with real axes and ticks."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 
-__all__ = ["FIGURES", "available", "write_figures"]
+__all__ = ["FIGURES", "available", "line_figure", "write_figures", "write_line_plot"]
 
 FIGURES = ("roc_pr.png", "defect_auroc.png", "score_histogram.png")
 
@@ -107,3 +108,30 @@ def write_figures(out_dir: str, labels, scores, defect_types, threshold=None) ->
             fig.savefig(os.path.join(out_dir, name), dpi=100)
             written.append(name)
     return written
+
+
+def line_figure(series: dict, xlabel: str, ylabel: str, title: str | None = None):
+    """A Figure of series = {name: [(x, y), ...]}: one line per name, the x values at even
+    spacing in their sorted order with their own tick labels (K = 1, 2, 4, 8, 16 read
+    as steps), non-finite y left out."""
+    xs = sorted({x for points in series.values() for x, _ in points})
+    fig = _figure((6.5, 4.2))
+    ax = fig.subplots()
+    for name, points in series.items():
+        points = sorted((x, y) for x, y in points if np.isfinite(y))
+        ax.plot([xs.index(x) for x, _ in points], [y for _, y in points], marker="o", lw=1.5, label=str(name))
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or f"{ylabel} against {xlabel}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def write_line_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str | None = None) -> bool:
+    """`line_figure` as a PNG at `path`; False (nothing written) without matplotlib."""
+    if not available():
+        return False
+    fig = line_figure(series, xlabel, ylabel, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True

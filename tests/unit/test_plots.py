@@ -33,6 +33,18 @@ def test_figures_are_written_with_what_they_show(tmp_path):
     assert sum(p.get_height() for p in hist.axes[0].patches) == len(SCORES)
 
 
+def test_line_plots_show_every_series_at_its_x_values(tmp_path):
+    series = {"min": [(4, 0.7), (1, 0.5), (16, 0.9)], "mean": [(1, 0.6), (4, float("nan")), (16, 0.8)]}
+    fig = plots.line_figure(series, "K", "AUROC")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "4", "16"]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines] == [
+        ([0, 1, 2], [0.5, 0.7, 0.9]), ([0, 2], [0.6, 0.8])]
+    assert ax.get_xlabel() == "K" and ax.get_ylabel() == "AUROC"
+    assert plots.write_line_plot(str(tmp_path / "k.png"), series, "K", "AUROC")
+    assert Image.open(tmp_path / "k.png").size == (650, 420)
+
+
 def test_one_class_draws_the_histogram_only(tmp_path):
     assert plots.write_figures(str(tmp_path), np.zeros(4), np.arange(4.0), ["good"] * 4) == ["score_histogram.png"]
 
@@ -51,4 +63,5 @@ def test_without_matplotlib_nothing_is_drawn(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert not plots.available()
     assert plots.write_figures(str(tmp_path), LABELS, SCORES, TYPES, 0.45) == []
+    assert not plots.write_line_plot(str(tmp_path / "k.png"), {"a": [(1, 0.5)]}, "K", "AUROC")
     assert list(tmp_path.iterdir()) == []
