@@ -3,14 +3,17 @@ bench | info`.
 
 Each command is a module of this package with `main(args)`; `main` here parses the
 arguments, starts the process through `fmjax.app.launch.start` (allocator, devices,
-multi-host), then runs the command; an FmjaxError or OSError prints one line and exits
-with code 2 (`--debug` shows the traceback).
+multi-host), then runs the command. An FmjaxError or OSError prints one line and exits
+with code 2; any other error (a bug) prints one line and exits with code 1; `--debug` (or
+FMJAX_DEBUG=1) shows the traceback instead. fmjax's warnings print as one line each.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 
 __all__ = ["COMMANDS", "main"]
 
@@ -64,12 +67,16 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
         if name == "evaluate":
             p.add_argument("--data", help="default: the data the run was trained on")
             p.add_argument("--category")
-            p.add_argument("--maps-out", help="write float32 TIFF maps (MVTec evaluation layout)")
-            p.add_argument("--pictures-out", help="write heat-map overlay PNGs (and ROC/PR figures with matplotlib)")
+            p.add_argument("--maps-out", help="write float32 TIFF maps (MVTec evaluation layout); an earlier "
+                                              "fmjax output there is replaced")
+            p.add_argument("--pictures-out", help="write heat-map overlay PNGs (and ROC/PR figures with matplotlib); "
+                                                  "an earlier output there is replaced")
             p.add_argument("--logdir", help="also write the metrics as TensorBoard events (needs tensorboardX)")
         else:
             p.add_argument("--input", required=True, help="an image file or a folder of images")
-            p.add_argument("--out", required=True)
+            p.add_argument("--out", required=True, help="output folder (an earlier predict output there is replaced)")
+            p.add_argument("--category", help="the category the images show: required for a class-conditional "
+                                              "run trained with --category all")
         p.add_argument("--set", action="append", default=[], metavar="score.KEY=VALUE",
                        help="scoring override for this run only (e.g. score.num_paths=32)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar while scoring (none off a terminal)")
@@ -100,7 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--devices", type=int, default=argparse.SUPPRESS,
                         help="CPU only: host devices to make (default: one per core; 1 turns multi-device off)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback of an error")
+                        help="show the traceback of an error (also FMJAX_DEBUG=1)")
+    common.add_argument("--distributed", action="store_true", default=argparse.SUPPRESS,
+                        help="one run over every process of a Slurm or Open MPI job (JAX detects the cluster; "
+                             "also FMJAX_DISTRIBUTED=1; docs/multihost.md)")
     p = argparse.ArgumentParser(prog="fmjax", description="Flow Mismatching anomaly detection in JAX.",
                                 parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,29 +119,49 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings(command: str) -> None:
+    """fmjax's warnings as 'fmjax COMMAND: warning: ...' (other libraries' as they are)."""
+    from fmjax.errors import FmjaxWarning
+
+    plain = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FmjaxWarning):
+            print(f"fmjax {command}: warning: {message}", file=sys.stderr)
+        else:
+            plain(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
     """Runs the command line `argv` (default: this process's); returns the exit code."""
     args = _parser().parse_args(argv)
-    debug = getattr(args, "debug", False)
-    from fmjax.errors import FmjaxError, first_line
+    debug = getattr(args, "debug", False) or os.environ.get("FMJAX_DEBUG", "") not in ("", "0")
+    from fmjax.errors import FmjaxError, describe, first_line
 
+    _one_line_warnings(args.command)
     try:
         from fmjax.app import launch
 
         if args.command != "config":  # printing a config needs no devices
-            launch.start(getattr(args, "devices", 0), distributed=args.command != "info")
+            launch.start(getattr(args, "devices", 0),
+                         distributed=False if args.command == "info" else getattr(args, "distributed", None))
         importlib.import_module(f"fmjax.app.{args.command}").main(args)
     except (FmjaxError, OSError) as err:
         if debug:
             raise
-        what = f"{err.filename}: " if isinstance(err, OSError) and err.filename and str(err.filename) not in str(
-            err.strerror) else ""
-        message = f"{what}{err.strerror}" if isinstance(err, OSError) and err.strerror else first_line(err)
-        print(f"fmjax {args.command}: error: {message}", file=sys.stderr)
+        print(f"fmjax {args.command}: error: {describe(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fmjax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        if debug:
+            raise
+        print(f"fmjax {args.command}: internal error: {type(err).__name__}: {first_line(err)} "
+              f"(run again with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,7 +18,7 @@ from helpers import DISTRIBUTED_VARS, ROOT, subprocess_env
 
 from fmjax.distributed import multihost, placement
 from fmjax.distributed.mesh import global_mesh
-from fmjax.errors import ConfigError
+from fmjax.errors import FmjaxWarning, LaunchError
 from fmjax.flow import to_model_range
 from fmjax.nets.layers import global_dropout
 from fmjax.training.loop import batch_indices, host_batch_indices
@@ -293,27 +293,47 @@ def test_maybe_initialize_distributed_without_env_does_nothing(fake_initialize):
                     "SLURM_LOCALID": "0"}
     assert multihost.maybe_initialize_distributed(single_slurm) is False
     assert multihost.maybe_initialize_distributed({"TPU_WORKER_HOSTNAMES": "only-host"}) is False
+    # a generic variable another program may set does not make a multi-process run
+    assert multihost.maybe_initialize_distributed({"COORDINATOR_ADDRESS": "10.0.0.2:99"}) is False
     assert fake_initialize == []
+
+
+def test_slurm_and_mpi_start_only_when_asked(fake_initialize):
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    mpi = {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}
+    for env, launcher in ((slurm, "Slurm"), (mpi, "Open MPI")):
+        calls = len(fake_initialize)
+        with pytest.warns(FmjaxWarning, match=f"one of several {launcher} tasks but runs alone: pass --distributed"):
+            assert multihost.maybe_initialize_distributed(env) is False
+        assert len(fake_initialize) == calls
+        assert multihost.maybe_initialize_distributed(env, asked=True) is True
+        assert multihost.maybe_initialize_distributed({**env, "FMJAX_DISTRIBUTED": "1"}) is True
+    assert [{k: v for k, v in c.items() if k != "initialization_timeout"} for c in fake_initialize] == [{}] * 4
 
 
 def test_maybe_initialize_distributed_from_env(fake_initialize, monkeypatch):
     explicit = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
     assert multihost.maybe_initialize_distributed(explicit) is True
-    assert fake_initialize[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
-    monkeypatch.setenv("COORDINATOR_ADDRESS", "10.0.0.2:99")
+    timeout = multihost.DEFAULT_TIMEOUT + 30  # JAX's own limit, after the watchdog's
+    assert fake_initialize[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
+                                   "initialization_timeout": timeout}
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:99")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    monkeypatch.setenv(multihost.TIMEOUT_VAR, "7")
     assert multihost.maybe_initialize_distributed() is True
-    assert fake_initialize[-1] == {"coordinator_address": "10.0.0.2:99", "num_processes": 4, "process_id": 0}
-    with pytest.raises(ConfigError, match="JAX_PROCESS_ID"):
+    assert fake_initialize[-1] == {"coordinator_address": "10.0.0.2:99", "num_processes": 4, "process_id": 0,
+                                   "initialization_timeout": 37}
+    with pytest.raises(LaunchError, match="JAX_PROCESS_ID"):
         multihost.maybe_initialize_distributed({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
-    slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0"}
-    for env in (slurm, {"FMJAX_DISTRIBUTED": "1"}, {"TPU_WORKER_HOSTNAMES": "w0,w1"},
-                {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}):
+    with pytest.raises(LaunchError, match=multihost.TIMEOUT_VAR):
+        multihost.maybe_initialize_distributed({**explicit, multihost.TIMEOUT_VAR: "soon"})
+    for env in ({"FMJAX_DISTRIBUTED": "1"}, {"TPU_WORKER_HOSTNAMES": "w0,w1"},
+                {"MEGASCALE_COORDINATOR_ADDRESS": "x"}):
         calls = len(fake_initialize)
         assert multihost.maybe_initialize_distributed(env) is True, env
-        assert fake_initialize[calls:] == [{}]  # JAX detects the rest
+        assert fake_initialize[calls:] == [{"initialization_timeout": timeout}]  # JAX detects the rest
     # an initialized runtime is left alone
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     calls = len(fake_initialize)
