@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 
 from fmjax.errors import ConfigError
+from fmjax.ranges import FRACTION, INT32, PROBABILITY, SEED, Range, check_ranges
 from fmjax.methods import registry
 
-__all__ = ["AUTO", "CalibrationConfig", "Config", "ConfigError", "DataConfig", "NetConfig", "PRESETS", "TexturesConfig",
-           "TrainConfig", "apply_overrides", "build", "from_dict", "layer", "preset", "read_config_file", "validate",
-           "with_method"]
+__all__ = ["AUTO", "CalibrationConfig", "Config", "ConfigError", "DataConfig", "NetConfig", "PRESETS", "RANGES",
+           "TexturesConfig", "TrainConfig", "apply_overrides", "build", "from_dict", "layer", "preset",
+           "read_config_file", "validate", "with_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,40 +333,48 @@ def build(preset_name: str | None = "small", method: str | None = "flow_mismatch
     return apply_overrides(config, overrides)
 
 
+
+# every numeric setting of the sections above (tests/unit/test_config.py checks that each
+# one is here); a method's own are in its settings module's RANGES
+RANGES = {
+    "net": {"base_channels": Range(1, 4096), "channel_mult": Range(1, 64), "num_res_blocks": Range(1, 64),
+            "attention_rates": Range(1, 2 ** 16), "num_head_channels": Range(1, 4096), "dropout": FRACTION,
+            "num_groups": Range(1, 4096), "num_classes": Range(0, 100_000)},
+    "data": {"image_size": Range(1, 16384), "channels": Range(0, 3)},
+    "textures": {"crop_size": Range(1, 256),  # half of a 512-pixel photo (fmjax/data/textures.py)
+                 "num_train": Range(1, 1_000_000), "num_test": Range(1, 1_000_000),
+                 "anomaly_fraction": PROBABILITY, "seed": SEED},
+    "train": {"steps": Range(1, INT32), "batch_size": Range(1, 1 << 20),
+              "learning_rate": Range(0.0, 10.0, low_open=True), "warmup_steps": Range(0, INT32),
+              "weight_decay": Range(0.0, 10.0), "b1": FRACTION, "b2": FRACTION, "grad_clip_norm": Range(0.0, 1e12),
+              "ema_decay": PROBABILITY, "logit_normal_mean": Range(-10.0, 10.0),
+              "logit_normal_std": Range(0.0, 10.0, low_open=True), "patch_size": Range(0, 16384), "seed": SEED,
+              "log_every": Range(1, INT32), "checkpoint_every": Range(1, INT32), "keep_checkpoints": Range(1, 10_000)},
+    "calibration": {"holdout_fraction": FRACTION, "min_holdout": Range(0, 1_000_000), "seed": SEED,
+                    "image_threshold_quantile": PROBABILITY,
+                    "pixel_threshold_quantile": PROBABILITY},
+}
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
-def _finite(*values) -> bool:
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-
-
 def validate(config: Config) -> None:
-    """Raises ConfigError for settings that cannot work, before anything is written."""
-    net, data, train, cal = config.net, config.data, config.train, config.calibration
+    """Raises ConfigError for settings that cannot work, before anything is written: every
+    numeric setting against its Range (RANGES, and the method's), then the rules that tie
+    settings together."""
+    for section, ranges in RANGES.items():
+        check_ranges(getattr(config, section), ranges, section)
+    check_ranges(config.score, registry.settings_module(config.method).RANGES, "score")
+    net, data, train = config.net, config.data, config.train
     _check(net.kernels in ("auto", "plain", "cpu"), f"net.kernels must be auto, plain or cpu, got {net.kernels!r}")
     _check(net.dtype in ("float32", "bfloat16"), f"net.dtype must be float32 or bfloat16, got {net.dtype!r}")
-    _check(net.base_channels >= 1 and net.num_res_blocks >= 1 and net.num_groups >= 1 and net.num_head_channels >= 1
-           and len(net.channel_mult) >= 1 and net.num_classes >= 0,
-           "net.base_channels, num_res_blocks, num_groups, num_head_channels must be >= 1, net.channel_mult "
-           "non-empty and net.num_classes >= 0")
-    _check(_finite(net.dropout) and 0.0 <= net.dropout < 1.0, f"net.dropout must be in [0, 1), got {net.dropout}")
-    _check(data.image_size >= 1 and data.channels in (0, 1, 3),
-           f"data.image_size must be >= 1 and data.channels 0, 1 or 3, got {data.image_size}, {data.channels}")
+    _check(1 <= len(net.channel_mult) <= 12, f"net.channel_mult must have 1 to 12 levels, got {net.channel_mult}")
+    _check(data.channels in (0, 1, 3), f"data.channels must be 0 (from the data), 1 or 3, got {data.channels}")
     _check(train.t_sampler in ("uniform", "logit_normal"),
            f"train.t_sampler must be uniform or logit_normal, got {train.t_sampler!r}")
-    _check(train.batch_size >= 1 and train.steps >= 0, "train.batch_size must be >= 1 and train.steps >= 0")
-    _check(train.log_every >= 1 and train.checkpoint_every >= 1 and train.keep_checkpoints >= 1,
-           "train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
-    _check(_finite(train.ema_decay) and 0.0 <= train.ema_decay <= 1.0,
-           f"train.ema_decay must be in [0, 1], got {train.ema_decay}")
-    _check(_finite(cal.holdout_fraction) and 0.0 <= cal.holdout_fraction < 1.0,
-           f"calibration.holdout_fraction must be in [0, 1), got {cal.holdout_fraction}")
-    _check(cal.min_holdout >= 0, f"calibration.min_holdout must be >= 0, got {cal.min_holdout}")
-    for name in _QUANTILE_KEYS:
-        value = getattr(cal, name)
-        _check(_finite(value) and 0.0 <= value <= 1.0, f"calibration.{name} must be in [0, 1], got {value}")
     factor = 2 ** (len(net.channel_mult) - 1)
     patch = train.patch_size
     _check(not patch or (patch <= data.image_size and patch % factor == 0),

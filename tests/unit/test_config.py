@@ -1,14 +1,17 @@
 """Configs: presets per method, the JSON round trip, overrides of the active method's
-`score` section, the layout of earlier config.json files, validation before any work,
-and a config module that imports no JAX."""
+`score` section, the layout of earlier config.json files, validation before any work
+(every numeric setting at zero, negative, NaN, infinite and huge), and a config module
+that imports no JAX."""
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 from helpers import ROOT
 
-from fmjax.config import Config, ConfigError, apply_overrides, build, preset, with_method
+from fmjax.config import RANGES, Config, ConfigError, apply_overrides, build, preset, validate, with_method
 from fmjax.methods import registry
 
 
@@ -48,6 +51,71 @@ def test_round_trip_and_score_overrides_per_method():
 def test_bad_overrides_are_config_errors(bad):
     with pytest.raises(ConfigError):
         apply_overrides(preset("tiny"), bad)
+
+
+# Which numeric settings take zero or a negative value, stated here independently of
+# fmjax.config.RANGES; every other probe below must be refused by validation.
+ZERO_OK = {"net.num_classes", "net.dropout", "data.channels", "textures.anomaly_fraction", "textures.seed",
+           "train.warmup_steps", "train.weight_decay", "train.b1", "train.b2", "train.grad_clip_norm",
+           "train.ema_decay", "train.logit_normal_mean", "train.patch_size", "train.seed",
+           "calibration.holdout_fraction", "calibration.min_holdout", "calibration.seed",
+           "calibration.image_threshold_quantile",
+           "calibration.pixel_threshold_quantile", "flow_mismatch.smooth_sigma", "flow_mismatch.chunk_size",
+           "flow_mismatch.seed", "radar.t_score", "radar.max_samples", "radar.forest_seed", "radar.noise_seed",
+           "radar.sobel_smooth_sigma", "recon.t0", "recon.smooth_sigma", "recon.noise_seed"}
+NEGATIVE_OK = {"train.logit_normal_mean"}
+
+
+def _numeric_fields():
+    """(method, section, field name, default) of every numeric setting of every section,
+    the method settings included."""
+    for method in registry.names():
+        config = preset("tiny", method)
+        sections = ["score"] if method != "flow_mismatch" else [*RANGES, "score"]
+        for section in sections:
+            for field in dataclasses.fields(getattr(config, section)):
+                if isinstance(field.default, (int, float, tuple)) and not isinstance(field.default, bool):
+                    yield method, section, field.name, field.default
+
+
+def _probes(default):
+    """(label, value): zero, negative, NaN, infinite and huge values of a field's type."""
+    if isinstance(default, tuple):
+        return [("zero", (0,)), ("negative", (-1,)), ("huge", (10 ** 30,))]
+    values = [("zero", 0), ("negative", -1), ("huge", 10 ** 30), ("nan", math.nan), ("inf", math.inf),
+              ("-inf", -math.inf)]
+    if isinstance(default, float):
+        values += [("negative", -0.5), ("huge", 1e300)]
+    return values
+
+
+FIELDS = list(_numeric_fields())
+
+
+def test_every_numeric_setting_has_a_range():
+    assert len(FIELDS) > 50
+    for method, section, name, _ in FIELDS:
+        ranges = registry.settings_module(method).RANGES if section == "score" else RANGES[section]
+        assert name in ranges, f"{section}.{name} of {method} has no Range"
+
+
+@pytest.mark.parametrize("method,section,name,default", FIELDS, ids=[f"{m}.{s}.{n}" for m, s, n, _ in FIELDS])
+def test_numeric_settings_at_zero_negative_nan_inf_and_huge(method, section, name, default):
+    key = f"{method if section == 'score' else section}.{name}"
+    config = preset("tiny", method)
+    for label, value in _probes(default):
+        bad = config.replace(**{section: dataclasses.replace(getattr(config, section), **{name: value})})
+        accepted = (label == "zero" and key in ZERO_OK) or (label == "negative" and key in NEGATIVE_OK)
+        if accepted:
+            validate(bad)
+        else:
+            with pytest.raises(ConfigError, match=f"{section}.{name}"):
+                validate(bad)
+            # the same through --set, where the value can be written
+            if not isinstance(default, tuple) and isinstance(value, (int, float)):
+                text = str(int(value)) if isinstance(default, int) and isinstance(value, int) else repr(value)
+                with pytest.raises(ConfigError):
+                    apply_overrides(config, [f"{section}.{name}={text}"])
 
 
 @pytest.mark.parametrize("method,bad", [("radar", "score.patch_size=32"), ("radar", "score.t_score=1000"),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from fmjax.errors import ConfigError, ScoreRuleError
+from fmjax.ranges import IMAGE_BATCH, SEED, SIGMA, Range
+from fmjax.errors import ScoreRuleError
 from fmjax.methods.rules import parse_image_score
 
-__all__ = ["NEUTRAL", "PRESETS", "TRAINING", "FlowMismatchSettings", "Settings", "parse_aggregate", "validate"]
+__all__ = ["NEUTRAL", "PRESETS", "RANGES", "TRAINING", "FlowMismatchSettings", "Settings", "parse_aggregate",
+           "validate"]
 
 AGGREGATES = ("min", "rank:r", "quantile:a", "mean", "median", "trimmed:f")
 TIME_WEIGHTS = ("t2", "none")
@@ -49,6 +51,9 @@ PRESETS = {
 }
 NEUTRAL = ("chunk_size", "memory_budget_mb", "image_batch")  # change how scores are computed, never their values
 TRAINING = ()  # the flow model does not depend on any scoring setting
+RANGES = {"num_paths": Range(1, 4096), "num_times": Range(1, 4096), "smooth_sigma": SIGMA,
+          "chunk_size": Range(0, 1 << 20), "memory_budget_mb": Range(1, 1 << 24), "image_batch": IMAGE_BATCH,
+          "seed": SEED}
 
 
 def parse_aggregate(spec: str, num_paths: int):
@@ -103,15 +108,7 @@ def check_map_rule(normalize: str, map_rule: str) -> None:
 def validate(config) -> None:
     """ConfigError (one line) for Flow Mismatching settings `config.score` that cannot work."""
     s = config.score
-    if s.num_paths < 1 or s.num_times < 1:
-        raise ConfigError(f"score.num_paths and score.num_times must be >= 1, got {s.num_paths}, {s.num_times}")
     parse_aggregate(s.aggregate, s.num_paths)
     parse_image_score(s.image_score)
     check_time_weight(s.time_weight)
     check_map_rule(s.normalize, s.map_rule)
-    if not s.smooth_sigma >= 0:
-        raise ConfigError(f"score.smooth_sigma must be >= 0, got {s.smooth_sigma}")
-    if s.chunk_size < 0 or s.image_batch < 1:
-        raise ConfigError("score.chunk_size must be >= 0 (0: from score.memory_budget_mb) and score.image_batch >= 1")
-    if s.chunk_size == 0 and s.memory_budget_mb < 1:
-        raise ConfigError("score.memory_budget_mb must be >= 1 when score.chunk_size = 0")

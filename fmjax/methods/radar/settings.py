@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from fmjax.ranges import IMAGE_BATCH, SEED, SIGMA, Range, check_ranges
 from fmjax.errors import ConfigError
 
-__all__ = ["NEUTRAL", "PRESETS", "TRAINING", "RadarSettings", "Settings", "check_patch", "validate"]
+__all__ = ["NEUTRAL", "PRESETS", "RANGES", "TRAINING", "RadarSettings", "Settings", "check_patch", "validate"]
 
 SCHEDULES = ("linear", "cosine")
 MAP_KINDS = ("eps_diff", "eps_hat")
@@ -44,6 +45,12 @@ Settings = RadarSettings
 PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2)}
 NEUTRAL = ("image_batch",)  # changes neither the features nor the forest
 TRAINING = ("schedule", "num_steps", "beta_start", "beta_end")  # the trained network's noise schedule
+RANGES = {"num_steps": Range(2, 100_000), "beta_start": Range(0.0, 1.0, low_open=True, high_open=True),
+          "beta_end": Range(0.0, 1.0, low_open=True, high_open=True), "t_score": Range(0, 99_999),
+          "patch_size": Range(1, 16384), "patch_stride": Range(1, 16384),
+          "contamination": Range(0.0, 0.5, low_open=True),  # or "auto"
+          "n_estimators": Range(1, 100_000), "max_samples": Range(0, 1 << 31), "forest_seed": SEED,
+          "noise_seed": SEED, "sobel_smooth_sigma": SIGMA, "image_batch": IMAGE_BATCH}
 
 
 def check_patch(patch: int, stride: int, image_shape=None) -> None:
@@ -62,10 +69,9 @@ def check_patch(patch: int, stride: int, image_shape=None) -> None:
 def validate_settings(rc: RadarSettings, image_shape=None, channel_mult=None) -> None:
     """ConfigError (one line) for settings that cannot work; image_shape (H, W[, C]) adds
     the patch-against-image checks, channel_mult the U-Net's divisibility of the patch."""
+    check_ranges(rc, RANGES, "score")
     if rc.schedule not in SCHEDULES:
         raise ConfigError(f"score.schedule must be one of {', '.join(SCHEDULES)}, got {rc.schedule!r}")
-    if rc.num_steps < 2:
-        raise ConfigError(f"score.num_steps must be >= 2, got {rc.num_steps}")
     if rc.schedule == "linear" and not 0.0 < rc.beta_start <= rc.beta_end < 1.0:
         raise ConfigError(f"score.beta_start/beta_end must satisfy 0 < start <= end < 1, "
                           f"got {rc.beta_start}, {rc.beta_end}")
@@ -80,14 +86,6 @@ def validate_settings(rc: RadarSettings, image_shape=None, channel_mult=None) ->
     if isinstance(rc.contamination, str):
         if rc.contamination != "auto":
             raise ConfigError(f"score.contamination must be a number in (0, 0.5] or 'auto', got {rc.contamination!r}")
-    elif not 0.0 < rc.contamination <= 0.5:
-        raise ConfigError(f"score.contamination must be in (0, 0.5] or 'auto', got {rc.contamination}")
-    if rc.n_estimators < 1 or rc.max_samples < 0:
-        raise ConfigError("score.n_estimators must be >= 1 and score.max_samples >= 0")
-    if rc.image_batch < 1:
-        raise ConfigError(f"score.image_batch must be >= 1, got {rc.image_batch}")
-    if not rc.sobel_smooth_sigma >= 0:
-        raise ConfigError(f"score.sobel_smooth_sigma must be >= 0, got {rc.sobel_smooth_sigma}")
     if channel_mult is not None:
         factor = 2 ** (len(channel_mult) - 1)
         if rc.patch_size % factor:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from fmjax.ranges import IMAGE_BATCH, SEED, SIGMA, Range, check_ranges
 from fmjax.errors import ConfigError
 from fmjax.methods.rules import parse_image_score
 
-__all__ = ["INTEGRATORS", "NEUTRAL", "PRESETS", "TRAINING", "ReconSettings", "Settings", "validate"]
+__all__ = ["INTEGRATORS", "NEUTRAL", "PRESETS", "RANGES", "TRAINING", "ReconSettings", "Settings", "validate"]
 
 INTEGRATORS = ("euler", "heun")
 
@@ -35,21 +36,16 @@ PRESETS = {
 }
 NEUTRAL = ("image_batch",)
 TRAINING = ()
+RANGES = {"t0": Range(0.0, 1.0, high_open=True), "steps": Range(1, 100_000), "smooth_sigma": SIGMA,
+          "noise_seed": SEED, "image_batch": IMAGE_BATCH}
 
 
 def validate_settings(rc: ReconSettings) -> None:
     """ConfigError (one line) for settings that cannot work."""
-    if not (isinstance(rc.t0, (int, float)) and 0.0 <= rc.t0 < 1.0):
-        raise ConfigError(f"score.t0 must be in [0, 1), got {rc.t0!r}")
-    if not isinstance(rc.steps, int) or rc.steps < 1:
-        raise ConfigError(f"score.steps must be an integer >= 1, got {rc.steps!r}")
+    check_ranges(rc, RANGES, "score")
     if rc.method not in INTEGRATORS:
         raise ConfigError(f"score.method must be one of {', '.join(INTEGRATORS)}, got {rc.method!r}")
     parse_image_score(rc.image_score)
-    if not rc.smooth_sigma >= 0:
-        raise ConfigError(f"score.smooth_sigma must be >= 0, got {rc.smooth_sigma}")
-    if rc.image_batch < 1:
-        raise ConfigError(f"score.image_batch must be >= 1, got {rc.image_batch}")
 
 
 def validate(config) -> None:
