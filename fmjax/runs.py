@@ -8,36 +8,44 @@ RUN/calibration.json  what the method fitted on normal training images (threshol
                       the scoring settings it was fitted with (`settings`: the run's
                       scoring settings from then on) and the held-out images' names
 RUN/calibration.npz   ... and its arrays (e.g. a forest's trees); read without pickles
-RUN/manifest.json     the SHA-256 of the files above but checkpoints, checked on load
+RUN/manifest.json     the SHA-256 of the files above and of every checkpoint file, checked
+                      on load: a changed, truncated or swapped file is named as such
 RUN/metrics.json      written by evaluate
+RUN/.fmjax-lock       while a command uses the folder (`lock`)
 
 Nothing here asks which method a run uses: the run's `Method` (fmjax.methods.registry)
 scores, fits and decides. Loading a folder never executes code from it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import zipfile
 
 import numpy as np
 
 from fmjax import data as data_lib
 from fmjax.config import Config, apply_overrides, from_dict
-from fmjax.errors import ConfigError, FmjaxError, RunError, first_line
-from fmjax.files import write_json
+from fmjax.errors import ConfigError, FmjaxError, RunError, first_line, warn
+from fmjax.files import process_alive, remove_stale, write_bytes_with, write_json
 from fmjax.methods import registry
 from fmjax.methods.base import Fitted
 
-__all__ = ["CALIBRATION", "CALIBRATION_ARRAYS", "CONFIG", "DATA", "HELD_OUT", "METRICS", "QUANTILES", "Run",
-           "SETTINGS", "changed_settings", "check_score_overrides", "fit_run", "fitted_settings", "holdout_split",
-           "load_run", "read_json", "save_fitted", "scoring_settings", "training_split", "write_json",
-           "write_manifest"]
+__all__ = ["CALIBRATION", "CALIBRATION_ARRAYS", "CONFIG", "DATA", "HELD_OUT", "MANIFEST", "METRICS", "QUANTILES",
+           "Run", "SETTINGS", "changed_settings", "check_score_overrides", "fit_run", "fitted_settings",
+           "holdout_split", "load_run", "lock", "read_json", "remove_manifest", "save_fitted", "scoring_settings",
+           "training_split", "write_json", "write_manifest"]
 
 CONFIG, DATA, METRICS, MANIFEST = "config.json", "data.json", "metrics.json", "manifest.json"
 CALIBRATION, CALIBRATION_ARRAYS = "calibration.json", "calibration.npz"
+CHECKPOINTS, LOCK = "checkpoints", ".fmjax-lock"
 _MANIFEST_FILES = (CONFIG, DATA, CALIBRATION, CALIBRATION_ARRAYS)
 SETTINGS, HELD_OUT = "settings", "held_out"  # calibration.json keys beside the method's own
 QUANTILES = ("image_threshold_quantile", "pixel_threshold_quantile")  # the calibration settings a run may change
@@ -85,6 +93,23 @@ class Run:
         anomalous, with the run's fitted state (or `fitted`)."""
         return self.scorer.score(self.params, images, class_ids, self.fitted if fitted is None else fitted)
 
+    def class_id(self, category: str | None) -> int:
+        """The class label a class-conditional run (net.num_classes > 0, trained with
+        `--category all`) gives images of `category`: its index among the run's categories;
+        0 for any other run (its network takes no class). RunError when the run is
+        class-conditional and `category` is None or not one it was trained on."""
+        if not self.config.net.num_classes:
+            return 0
+        categories = list(self.data_info.get("categories") or [])
+        if category in categories:
+            return categories.index(category)
+        known = ", ".join(str(c) for c in categories)
+        if category is None:
+            raise RunError(f"{self.path} is one class-conditional model of {len(categories)} categories ({known}): "
+                           f"pass --category with the category the images show")
+        raise RunError(f"{self.path} is a class-conditional model of {known}, not of {category!r}: "
+                       f"pass --category with one of those")
+
     def decide(self, scores) -> np.ndarray | None:
         """Predicted labels int32 [N] (1 = anomalous) for scores from `score`, or None when
         the run has nothing fitted to decide with."""
@@ -93,6 +118,95 @@ class Run:
     def cost(self) -> dict:
         """Network evaluations per image, all of them and those that must run one after another."""
         return self.method.cost(self.config, self.image_shape)
+
+
+# ----------------------------------------------------------------------------- lock
+
+def _holder(path: str) -> dict:
+    """What the lock file says of the process holding it ({} when it says nothing usable)."""
+    try:
+        with open(path) as f:
+            holder = json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return {}
+    return {k: holder[k] if k == "pid" else str(holder.get(k, "?"))[:100] for k in ("command", "pid", "host", "since")}
+
+
+def _describe_holder(holder: dict) -> str:
+    if not holder.get("pid"):
+        return "another fmjax process"
+    return (f"fmjax {holder.get('command', '?')} (process {holder['pid']} on {holder.get('host', '?')}, "
+            f"since {holder.get('since', '?')})")
+
+
+@contextlib.contextmanager
+def lock(run_dir: str, command: str, shared: bool = False, enabled: bool = True):
+    """Holds RUN/.fmjax-lock while the block runs: exclusive for a command that writes the
+    folder (train, evaluate), shared for one that only reads it (predict). A folder another
+    process holds is refused at once (RunError naming that process). The lock is the
+    operating system's (flock): a process that dies, even by kill -9, releases it, and
+    the next one says that it takes over. Then the temporary files that process left are
+    removed. `enabled` False (the processes of a multi-host run but the first) takes none."""
+    if not enabled:
+        yield
+        return
+    if not os.path.isdir(run_dir):
+        raise RunError(f"run folder {run_dir} does not exist: train first (fmjax train --out {run_dir})")
+    path = os.path.join(run_dir, LOCK)
+    fd = _take_lock(run_dir, path, shared)
+    if fd is None:
+        yield
+        return
+    try:
+        previous = _holder(path)
+        if previous and not shared and (previous["host"] != socket.gethostname()
+                                        or not process_alive(previous["pid"])):
+            warn(f"{run_dir} was left locked by {_describe_holder(previous)}, which ended without releasing it: "
+                 f"taking it over")
+        if not shared:
+            remove_stale(run_dir)
+        me = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while other readers hold it: they remove it
+            os.remove(path)
+        os.close(fd)
+
+
+def _take_lock(run_dir: str, path: str, shared: bool):
+    """The descriptor of the locked file `path`, or None where locking is impossible and
+    the command may go on without (a read-only folder for a reader, a file system without
+    locks)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            if shared and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return None  # nobody can write a folder this process cannot lock
+            raise
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if isinstance(err, BlockingIOError):
+                raise RunError(f"{run_dir} is in use by {_describe_holder(_holder(path))}: wait until it ends, "
+                               f"or use another folder") from None
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            warn(f"cannot lock {run_dir} (its file system has no locks): make sure no other fmjax command uses it")
+            return None
+        try:  # a holder that ended in between removed the file: lock the one there now
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- files
@@ -116,22 +230,52 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _checkpoint_files(run_dir: str, step=None) -> list[str]:
+    """Paths relative to `run_dir` ('checkpoints/<step>/...') of every checkpoint file, or of
+    checkpoint `step`'s."""
+    top = os.path.join(run_dir, CHECKPOINTS) if step is None else os.path.join(run_dir, CHECKPOINTS, str(step))
+    found = []
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if "tmp" not in d]  # an unfinished save is no part of the run
+        found += [os.path.relpath(os.path.join(root, f), run_dir).replace(os.sep, "/") for f in files]
+    return sorted(found)
+
+
 def write_manifest(run_dir: str) -> None:
-    """RUN/manifest.json: the SHA-256 of every run file there is but the checkpoints."""
-    files = {name: _sha256(os.path.join(run_dir, name)) for name in _MANIFEST_FILES
-             if os.path.exists(os.path.join(run_dir, name))}
-    write_json(os.path.join(run_dir, MANIFEST), {"sha256": files})
+    """RUN/manifest.json: the SHA-256 of every run file there is and of every checkpoint file."""
+    names = [n for n in _MANIFEST_FILES if os.path.exists(os.path.join(run_dir, n))] + _checkpoint_files(run_dir)
+    write_json(os.path.join(run_dir, MANIFEST), {"sha256": {name: _sha256(os.path.join(run_dir, name))
+                                                            for name in names}, "checkpoints": True})
 
 
-def _check_manifest(run_dir: str) -> None:
+def remove_manifest(run_dir: str) -> None:
+    """Removes RUN/manifest.json before the folder changes (training); written again at its end."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(run_dir, MANIFEST))
+
+
+def _check_manifest(run_dir: str, step: int) -> None:
+    """RunError naming the first file of the run (and of checkpoint `step`, the one to be
+    restored) that is not the file training wrote."""
     path = os.path.join(run_dir, MANIFEST)
     if not os.path.exists(path):
-        return  # a folder written before manifests, or one still in training
-    listed = read_json(path, "manifest").get("sha256", {})
-    for name in _MANIFEST_FILES:
+        return  # a folder written before manifests
+    manifest = read_json(path, "manifest")
+    listed = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict):
+        raise RunError(f"{path} is damaged (no 'sha256' table): train again")
+    prefix = f"{CHECKPOINTS}/{step}/"
+    names = list(_MANIFEST_FILES)
+    if manifest.get("checkpoints"):  # manifests of earlier releases list no checkpoint files
+        names += sorted(set(_checkpoint_files(run_dir, step)) | {n for n in listed if n.startswith(prefix)})
+    for name in names:
         file = os.path.join(run_dir, name)
         if name in listed and (not os.path.exists(file) or _sha256(file) != listed[name]):
-            raise RunError(f"{file} is not the file this run wrote (changed, truncated or swapped): train again")
+            what = "checkpoint file" if name.startswith(CHECKPOINTS) else "file"
+            state = ("missing" if not os.path.exists(file)
+                     else "not the one training wrote (changed, truncated or swapped)")
+            raise RunError(f"{file} is {state}: this {what} of the run is damaged; copy the run folder again "
+                           f"or train again")
         if name not in listed and os.path.exists(file):
             raise RunError(f"{file} is not listed in {path}: remove it or train again")
 
@@ -141,13 +285,7 @@ def save_fitted(run_dir: str, fitted: Fitted) -> None:
     write_json(os.path.join(run_dir, CALIBRATION), fitted.values)
     arrays_path = os.path.join(run_dir, CALIBRATION_ARRAYS)
     if fitted.arrays:
-        tmp = f"{arrays_path}.tmp{os.getpid()}.npz"
-        try:
-            np.savez(tmp, **{k: np.asarray(v) for k, v in fitted.arrays.items()})
-            os.replace(tmp, arrays_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_bytes_with(arrays_path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in fitted.arrays.items()}))
     elif os.path.exists(arrays_path):
         os.remove(arrays_path)
     write_manifest(run_dir)
@@ -278,14 +416,15 @@ def load_run(run_dir: str, score_overrides=None) -> Run:
     run's held-out normals (the folder stays as it is; `fmjax calibrate` stores it) and
     `Run.refit` says why.
     """
-    from fmjax.training.checkpoints import restore_state
+    from fmjax.training.checkpoints import latest_step, restore_state
 
     if not os.path.isdir(run_dir):
         raise RunError(f"run folder {run_dir} does not exist: train first (fmjax train --out {run_dir})")
     config_path = os.path.join(run_dir, CONFIG)
     if not os.path.exists(config_path):
         raise RunError(f"{config_path} is missing: {run_dir} is not a finished fmjax run")
-    _check_manifest(run_dir)
+    step = latest_step(run_dir)
+    _check_manifest(run_dir, step)
     fitted = load_fitted(run_dir)
     try:
         saved = fitted_settings(Config.from_dict(read_json(config_path, "config")), fitted)
@@ -296,7 +435,8 @@ def load_run(run_dir: str, score_overrides=None) -> Run:
         raise RunError(f"{config_path} is not a valid config ({err}): train again") from None
     data_path = os.path.join(run_dir, DATA)
     data_info = read_json(data_path, "data info") if os.path.exists(data_path) else {}
-    state = restore_state(run_dir, config, (config.data.image_size, config.data.image_size, config.data.channels))
+    state = restore_state(run_dir, config, (config.data.image_size, config.data.image_size, config.data.channels),
+                          step)
     params = state.ema_params if config.score.use_ema else state.params
     run = Run(run_dir, config, data_info, params, fitted)
     changed = changed_settings(saved, config)

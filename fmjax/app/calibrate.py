@@ -21,7 +21,8 @@ def calibrate(run_dir: str, overrides=()) -> runs.Run:
 
 
 def main(args) -> None:
-    run = calibrate(args.run, args.set)
+    with runs.lock(args.run, "calibrate"):
+        run = calibrate(args.run, args.set)
     values = run.calibration
     held_out = len(values.get(runs.HELD_OUT) or [])
     found = ", ".join(f"{k} {values[k]:.6g}" for k in ("image_threshold", "pixel_threshold") if k in values)

@@ -15,7 +15,7 @@ from fmjax import runs
 from fmjax.errors import DataError, RunError
 from fmjax.eval import metrics as metrics_lib
 from fmjax.eval import writers
-from fmjax.files import plain_name, write_json
+from fmjax.files import Outputs, plain_name
 
 __all__ = ["COLUMNS", "display_max", "evaluate_all", "evaluate_run", "main", "metrics_name", "metrics_table",
            "split_metrics"]
@@ -63,8 +63,19 @@ def evaluate_run(run: runs.Run, dataset, maps_out: str | None = None, pictures_o
 
     Standard keys for every method (see split_metrics), network_calls_per_image and
     sequential_calls_per_image, and the method's own (RADAR: radar_{accuracy,precision,
-    recall,f1} at the forest's decision).
+    recall,f1} at the forest's decision). The maps, the pictures and metrics.json are
+    published together once all are written, metrics.json last; an existing `maps_out`
+    or `pictures_out` is replaced, never merged into (`fmjax.files.Outputs`).
     """
+    with Outputs() as out:
+        maps_dir, pictures_dir = out.folder(maps_out, "--maps-out"), out.folder(pictures_out, "--pictures-out")
+        result = _evaluate(run, dataset, maps_dir, pictures_dir, class_id)
+        if write_metrics:
+            out.json(os.path.join(run.path, metrics_file), result)
+    return result
+
+
+def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int) -> dict:
     test = dataset.test
     if test.images.shape[1:] != run.image_shape:
         raise DataError(f"test images are {test.images.shape[1:]} but the run expects {run.image_shape}")
@@ -79,29 +90,30 @@ def evaluate_run(run: runs.Run, dataset, maps_out: str | None = None, pictures_o
     result.update(run.cost())
     result.update({"category": dataset.category, "method": run.config.method, "num_test_images": len(test),
                    "score_seconds": seconds, "images_per_s": len(test) / max(seconds, 1e-9)})
-    if maps_out:
-        writers.write_maps(maps_out, dataset.category, test, maps, scores, decided)
-    if pictures_out:
-        writers.write_pictures(pictures_out, test, maps, scores, display_max(run, maps),
+    if maps_dir:
+        writers.write_maps(maps_dir, dataset.category, test, maps, scores, decided)
+    if pictures_dir:
+        writers.write_pictures(pictures_dir, test, maps, scores, display_max(run, maps),
                                threshold=cal.get("image_threshold"))
-    if write_metrics:  # last: a metrics.json is never newer than the maps it describes
-        write_json(os.path.join(run.path, metrics_file), result)
     return result
 
 
 def evaluate_all(run: runs.Run, spec: str, maps_out: str | None = None, pictures_out: str | None = None,
                  metrics_file: str = runs.METRICS) -> dict:
     """A unified (`--category all`) run on every category it was trained on: per-category
-    rows and their mean; RUN/`metrics_file` holds the mean keys plus `per_category`."""
+    rows and their mean; RUN/`metrics_file` holds the mean keys plus `per_category`. Every
+    category's maps and pictures are published together with it, as in `evaluate_run`."""
     categories = run.data_info.get("categories") or data_lib.categories_of(spec)
     rows = []
-    for class_id, dataset in enumerate(data_lib.load_all(spec, run.config.data, categories)):
-        pictures = os.path.join(pictures_out, plain_name(dataset.category, "category")) if pictures_out else None
-        rows.append(evaluate_run(run, dataset, maps_out, pictures, class_id=class_id, write_metrics=False))
-    mean = {k: float(np.nanmean([r[k] for r in rows])) for k, v in rows[0].items()
-            if isinstance(v, float) and all(isinstance(r.get(k), float) for r in rows)}
-    result = {**mean, "category": "mean", "method": run.config.method, "per_category": rows}
-    write_json(os.path.join(run.path, metrics_file), result)
+    with Outputs() as out:
+        maps_dir, pictures_dir = out.folder(maps_out, "--maps-out"), out.folder(pictures_out, "--pictures-out")
+        for dataset in data_lib.load_all(spec, run.config.data, categories):
+            pictures = os.path.join(pictures_dir, plain_name(dataset.category, "category")) if pictures_dir else None
+            rows.append(_evaluate(run, dataset, maps_dir, pictures, run.class_id(dataset.category)))
+        mean = {k: float(np.nanmean([r[k] for r in rows])) for k, v in rows[0].items()
+                if isinstance(v, float) and all(isinstance(r.get(k), float) for r in rows)}
+        result = {**mean, "category": "mean", "method": run.config.method, "per_category": rows}
+        out.json(os.path.join(run.path, metrics_file), result)
     return result
 
 
@@ -129,28 +141,29 @@ def main(args) -> None:
     from fmjax.methods.batches import scoring_progress
 
     log = EventLog(args.logdir) if args.logdir else None  # a missing tensorboardX stops before any work
-    run = runs.load_run(args.run, args.set)
-    if run.refit:
-        print(f"fmjax evaluate: note: {run.refit}", file=sys.stderr)
-    spec = args.data or run.data_info.get("spec")
-    if not spec:
-        raise RunError(f"{args.run}/data.json is missing: pass --data")
-    # the run's category by default, also on other data in the same layout
-    category = args.category or run.data_info.get("category")
-    if spec.startswith(("textures:", "fashion_mnist:")):
-        category = None
-    name = metrics_name(run, spec, category, args.set)
-    with scoring_progress("scoring", not args.no_progress and sys.stderr.isatty()):
-        if category == "all":
-            result = evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out, metrics_file=name)
-            print(metrics_table(result["per_category"] + [result]))
-        else:
-            trained_on = run.data_info.get("categories") or []
-            dataset = data_lib.load(spec, category, run.config.data, run.config.textures)
-            result = evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out,
-                                  class_id=trained_on.index(category) if category in trained_on else 0,
-                                  metrics_file=name)
-            print(metrics_table([result]))
+    with runs.lock(args.run, "evaluate"):
+        run = runs.load_run(args.run, args.set)
+        if run.refit:
+            print(f"fmjax evaluate: note: {run.refit}", file=sys.stderr)
+        spec = args.data or run.data_info.get("spec")
+        if not spec:
+            raise RunError(f"{args.run}/data.json is missing: pass --data")
+        # the run's category by default, also on other data in the same layout
+        category = args.category or run.data_info.get("category")
+        if spec.startswith(("textures:", "fashion_mnist:")):
+            category = None
+        name = metrics_name(run, spec, category, args.set)
+        with scoring_progress("scoring", not args.no_progress and sys.stderr.isatty()):
+            if category == "all":
+                result = evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out,
+                                      metrics_file=name)
+                print(metrics_table(result["per_category"] + [result]))
+            else:
+                class_id = run.class_id(category)
+                dataset = data_lib.load(spec, category, run.config.data, run.config.textures)
+                result = evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out,
+                                      class_id=class_id, metrics_file=name)
+                print(metrics_table([result]))
     if log is not None:
         with log:
             log.scalars(f"eval/{result.get('category') or category or 'data'}", result, run.config.train.steps)

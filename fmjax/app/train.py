@@ -6,14 +6,13 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import tempfile
 
 from fmjax import data as data_lib
 from fmjax import runs
 from fmjax.config import AUTO, Config, apply_overrides, build, layer, preset, read_config_file, with_method
 from fmjax.data import profile
 from fmjax.errors import RunError
-from fmjax.files import write_json, write_text_atomic
+from fmjax.files import temp_path, write_json, write_text_atomic
 from fmjax.methods import registry
 
 __all__ = ["main", "preset_name", "rescore_run", "resolve_auto", "resolve_channels", "resolve_flips", "train_run"]
@@ -93,6 +92,7 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
     the method on normal images (`runs.fit_run`). Returns the Run. logdir: TensorBoard
     event files of every logged step (train/loss, grad_norm, images_per_s, learning_rate;
     `fmjax.eval.events`)."""
+    from fmjax.distributed import multihost
     from fmjax.training import loop
 
     train, data_info = data or _training_data(config, spec, category)
@@ -107,9 +107,13 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
                        f"calibration.holdout_fraction={cal.holdout_fraction} holds out {held} of {len(train)}: "
                        f"raise it, or set score.normalize=none")
     data_path = os.path.join(run_dir, runs.DATA)
-    if resume and os.path.exists(data_path) and runs.read_json(data_path) != data_info:
-        raise RunError(f"--resume: {data_path} says {runs.read_json(data_path)}, not {data_info}")
-    with contextlib.ExitStack() as stack:
+    writer = multihost.is_writer()  # on several hosts, process 0 writes the folder
+    os.makedirs(run_dir, exist_ok=True)
+    with runs.lock(run_dir, "train", enabled=writer), contextlib.ExitStack() as stack:
+        if resume and os.path.exists(data_path) and runs.read_json(data_path) != data_info:
+            raise RunError(f"--resume: {data_path} says {runs.read_json(data_path)}, not {data_info}")
+        if writer and (resume or not os.path.isdir(os.path.join(run_dir, runs.CHECKPOINTS))):
+            runs.remove_manifest(run_dir)  # the folder changes; written again when it is complete
         on_log = None
         if logdir:
             from fmjax.eval.events import EventLog
@@ -125,10 +129,13 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
         loop.train(config, method.objective(config), fit.images, run_dir, class_ids=fit.class_ids, resume=resume,
                    progress=progress, devices=devices, use_pmap=use_pmap,
                    init_shape=method.init_shape(config, fit.images.shape[1:]), on_log=on_log)
-    write_json(data_path, data_info)
-    run = runs.load_run(run_dir)
-    run.fitted = runs.fit_run(run, train)
-    runs.save_fitted(run_dir, run.fitted)
+        stack.close()
+        if writer:
+            write_json(data_path, data_info)
+        run = runs.load_run(run_dir)
+        run.fitted = runs.fit_run(run, train)
+        if writer:
+            runs.save_fitted(run_dir, run.fitted)
     return run
 
 
@@ -145,9 +152,8 @@ def rescore_run(src_dir: str, dst_dir: str, method: str, overrides=()) -> runs.R
         raise RunError(f"{dst_dir} already exists: choose a new folder")
     config = with_method(src.config, method)
     config = apply_overrides(config, runs.check_score_overrides(config, overrides))
-    parent = os.path.dirname(os.path.abspath(dst_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fmjax-", dir=parent)
+    os.makedirs(os.path.dirname(os.path.abspath(dst_dir)), exist_ok=True)
+    tmp = temp_path(dst_dir, "stage")
     try:
         shutil.copytree(os.path.join(src_dir, "checkpoints"), os.path.join(tmp, "checkpoints"))
         write_json(os.path.join(tmp, runs.DATA), src.data_info)

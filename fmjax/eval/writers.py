@@ -1,7 +1,7 @@
 """What evaluate and predict write: float32 TIFF maps at each image's original size in
-the layout of MVTec's official evaluation, score tables and heat-map pictures. Every
-output folder is staged and published whole (`fmjax.files.staged_dir`), and every path
-built from a name is checked to stay inside its folder."""
+the layout of MVTec's official evaluation, score tables and heat-map pictures. The
+commands hand these writers staging folders and publish them whole (`fmjax.files.Outputs`);
+every path built from a name is checked to stay inside its folder."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from fmjax.eval import viz
-from fmjax.files import inside, plain_name, staged_dir
+from fmjax.files import inside, plain_name
 
 __all__ = ["full_size_maps", "write_maps", "write_pictures", "write_predictions"]
 
@@ -30,18 +30,17 @@ def write_maps(out_dir: str, category: str, split, maps, scores, decided=None) -
     import tifffile
 
     category = plain_name(category, "category")
-    with staged_dir(out_dir) as tmp:
-        for name, m in zip(split.names, full_size_maps(split, maps)):
-            path = inside(tmp, f"{category}/{name}.tiff", "image name")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tifffile.imwrite(path, np.asarray(m, np.float32))
-        os.makedirs(os.path.join(tmp, category), exist_ok=True)
-        with open(os.path.join(tmp, category, "image_scores.csv"), "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image", "label", "score", "anomalous"])
-            for i, name in enumerate(split.names):
-                writer.writerow([name, int(split.labels[i]), repr(float(scores[i])),
-                                 "" if decided is None else int(decided[i])])
+    for name, m in zip(split.names, full_size_maps(split, maps)):
+        path = inside(out_dir, f"{category}/{name}.tiff", "image name")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tifffile.imwrite(path, np.asarray(m, np.float32))
+    os.makedirs(os.path.join(out_dir, category), exist_ok=True)
+    with open(os.path.join(out_dir, category, "image_scores.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "score", "anomalous"])
+        for i, name in enumerate(split.names):
+            writer.writerow([name, int(split.labels[i]), repr(float(scores[i])),
+                             "" if decided is None else int(decided[i])])
 
 
 def write_pictures(out_dir: str, split, maps, scores, vmax: float, limit: int = 24, threshold=None) -> list[str]:
@@ -52,14 +51,14 @@ def write_pictures(out_dir: str, split, maps, scores, vmax: float, limit: int = 
     from fmjax.eval import plots
 
     order = np.argsort(-split.labels, kind="stable")[:limit]
-    with staged_dir(out_dir) as tmp:
-        tiles = []
-        for i in order:
-            tile = viz.panel(split.images[i], maps[i], vmax, split.masks[i])
-            tiles.append(tile)
-            viz.save_png(inside(tmp, split.names[i].replace("/", "_") + ".png", "image name"), tile)
-        viz.save_png(os.path.join(tmp, "overview.png"), viz.grid(tiles, 2))
-        return plots.write_figures(tmp, split.labels, scores, split.defect_types, threshold)
+    os.makedirs(out_dir, exist_ok=True)
+    tiles = []
+    for i in order:
+        tile = viz.panel(split.images[i], maps[i], vmax, split.masks[i])
+        tiles.append(tile)
+        viz.save_png(inside(out_dir, split.names[i].replace("/", "_") + ".png", "image name"), tile)
+    viz.save_png(os.path.join(out_dir, "overview.png"), viz.grid(tiles, 2))
+    return plots.write_figures(out_dir, split.labels, scores, split.defect_types, threshold)
 
 
 def write_predictions(out_dir: str, paths, names, sizes, channels: int, maps, scores, decided, threshold,
@@ -71,20 +70,19 @@ def write_predictions(out_dir: str, paths, names, sizes, channels: int, maps, sc
     from fmjax.data import folder
 
     rows = []
-    with staged_dir(out_dir) as tmp:
-        os.makedirs(os.path.join(tmp, "overlays"))
-        os.makedirs(os.path.join(tmp, "maps"))
-        for i, (path, name, size, m, s) in enumerate(zip(paths, names, sizes, maps, scores)):
-            stem = plain_name(os.path.splitext(name)[0].replace("/", "_"), "image name")
-            full = viz.resize_map(m, tuple(size))
-            tifffile.imwrite(os.path.join(tmp, "maps", stem + ".tiff"), full.astype(np.float32))
-            image = folder.read_full_size(path, channels)  # overlays at the image's own size
-            viz.save_png(os.path.join(tmp, "overlays", stem + ".png"), viz.overlay(image, full, vmax))
-            rows.append({"image": name, "score": float(s),
-                         "anomalous": "" if decided is None else int(decided[i]),
-                         "threshold": "" if threshold is None else threshold})
-        with open(os.path.join(tmp, "scores.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["image", "score", "anomalous", "threshold"])
-            writer.writeheader()
-            writer.writerows(rows)
+    os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "maps"), exist_ok=True)
+    for i, (path, name, size, m, s) in enumerate(zip(paths, names, sizes, maps, scores)):
+        stem = plain_name(os.path.splitext(name)[0].replace("/", "_"), "image name")
+        full = viz.resize_map(m, tuple(size))
+        tifffile.imwrite(os.path.join(out_dir, "maps", stem + ".tiff"), full.astype(np.float32))
+        image = folder.read_full_size(path, channels)  # overlays at the image's own size
+        viz.save_png(os.path.join(out_dir, "overlays", stem + ".png"), viz.overlay(image, full, vmax))
+        rows.append({"image": name, "score": float(s),
+                     "anomalous": "" if decided is None else int(decided[i]),
+                     "threshold": "" if threshold is None else threshold})
+    with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "score", "anomalous", "threshold"])
+        writer.writeheader()
+        writer.writerows(rows)
     return rows

@@ -1,22 +1,47 @@
-"""Orbax checkpoints of the training state under RUN/checkpoints."""
+"""Orbax checkpoints of the training state under RUN/checkpoints.
+
+Training opens the folder to write (unfinished saves a killed process left are removed);
+everything else opens it read-only, so loading a run never writes to it. A checkpoint
+that cannot be read or written is one line (TrainError / OSError) naming it.
+"""
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
 from fmjax.config import Config
-from fmjax.errors import TrainError
+from fmjax.errors import TrainError, first_line
 from fmjax.training.state import TrainState, abstract_state
 
-__all__ = ["checkpoint_manager", "restore_state", "save_state"]
+__all__ = ["checkpoint_manager", "latest_step", "restore_state", "save_state"]
+
+
+def _folder(run_dir: str) -> str:
+    return os.path.abspath(os.path.join(run_dir, "checkpoints"))
 
 
 def checkpoint_manager(run_dir: str, config: Config | None = None) -> ocp.CheckpointManager:
-    keep = config.train.keep_checkpoints if config is not None else None
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")), options=options)
+    """The manager that writes RUN/checkpoints, keeping config.train.keep_checkpoints of them;
+    without `config`, one that only reads."""
+    if config is None:
+        options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
+                                               cleanup_tmp_directories=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(_folder(run_dir), options=options)
+
+
+def latest_step(run_dir: str) -> int:
+    """The step of the newest finished checkpoint; TrainError when there is none."""
+    step = checkpoint_manager(run_dir).latest_step() if os.path.isdir(_folder(run_dir)) else None
+    if step is None:
+        raise TrainError(f"no checkpoint in {_folder(run_dir)}: train first")
+    return step
 
 
 def _state_dict(state: TrainState) -> dict:
@@ -25,23 +50,33 @@ def _state_dict(state: TrainState) -> dict:
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
-    """Saves `state` as checkpoint `step` (every process calls it; orbax writes once)."""
-    manager.save(step, args=ocp.args.StandardSave(_state_dict(state)))
+    """Saves `state` as checkpoint `step` (every process calls it; orbax writes once). A
+    save that fails (a full disk) leaves no unfinished checkpoint behind and raises an
+    OSError naming it."""
+    try:
+        manager.save(step, args=ocp.args.StandardSave(_state_dict(state)))
+    except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise several types for one cause
+        path = os.path.join(str(manager.directory), str(step))
+        for tmp in glob.glob(f"{path}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.strerror:
+            raise OSError(err.errno, err.strerror, path) from None
+        full = "No space left on device" in str(err)  # TensorStore's errors carry the cause as text only
+        raise OSError(errno.ENOSPC if full else None, os.strerror(errno.ENOSPC) if full else
+                      f"cannot write the checkpoint ({first_line(err)})", path) from None
 
 
 def restore_state(run_dir: str, config: Config, image_shape, step: int | None = None) -> TrainState:
     """Restores the latest (or given) checkpoint into the shapes `config` implies."""
     manager = checkpoint_manager(run_dir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise TrainError(f"no checkpoint in {os.path.join(run_dir, 'checkpoints')}: train first")
+    step = latest_step(run_dir) if step is None else step
     # restore onto this process's devices, whatever topology wrote the checkpoint
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             abstract_state(config, image_shape))
     try:
         restored = manager.restore(step, args=ocp.args.StandardRestore(_state_dict(abstract)))
-    except (ValueError, KeyError) as err:
-        raise TrainError(f"checkpoint in {run_dir} does not match its config.json "
-                         f"(was it written by another config?): {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint surfaces as many types
+        raise TrainError(f"checkpoint {os.path.join(_folder(run_dir), str(step))} cannot be read: it is damaged "
+                         f"or was written by another config ({first_line(err)}); train again") from None
     return TrainState(**restored)

@@ -19,7 +19,7 @@ from fmjax.config import Config
 from fmjax.distributed import multihost, placement
 from fmjax.distributed.mesh import data_mesh, devices_for_batch, global_mesh, replicated, rows
 from fmjax.errors import ConfigError, TrainError
-from fmjax.files import write_text_atomic
+from fmjax.files import write_text_atomic, writing
 from fmjax.nets import unet
 from fmjax.training.checkpoints import checkpoint_manager, restore_state, save_state
 from fmjax.training.state import TrainState, init_state
@@ -51,6 +51,14 @@ def host_batch_indices(step: int, num_items: int, global_batch: int, seed: int,
     return batch_indices(step, num_items, global_batch, seed)[part]
 
 
+def _saved_config(path: str):
+    try:
+        with open(path) as f:
+            return Config.from_json(f.read())
+    except (ValueError, UnicodeDecodeError) as err:  # JSON errors and ConfigError
+        raise TrainError(f"--resume: {path} is damaged ({' '.join(str(err).split())}); use a new --out") from None
+
+
 def _open_run(config: Config, run_dir: str, init_shape, resume: bool, init_key, writer: bool):
     """(state, checkpoint manager): the latest checkpoint when resuming, else a fresh state
     (and RUN/config.json written). Existing checkpoints need resume and the same config."""
@@ -60,7 +68,7 @@ def _open_run(config: Config, run_dir: str, init_shape, resume: bool, init_key, 
     if manager.latest_step() is not None:
         if not resume:
             raise TrainError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
-        if not os.path.exists(config_path) or Config.from_json(open(config_path).read()) != config:
+        if not os.path.exists(config_path) or _saved_config(config_path) != config:
             raise TrainError(f"--resume: {config_path} differs from this run's config; "
                              f"resume with the same preset and --set overrides, or use a new --out")
         return restore_state(run_dir, config, init_shape), manager
@@ -168,7 +176,7 @@ def log_window(values, step: int, batch_size: int, elapsed: float, log_path, bar
         raise TrainError(f"loss became {record['loss']} by step {step}; "
                          f"lower train.learning_rate or set train.grad_clip_norm")
     if log_path:
-        with open(log_path, "a") as f:
+        with writing(log_path), open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
     bar.update(len(values))
     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
