@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from fmjax.data.base import DataError, Dataset, Split, normal_split
+from fmjax.errors import warn
 from fmjax.files import inside, plain_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -96,8 +97,36 @@ def _check_size(image_size: int) -> None:
         raise DataError(f"image_size must be >= 1, got {image_size}")
 
 
-def _channels_of(path: pathlib.Path) -> int:
-    return 1 if _is_grey(_open(path)) else 3
+def _grey_file(image) -> bool:
+    """Whether the image file (a path or a binary file object, rewound after) is grey;
+    only its header is read, but for palette images."""
+    try:
+        with Image.open(image) as opened:
+            return _is_grey(opened)
+    except _ERRORS as err:
+        raise DataError(f"cannot read image {image} ({_one_line(err)}): replace or remove the file") from None
+    finally:
+        if hasattr(image, "seek"):
+            image.seek(0)
+
+
+def channels_of(train, where, test=()) -> int:
+    """The channel count `data.channels = 0` gives a category from its image files (paths
+    or binary file objects): 1 when every training image is grey, else 3. The rule for a
+    mix: training images that mix grey and colour are all read as RGB (grey values copied
+    to R, G and B, which loses nothing); colour test images of a grey category are read
+    as grey. Either case warns once, naming `where`."""
+    grey = [_grey_file(image) for image in train]
+    if all(grey):
+        colour_tests = sum(not _grey_file(image) for image in test)
+        if colour_tests:
+            warn(f"{where}: the training images are grey but {colour_tests} test image(s) are colour: they are "
+                 f"read as grey; set data.channels=3 to keep colour")
+        return 1
+    if any(grey):
+        warn(f"{where} mixes grey and colour training images ({sum(grey)} grey, {len(grey) - sum(grey)} colour): "
+             f"all images are read as RGB; set data.channels=1 or 3 to choose")
+    return 3
 
 
 def _read(path: pathlib.Path, image_size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -235,8 +264,9 @@ def read_items(items, image_size: int, channels: int, train: bool) -> Split:
 def load_folder(root, category: str, image_size: int, channels: int = 0) -> Dataset:
     """Category `category` of the MVTec-AD style dataset under `root`.
 
-    channels: 0 keeps grey data grey (decided by the first training image),
-    1 or 3 converts every image to grey or RGB. Images are uint8
+    channels: 0 keeps grey data grey: 1 when every training image is grey,
+    else 3 (`channels_of` states the rule for a mix, which warns); 1 or 3
+    converts every image to grey or RGB. Images are uint8
     [N, S, S, C] in [0, 255] (bilinear resize), masks uint8 [N, S, S] in
     {0, 1} (nearest resize of the binarised mask); test.full_masks holds the
     binarised masks at original size and original_sizes the source (H, W).
@@ -248,7 +278,8 @@ def load_folder(root, category: str, image_size: int, channels: int = 0) -> Data
     _check_size(image_size)
     train_items, test_items = folder_items(root, category)
     if channels == 0:
-        channels = _channels_of(train_items[0][2])
+        channels = channels_of([item[2] for item in train_items], f"category folder {root}/{category}",
+                               [item[2] for item in test_items])
     return Dataset(name="folder", category=category, train=read_items(train_items, image_size, channels, True),
                    test=read_items(test_items, image_size, channels, False))
 
@@ -293,6 +324,6 @@ def load_images(paths_or_dir, image_size: int, channels: int = 0):
     _check_size(image_size)
     paths = image_paths(paths_or_dir)
     if channels == 0:
-        channels = _channels_of(paths[0])
+        channels = channels_of(paths, "the input images")
     images, sizes = _read_all(paths, image_size, channels)
     return images, tuple(p.stem for p in paths), sizes

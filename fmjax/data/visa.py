@@ -128,7 +128,8 @@ def load_visa(root, category: str, image_size: int, channels: int = 3) -> Datase
     """Category `category` of VisA under `root`, in the converted or the raw archive layout.
 
     Returns Dataset(name="visa"): images uint8 [N, S, S, C] (C = channels, 3
-    by default; 0 decides from the first training image, 1 converts to grey),
+    by default; 0: grey when every training image is, else RGB
+    (`folder.channels_of`); 1 converts to grey),
     test masks uint8 [N, S, S] in {0, 1}, labels 1 for "bad", full_masks at
     original size. A mask whose size differs from its image's is a DataError.
     """
@@ -138,7 +139,8 @@ def load_visa(root, category: str, image_size: int, channels: int = 3) -> Datase
         return dataclasses.replace(folder.load_folder(root, category, image_size, channels), name="visa")
     train_items, test_items = raw_items(root, category)
     if channels == 0:
-        channels = folder._channels_of(train_items[0][2])
+        channels = folder.channels_of([item[2] for item in train_items], f"VisA category {category}",
+                                      [item[2] for item in test_items])
     train = read_items(train_items, image_size, channels, train=True)
     test = read_items(test_items, image_size, channels, train=False)
     return Dataset(name="visa", category=category, train=train, test=test)

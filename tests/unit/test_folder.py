@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from fmjax.data.base import DataError
+from fmjax.errors import FmjaxWarning
 from fmjax.data.folder import list_categories, load_folder, load_images, read_full_size
 
 W, H = 40, 30  # source images are 40 wide, 30 high
@@ -116,7 +117,8 @@ def test_modes_16bit_palette_alpha(tmp_path):
     grey_palette.save(cat / "train/good/b.png")
     rgba = np.dstack([_rgb(2), np.full((H, W), 128, np.uint8)])
     _save(cat / "test/good/a.png", rgba)
-    ds = load_folder(tmp_path, "c", W)  # width kept; height stretched
+    with pytest.warns(FmjaxWarning, match="training images are grey but 1 test image"):
+        ds = load_folder(tmp_path, "c", W)  # width kept; height stretched
     assert ds.train.images.shape[-1] == 1
     row = ds.train.images[0, 0, :, 0].astype(int)
     assert np.abs(row - np.arange(W) * 1600 / 257).max() <= 1  # 16-bit scaled to 8-bit
@@ -125,7 +127,24 @@ def test_modes_16bit_palette_alpha(tmp_path):
     assert (ds.test.images[0, ..., 0] == expected).all()
     # a palette with colours makes the category RGB
     Image.fromarray(_rgb(3)).convert("P").save(cat / "train/good/0.png")
-    assert load_folder(tmp_path, "c", S).train.images.shape[-1] == 3
+    with pytest.warns(FmjaxWarning, match="mixes grey and colour training images"):
+        assert load_folder(tmp_path, "c", S).train.images.shape[-1] == 3
+
+
+def test_grey_and_colour_training_images_are_read_as_rgb_with_one_warning(root, recwarn):
+    """The rule for a category that mixes them: whichever comes first, every image is RGB
+    (grey copied to R, G and B), and one warning says so."""
+    first = root / "rgbcat" / "train" / "good" / "000.png"
+    Image.open(first).convert("L").save(first)
+    ds = load_folder(root, "rgbcat", S)
+    assert ds.train.images.shape[-1] == 3 and ds.test.images.shape[-1] == 3
+    grey = ds.train.images[0]
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert not (ds.train.images[1][..., 0] == ds.train.images[1][..., 1]).all()  # colour kept
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, FmjaxWarning)]
+    assert len(messages) == 1 and "(1 grey, 2 colour)" in messages[0] and "data.channels" in messages[0]
+    assert load_folder(root, "rgbcat", S, channels=1).train.images.shape[-1] == 1  # a choice: no warning
+    assert len([w for w in recwarn if issubclass(w.category, FmjaxWarning)]) == 1
 
 
 def _one_line_error(match, fn, *args):

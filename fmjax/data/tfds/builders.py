@@ -268,8 +268,8 @@ def load(builder_cls, data_dir, manual_dir, category: str, image_size: int, chan
     """Category `category` built (if needed) and read through TFDS, decoded exactly like folder.load_folder.
 
     Returns Dataset(name=builder_cls.name): images uint8 [N, S, S, C], test
-    masks uint8 [N, S, S] in {0, 1}, full_masks at original size. channels 0
-    decides grey from the first training image, as folder.load_folder does.
+    masks uint8 [N, S, S] in {0, 1}, full_masks at original size. channels 0:
+    grey when every training image is, else RGB, as folder.load_folder does.
     """
     folder._check_channels(channels)
     folder._check_size(image_size)
@@ -278,8 +278,8 @@ def load(builder_cls, data_dir, manual_dir, category: str, image_size: int, chan
     if not train_items or not test_items:
         raise DataError(f"{b.data_path} has an empty split: delete that folder and rebuild it from manual_dir")
     if channels == 0:
-        channels = folder._channels_of(train_items[0][2])
-        train_items[0][2].seek(0)
+        channels = folder.channels_of([item[2] for item in train_items], b.data_path,
+                                      [item[2] for item in test_items])
     train = folder.read_items(train_items, image_size, channels, train=True)
     test = folder.read_items(test_items, image_size, channels, train=False)
     return Dataset(name=builder_cls.name, category=category, train=train, test=test)
