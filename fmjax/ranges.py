@@ -28,7 +28,8 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        low, high = (str(v) if isinstance(v, int) else f"{v:g}" for v in (self.low, self.high))
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
 INT32, UINT32 = 2 ** 31 - 1, 2 ** 32 - 1  # step counters are int32; PRNG seeds wrap at 2**32

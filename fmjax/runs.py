@@ -169,8 +169,9 @@ def lock(run_dir: str, command: str, shared: bool = False, enabled: bool = True)
             remove_stale(run_dir)
         me = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
               "since": datetime.datetime.now().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it is for messages only: a full disk must not stop the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
         yield
     finally:
         with contextlib.suppress(OSError):

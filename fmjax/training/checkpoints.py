@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import logging
 import os
 import shutil
 
@@ -29,10 +30,17 @@ def checkpoint_manager(run_dir: str, config: Config | None = None) -> ocp.Checkp
     """The manager that writes RUN/checkpoints, keeping config.train.keep_checkpoints of them;
     without `config`, one that only reads."""
     if config is None:
-        options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
-    else:
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
-                                               cleanup_tmp_directories=True, enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                               enable_async_checkpointing=False)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns of every read-only manager: noise on each evaluate
+        try:
+            return ocp.CheckpointManager(_folder(run_dir), options=options)
+        finally:
+            absl.setLevel(level)
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(_folder(run_dir), options=options)
 
 
