@@ -1,6 +1,8 @@
 """`--category all`: one model on every category (grey and colour mixed), per-category rows,
 each category scored with its own class label."""
+import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -79,6 +81,23 @@ def test_unified_train_and_evaluate(two_category_root, tmp_path, capsys):
     assert code == 0, err
     single = other_metrics(copy)
     assert single["image_auroc"] == rows[1]["image_auroc"] and single["aupro"] == rows[1]["aupro"]
+
+    # predict scores images with the class label of the category they show, as evaluate does
+    widget = two_category_root / "widget" / "test" / "crack"
+    csv_rows = image_scores_csv(maps / "widget" / "image_scores.csv")
+    code, _, err = cli(capsys, "predict", "--run", run, "--input", widget, "--out", tmp_path / "p", "--category",
+                       "widget")
+    assert code == 0, err
+    with open(tmp_path / "p" / "scores.csv", newline="") as f:
+        predicted = {row["image"]: float(row["score"]) for row in csv.DictReader(f)}
+    assert len(predicted) == 3
+    for name, score in predicted.items():
+        assert score == pytest.approx(csv_rows[f"test/crack/{os.path.splitext(name)[0]}"][1], rel=1e-5), name
+    for argv, message in ((["--out", tmp_path / "q"], "pass --category"),
+                          (["--out", tmp_path / "q", "--category", "sprocket"], "not of 'sprocket'")):
+        code, _, err = cli(capsys, "predict", "--run", run, "--input", widget, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "q").exists()
 
 
 def test_unified_rejects_wrong_class_count(two_category_root, tmp_path, capsys):
