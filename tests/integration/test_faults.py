@@ -77,7 +77,8 @@ def test_a_folder_another_process_holds_is_refused_and_a_killed_holders_lock_tak
         for argv in (["evaluate", "--run", run_copy, "--maps-out", maps],
                      ["predict", "--run", run_copy, "--input", data_root / CATEGORY / "test" / "good", "--out", out],
                      ["train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", run_copy,
-                      "--resume", *TRAIN_ARGS]):
+                      "--resume", *TRAIN_ARGS],
+                     ["calibrate", "--run", run_copy, "--set", "score.num_paths=2"]):
             code, _, err = cli(capsys, *argv)
             assert_one_line_error(code, err)
             assert busy in err, err
