@@ -13,6 +13,7 @@ import os
 import shutil
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fmjax.config import Config
@@ -57,14 +58,36 @@ def _state_dict(state: TrainState) -> dict:
             "opt_state": state.opt_state}
 
 
+def _check_space(directory: str, path: str, state) -> None:
+    """OSError (ENOSPC) naming `path` when the file system of `directory` has less room
+    than `state`'s arrays take (+5% and 1 MB): a full disk is said before orbax starts
+    writing, whose failures surface from its threads as many tracebacks."""
+    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)
+               if hasattr(x, "shape"))
+    need = int(need * 1.05) + (1 << 20)
+    existing = directory
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the checkpoint needs about {need / 2**20:.1f} MB, "
+                                    f"{free / 2**20:.1f} MB are free", path)
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
     """Saves `state` as checkpoint `step` (every process calls it; orbax writes once). A
     save that fails (a full disk) leaves no unfinished checkpoint behind and raises an
     OSError naming it."""
+    path = os.path.join(str(manager.directory), str(step))
+    _check_space(str(manager.directory), path, state)
     try:
         manager.save(step, args=ocp.args.StandardSave(_state_dict(state)))
     except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise several types for one cause
-        path = os.path.join(str(manager.directory), str(step))
+        for name in ("absl", "asyncio"):  # orbax's threads report the same failure again as they end
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         for tmp in glob.glob(f"{path}.orbax-checkpoint-tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.strerror:
