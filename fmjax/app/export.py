@@ -12,7 +12,7 @@ import numpy as np
 
 from fmjax import runs, serving
 from fmjax.errors import ConfigError
-from fmjax.files import staged_dir
+from fmjax.files import Outputs
 from fmjax.version import __version__
 
 __all__ = ["PLATFORMS", "export_run", "main"]
@@ -74,7 +74,8 @@ def export_run(run: runs.Run, out_dir: str, platforms=None) -> dict:
             "versions": {"fmjax": __version__, "jax": jax.__version__}}
     arrays = {f"c{i:05d}": a for i, a in enumerate(leaves)}
     arrays.update({f"f_{k}": np.asarray(v) for k, v in ({} if finish is None else finish.arrays).items()})
-    with staged_dir(out_dir) as tmp:
+    with Outputs() as out:  # published whole; an earlier export there is replaced
+        tmp = out.folder(out_dir, "--out")
         with open(os.path.join(tmp, serving.PROGRAM), "wb") as f:
             f.write(exported.serialize())
         np.savez(os.path.join(tmp, serving.ARRAYS), **arrays)
@@ -92,11 +93,12 @@ def _sha256(path: str) -> str:
 def main(args) -> None:
     import sys
 
-    run = runs.load_run(args.run, args.set)
-    if run.refit:
-        print(f"fmjax export: note: {run.refit}", file=sys.stderr)
-    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
-    meta = export_run(run, args.out, platforms)
+    with runs.lock(args.run, "export", shared=True):
+        run = runs.load_run(args.run, args.set)
+        if run.refit:
+            print(f"fmjax export: note: {run.refit}", file=sys.stderr)
+        platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
+        meta = export_run(run, args.out, platforms)
     print(f"exported {meta['method']} scorer for {', '.join(meta['platforms'])} "
           f"({meta['image_shape'][0]}x{meta['image_shape'][1]}x{meta['image_shape'][2]}, {meta['batch']} images a call) "
           f"-> {args.out}")
