@@ -46,7 +46,7 @@ PRESETS = {
     # chosen by experiments/select_settings.py on validation data (README, "Presets")
     "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="global",
                         map_rule="combined", chunk_size=16, image_batch=1),
-    "aligned": Settings(num_paths=4, num_times=8, aggregate="mean", smooth_sigma=1.0, normalize="pixel",
+    "aligned": Settings(num_paths=4, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="pixel",
                         map_rule="two_sided", image_score="mean", chunk_size=32, image_batch=4),
 }
 NEUTRAL = ("chunk_size", "memory_budget_mb", "image_batch")  # change how scores are computed, never their values

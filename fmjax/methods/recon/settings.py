@@ -32,7 +32,7 @@ PRESETS = {
     # the same smoothing as Flow Mismatching's small preset, so a comparison isolates the scoring rule
     "small": Settings(steps=10, smooth_sigma=2.0),
     "texture": Settings(steps=10, smooth_sigma=2.0),
-    "aligned": Settings(steps=10, smooth_sigma=1.0),
+    "aligned": Settings(steps=10, smooth_sigma=2.0),
 }
 NEUTRAL = ("image_batch",)
 TRAINING = ()
