@@ -1,0 +1,68 @@
+"""The validation protocol: its self-supervised defects, its choice, and the presets that
+must equal the committed choice (experiments/results/selection/selection.json)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from fmjax.methods.flow_mismatch.settings import PRESETS
+from tests.helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import select_settings  # noqa: E402
+import synthetic_anomalies  # noqa: E402
+
+SELECTION = os.path.join(ROOT, "experiments", "results", "selection", "selection.json")
+
+
+def test_presets_equal_the_committed_choice():
+    with open(SELECTION) as f:
+        chosen = json.load(f)
+    assert set(chosen) == {"aligned", "texture"}
+    for kind, choice in chosen.items():
+        preset = PRESETS[kind]
+        assert {field: getattr(preset, field) for field in choice["rule"]} == choice["rule"], kind
+
+
+@pytest.mark.parametrize("kind", synthetic_anomalies.KINDS)
+def test_each_defect_changes_the_image_where_its_mask_says(kind):
+    rng = np.random.default_rng(3)
+    image = rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)
+    other = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    out, mask = synthetic_anomalies.add_anomaly(image, other, kind, np.random.default_rng(5))
+    assert out.shape == image.shape and out.dtype == np.uint8 and mask.shape == (64, 64)
+    changed = np.any(np.abs(out.astype(int) - image) > 2, axis=-1)
+    assert changed.sum() > 10 and mask.sum() < 0.5 * mask.size
+    assert mask[changed].all()  # every visibly changed pixel is labelled anomalous
+    with pytest.raises(ValueError, match="unknown anomaly kind"):
+        synthetic_anomalies.add_anomaly(image, other, "melt", rng)
+
+
+def test_choice_is_the_best_mean_over_sets_and_the_ablation_starts_at_the_paper_rule():
+    fields = select_settings.RULE_FIELDS
+
+    def row(criterion, **rule):
+        full = dict(select_settings.PAPER, num_paths=4, **rule)
+        return {**{f: full[f] for f in fields}, "criterion": criterion, "image_auroc": criterion}
+
+    paper = row(0.6)
+    norm = row(0.9, normalize="pixel", map_rule="two_sided")
+    best_on_one = row(0.99, aggregate="mean")
+    sets = [{"set": "a", "kind": "aligned", "rows": [paper, norm, best_on_one]},
+            {"set": "b", "kind": "aligned", "rows": [dict(paper, criterion=0.7), dict(norm, criterion=0.8),
+                                                      dict(best_on_one, criterion=0.5)]}]
+    chosen = select_settings.choose(sets)["aligned"]
+    assert chosen["rule"]["normalize"] == "pixel" and chosen["rule"]["aggregate"] == "rank:2"
+    assert chosen["criterion"] == pytest.approx(0.85)
+    assert chosen["ablation"][0] == ("paper rule", pytest.approx(0.65))
+
+
+def test_ties_go_to_the_wider_separation():
+    fields = select_settings.RULE_FIELDS
+    paper = {**{f: dict(select_settings.PAPER, num_paths=4)[f] for f in fields}, "criterion": 1.0,
+             "image_auroc": 1.0, "separation": 2.0}
+    wide = dict(paper, aggregate="mean", criterion=0.9996, separation=9.0)
+    chosen = select_settings.choose([{"set": "a", "kind": "aligned", "rows": [paper, wide]}])["aligned"]
+    assert chosen["rule"]["aggregate"] == "mean"
