@@ -224,6 +224,40 @@ def test_evaluate_killed_leaves_no_metrics_and_its_staging_is_removed_next_time(
     assert (run_copy / "metrics.json").exists()
 
 
+# ----------------------------------------------------------------------------- killed while training and saving
+
+def test_train_killed_while_saving_resumes_to_the_uninterrupted_run(data_root, tmp_path, capsys):
+    args = [*TRAIN_ARGS, "--set", "train.steps=12", "--set", "train.checkpoint_every=1"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert cli(capsys, "train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", reference,
+               *args)[0] == 0
+    child = _child(f"from fmjax.app.cli import main; main(['train', '--data', {f'folder:{data_root}'!r}, "
+                   f"'--category', {CATEGORY!r}, '--out', {str(killed)!r}, *{args!r}])",
+                   env=subprocess_env(1, FMJAX_ALLOCATOR="system"))
+    try:
+        deadline = time.time() + 300
+        checkpoints = killed / "checkpoints"
+        # kill at the first unfinished save that shows (or, at the latest, once a save is done)
+        while not (checkpoints.is_dir() and any("tmp" in n or n.isdigit() for n in os.listdir(checkpoints))):
+            assert child.poll() is None and time.time() < deadline, child.stderr.read()
+            time.sleep(0.002)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not (killed / "calibration.json").exists()
+    code, _, err = cli(capsys, "train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", killed,
+                       "--resume", *args)
+    assert code == 0, err
+    assert _temporaries(killed) == []
+    from fmjax import runs
+    import jax
+    import numpy as np
+    want, got = runs.load_run(str(reference)), runs.load_run(str(killed))
+    for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert json.load(open(killed / "calibration.json")) == json.load(open(reference / "calibration.json"))
+
+
 # ----------------------------------------------------------------------------- --maps-out
 
 def test_maps_out_replaces_an_earlier_output_and_refuses_a_foreign_folder(run_copy, tmp_path, capsys):
