@@ -128,9 +128,11 @@ FASHION_MNIST_SETTINGS = ["data.image_size=32", "calibration.holdout_fraction=0.
 def evaluate(run, dataset):
     """evaluate_run after one warm-up call, so images_per_s excludes compilation."""
     from fmjax.app.evaluate import evaluate_run
+    from fmjax.methods.batches import scoring_progress
 
     run.score(dataset.test.images[:1])
-    return evaluate_run(run, dataset)
+    with scoring_progress(f"scoring {dataset.category}", sys.stderr.isatty()):
+        return evaluate_run(run, dataset)
 
 
 def floor(dataset, config, model):

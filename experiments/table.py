@@ -34,6 +34,7 @@ def run_table(spec_of, categories, args, title: str) -> list[dict]:
     from fmjax.app.train import resolve_auto, train_run
     from fmjax.config import AUTO, build
     from fmjax.files import write_json
+    from fmjax.methods.batches import scoring_progress
 
     config = None if args.preset == AUTO else build(args.preset, "flow_mismatch", args.set)
     os.makedirs(args.out, exist_ok=True)
@@ -56,7 +57,8 @@ def run_table(spec_of, categories, args, title: str) -> list[dict]:
         if getattr(args, "test_limit", 0):
             dataset = dataclasses.replace(dataset, test=data_lib.stratified_subset(dataset.test, args.test_limit))
         start = time.perf_counter()
-        result = evaluate_run(run, dataset)
+        with scoring_progress(f"scoring {category}", sys.stderr.isatty()):
+            result = evaluate_run(run, dataset)
         result.update(category=category, preset=run.config.preset, train_seconds=train_s, eval_seconds=time.perf_counter() - start)
         rows.append(result)
         write_json(rows_path, rows)

@@ -5,6 +5,7 @@ preset's length."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ from fmjax.app.train import resolve_auto, train_run
 from fmjax.config import AUTO, build
 from fmjax.errors import ConfigError, DataError
 from fmjax.files import write_json, write_text_atomic
+from fmjax.methods.batches import scoring_progress
 
 __all__ = ["main"]
 
@@ -48,7 +50,8 @@ def main(args) -> None:
         run = train_run(run_config, spec, None, run_dir, resume=os.path.isdir(run_dir),
                         progress=not args.no_progress, data=data)
         dataset = data_lib.load(f"textures:{name}", None, run.config.data, run.config.textures)
-        result = evaluate_run(run, dataset, pictures_out=os.path.join(run_dir, "pictures"))
+        with scoring_progress(f"scoring {name}", not args.no_progress and sys.stderr.isatty()):
+            result = evaluate_run(run, dataset, pictures_out=os.path.join(run_dir, "pictures"))
         result["seconds"] = time.perf_counter() - start
         rows.append(result)
         print(f"   image AUROC {result['image_auroc']:.3f}  pixel AUROC {result['pixel_auroc']:.3f}  "
