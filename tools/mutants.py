@@ -209,8 +209,8 @@ def check_copy_is_imported(copy: str, timeout: float) -> None:
         raise SystemExit(f"the copy is not what Python imports: fmjax comes from {found}")
     marker = "fmjax-mutants-canary"
     with open(os.path.join(copy, "fmjax", "__init__.py")) as f:
-        first_line = f.readline()
-    with Edit(copy, "fmjax/__init__.py", first_line, f"raise ImportError({marker!r})\n" + first_line):
+        text = f.read()  # raised at the end: a `from __future__` import must stay first
+    with Edit(copy, "fmjax/__init__.py", text, text + f"\nraise ImportError({marker!r})\n"):
         code, _, output = run_tests(copy, ["tests/unit/test_scalars.py"], timeout)
     if code in (0, None) or marker not in output:
         raise SystemExit("a copy whose fmjax cannot be imported did not fail the tests: they import another fmjax")
