@@ -387,6 +387,9 @@ def validate(config: Config) -> None:
 AUTO = "auto"  # not a config: chosen from the training data by fmjax.app.train.resolve_auto
 _SMALL_NET = NetConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_rates=(4,),
                        num_head_channels=32, dropout=0.0, num_groups=8)
+_SMALL_TEXTURES = TexturesConfig(crop_size=128, num_train=256, num_test=40)
+_PATCH_TRAIN = TrainConfig(steps=600, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50, log_every=50,
+                           checkpoint_every=200, ema_decay=0.995)
 
 PRESETS = {
     # seconds on a CPU: for tests
@@ -400,31 +403,19 @@ PRESETS = {
                           checkpoint_every=10, ema_decay=0.9, hflip=False, vflip=False),
     ),
     # minutes on a 2-core CPU: the paper's scoring rule on patches (the default before `auto`)
-    "small": Config(
-        preset="small",
-        net=_SMALL_NET,
-        data=DataConfig(image_size=64),
-        textures=TexturesConfig(crop_size=128, num_train=256, num_test=40),
-        train=TrainConfig(steps=600, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50,
-                          log_every=50, checkpoint_every=200, ema_decay=0.995),
-    ),
+    "small": Config(preset="small", net=_SMALL_NET, data=DataConfig(image_size=64), textures=_SMALL_TEXTURES,
+                    train=_PATCH_TRAIN),
     # the default through `auto` (fmjax.app.train.resolve_auto) for stationary textures:
-    # random patches of the working size, statistics shared over positions
-    "texture": Config(
-        preset="texture",
-        net=_SMALL_NET,
-        data=DataConfig(image_size=64),
-        textures=TexturesConfig(crop_size=128, num_train=256, num_test=40),
-        train=TrainConfig(steps=1200, batch_size=32, patch_size=32, learning_rate=1e-3, warmup_steps=50,
-                          log_every=50, checkpoint_every=400, ema_decay=0.995),
-    ),
+    # random patches of the working size, trained twice as long as `small`
+    "texture": Config(preset="texture", net=_SMALL_NET, data=DataConfig(image_size=64), textures=_SMALL_TEXTURES,
+                      train=dataclasses.replace(_PATCH_TRAIN, steps=1200, checkpoint_every=400)),
     # the default through `auto` for aligned images (objects, digits): the whole image at
     # its own size (auto sets data.image_size), per-pixel statistics
     "aligned": Config(
         preset="aligned",
         net=_SMALL_NET,
         data=DataConfig(image_size=32),
-        textures=TexturesConfig(crop_size=128, num_train=256, num_test=40),
+        textures=_SMALL_TEXTURES,
         train=TrainConfig(steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=50, log_every=50,
                           checkpoint_every=500, ema_decay=0.995, hflip=False, vflip=False),
     ),
