@@ -64,7 +64,8 @@ def _parser():
                    help="comma-separated Fashion-MNIST classes (ids or names) to compare on as well")
     p.add_argument("--test-limit", type=int, default=0,
                    help="Fashion-MNIST: score a class-stratified subset of this many test images (default: all)")
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="auto",
+                   help="auto (default: what fmjax train picks per data set) or a preset name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every method")
     p.add_argument("--out", default=os.path.join("experiments", "results", "compare_methods"))
     p.add_argument("--pca-components", type=float, default=0.9,
@@ -78,24 +79,31 @@ def _parser():
     return p
 
 
-def _same_settings(saved, wanted) -> bool:
+def _same_training(saved, wanted) -> bool:
     """saved: a run's config (channels and auto flips resolved from the data); wanted: the
-    requested one."""
+    requested one. Equal but for the scoring settings: the same trained network."""
     flips = {k: getattr(saved.train, k) for k in ("hflip", "vflip") if getattr(wanted.train, k) is None}
-    return saved == wanted.replace(data=dataclasses.replace(wanted.data, channels=saved.data.channels),
-                                   train=dataclasses.replace(wanted.train, **flips))
+    return saved.replace(score=wanted.score) == wanted.replace(
+        data=dataclasses.replace(wanted.data, channels=saved.data.channels),
+        train=dataclasses.replace(wanted.train, **flips))
 
 
 def _finished(run_dir, config):
-    """The Run and its training seconds if run_dir holds a finished run of `config`, else None."""
+    """The Run and its training seconds if run_dir holds a finished run that trained the
+    network `config` trains, else None. Other scoring settings are applied to the Run
+    (`runs.load_run` fits them again on the held-out normals; the folder is unchanged)."""
     from fmjax import runs
 
     timing = os.path.join(run_dir, "timing.json")
     if not os.path.exists(timing):
         return None
     run = runs.load_run(run_dir)
-    if not _same_settings(run.config, config):
+    if not _same_training(run.config, config):
         return None
+    wanted = dataclasses.asdict(config.score)
+    changed = [f"score.{k}={v}" for k, v in wanted.items() if dataclasses.asdict(run.config.score)[k] != v]
+    if changed:
+        run = runs.load_run(run_dir, changed)
     return run, json.load(open(timing))["train_s"]
 
 
@@ -170,7 +178,8 @@ def main(argv=None):
     import jax
 
     from fmjax import baselines, data as data_lib
-    from fmjax.config import build, with_method
+    from fmjax.app.train import resolve_auto
+    from fmjax.config import AUTO, build, with_method
     from fmjax.data import fashion_mnist, textures
     from fmjax.eval.viz import markdown_table
     from fmjax.files import write_json
@@ -199,10 +208,13 @@ def main(argv=None):
     wall = time.perf_counter()
     rows, configs = [], {}
     for name, spec, settings in datasets:
-        base = build(args.preset, "flow_mismatch", settings + list(args.set))
+        if args.preset == AUTO:  # as fmjax train: texture or aligned, from the training images
+            base, _, reason = resolve_auto(spec, None, "flow_mismatch", args.set)
+        else:
+            base, reason = build(args.preset, "flow_mismatch", settings + list(args.set)), args.preset
         configs[name] = json.loads(base.to_json())
         root = os.path.join(args.out, "runs", name)
-        print(f"== {name}", flush=True)
+        print(f"== {name} (preset {reason})", flush=True)
         progress = not args.no_progress
         trained = {}
         if "flow_mismatch" in methods:
