@@ -30,7 +30,7 @@ from fmjax.methods.flow_mismatch.settings import check_map_rule, check_time_weig
 from fmjax.methods.maps import gaussian_smooth, image_score
 from fmjax.methods.rules import parse_image_score
 
-__all__ = ["Scorer", "aggregate_paths", "aggregate_times", "delta_chunks", "grid_index", "grid_to_delta",
+__all__ = ["Scorer", "aggregate_ordered", "aggregate_paths", "aggregate_times", "delta_chunks", "grid_index", "grid_to_delta",
            "heat_maps", "interior_times", "mismatch_delta", "path_noise", "per_time_maps", "time_weights"]
 
 
@@ -52,11 +52,18 @@ def path_noise(key, num_paths: int, image_shape) -> jax.Array:
 
 def aggregate_paths(delta, spec: str, axis: int = -3):
     """Reduces the path axis of `delta` (default [..., K, H, W]) with rule `spec`."""
+    kind, _ = parse_aggregate(spec, delta.shape[axis])
+    ordered = None if kind == "mean" else sort_axis(delta, axis)  # = jnp.sort, as a sorting network
+    return aggregate_ordered(delta, ordered, spec, axis)
+
+
+def aggregate_ordered(delta, ordered, spec: str, axis: int = -3):
+    """`aggregate_paths` given `ordered`, delta sorted along `axis` (None for 'mean'): rules
+    that share K share one sort."""
     num_paths = delta.shape[axis]
     kind, value = parse_aggregate(spec, num_paths)
     if kind == "mean":
         return jnp.mean(delta, axis=axis)
-    ordered = sort_axis(delta, axis)  # = jnp.sort, as a sorting network (fast on XLA:CPU)
     if kind == "rank":
         return jnp.take(ordered, value - 1, axis=axis)
     if kind == "median":

@@ -6,7 +6,8 @@ A rule is a `Settings`. Its num_paths K and num_times T pick a subset of the sto
 its other fields are the scoring rules. `rule_grid` builds the list from a base Settings
 and value lists per field, so a new Settings field is a new axis of the grid.
 `evaluate_rules` computes each row's image and pixel metrics:
-  1. path aggregation (`aggregate_paths`) once per (K, aggregate), over all stored times;
+  1. path aggregation (`aggregate_paths`) once per (K, aggregate), over all stored times,
+     one sort per K shared by the order rules (min, rank, median, trimmed);
   2. the rest of the map (`map_from_per_time`) once per distinct map rule, rules that
      share a time subset and every other map field batched in one call;
   3. image scores (`image_score`) batched over all maps; pixel metrics once per distinct
@@ -28,7 +29,8 @@ import numpy as np
 
 from fmjax.errors import ConfigError, ScoreRuleError
 from fmjax.eval import metrics
-from fmjax.methods.flow_mismatch.scorer import aggregate_paths, aggregate_times, heat_maps
+from fmjax.methods.flow_mismatch.order import sort_axis
+from fmjax.methods.flow_mismatch.scorer import aggregate_ordered, aggregate_times, heat_maps
 from fmjax.methods.flow_mismatch.settings import NEUTRAL, Settings, validate
 from fmjax.methods.maps import gaussian_smooth, image_score
 
@@ -133,7 +135,8 @@ def _maps_program(rules, indices, times):
         members.sort(key=lambda r: row[(r.num_paths, r.aggregate)])
 
     def run(delta):
-        per_time = jnp.stack([aggregate_paths(delta[:, :, :k], agg, axis=2) for k, agg in path_keys])
+        ordered = {k: sort_axis(delta[:, :, :k], 2) for k in {k for k, agg in path_keys if agg != "mean"}}
+        per_time = jnp.stack([aggregate_ordered(delta[:, :, :k], ordered.get(k), agg, axis=2) for k, agg in path_keys])
         out = []
         for key, members in groups.items():
             index = indices[key.num_times]
@@ -155,7 +158,7 @@ def _fingerprint(array: np.ndarray) -> bytes:
     return array.reshape(-1)[:: max(1, array.size // 512)].tobytes()
 
 
-def evaluate_rules(delta, times, rules, labels, masks=None, image_chunk: int = 16,
+def evaluate_rules(delta, times, rules, labels, masks=None, image_chunk: int = 0,
                    max_bytes: int = 2 ** 30, threads: int = 2) -> list:
     """One row per rule: {rule field: value, ...} (the fields of `rule_fields`) with
     image_auroc, image_ap, image_f1_max and, given masks with anomalous pixels,
@@ -165,9 +168,9 @@ def evaluate_rules(delta, times, rules, labels, masks=None, image_chunk: int = 1
     delta: the stored mismatch [N, T_max, K_max, H, W] (numpy or memmap, any float dtype);
     times: its interior times [T_max]; rules: Settings (e.g. from `rule_grid`);
     labels: {0, 1} [N]; masks: {0, 1} [N, H, W] or None. Images go through the jitted
-    map pass `image_chunk` at a time (the last chunk padded: one program); the distinct
-    maps are held in groups of at most `max_bytes` (one program per group); pixel metrics
-    run on `threads` threads.
+    map pass `image_chunk` at a time (0: as many as `max_bytes` holds; the last chunk
+    padded: one program); the distinct maps are held in groups of at most `max_bytes`
+    (one program per group); pixel metrics run on `threads` threads.
     """
     times = np.asarray(times, np.float32)
     n, t_max, k_max = delta.shape[:3]
@@ -184,6 +187,10 @@ def evaluate_rules(delta, times, rules, labels, masks=None, image_chunk: int = 1
     if masks is not None and np.asarray(masks).any():
         pixels = metrics.MaskedPixels(np.asarray(masks))
     per_group = max(1, int(max_bytes // (4 * n * math.prod(delta.shape[3:]))))
+    if not image_chunk:  # the chunk of delta, its sorted copies, the path aggregates and the maps
+        rows_per_call = min(len(distinct), per_group)
+        per_image = 4 * math.prod(delta.shape[3:]) * (t_max * (2 * k_max + rows_per_call) + rows_per_call)
+        image_chunk = max_bytes // per_image
     chunk = max(1, min(image_chunk, n))
     score_program = _scores_program(tuple(specs))
     results = {}  # map rule -> (pixel metrics, {spec: image scores})
