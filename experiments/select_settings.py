@@ -36,7 +36,7 @@ from synthetic_anomalies import anomaly_set  # noqa: E402
 
 PAPER = {"aggregate": "rank:2", "smooth_sigma": 0.0, "normalize": "none", "map_rule": "weighted",
          "image_score": "max_plus_top1"}
-GRID = {"num_paths": (4, 8), "aggregate": ("rank:2", "mean"), "smooth_sigma": (0.0, 1.0, 2.0),
+GRID = {"num_paths": (4, 8), "aggregate": ("rank:2", "mean"), "smooth_sigma": (0.0, 1.0, 2.0, 3.0, 4.0),
         "rule": (("none", "weighted"), ("global", "weighted"), ("global", "two_sided"), ("global", "combined"),
                  ("pixel", "weighted"), ("pixel", "two_sided"), ("pixel", "combined")),
         "image_score": ("max_plus_top1", "mean")}

@@ -44,7 +44,7 @@ PRESETS = {
     "small": Settings(num_paths=16, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16, image_batch=1),
     "paper": Settings(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=0, image_batch=1),
     # chosen by experiments/select_settings.py on validation data (README, "Presets")
-    "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="pixel",
+    "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=3.0, normalize="pixel",
                         map_rule="combined", chunk_size=16, image_batch=1),
     "aligned": Settings(num_paths=4, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="pixel",
                         map_rule="two_sided", image_score="mean", chunk_size=32, image_batch=4),
