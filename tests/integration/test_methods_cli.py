@@ -23,6 +23,7 @@ from fmjax import data as data_lib
 from fmjax import runs
 from fmjax.app.cli import main
 from fmjax.methods.radar import forest as forest_lib
+from fmjax.methods.radar.settings import RadarSettings
 
 RADAR_KEYS = ("radar_accuracy", "radar_precision", "radar_recall", "radar_f1")
 METHODS = ("radar", "recon")
@@ -174,7 +175,7 @@ def test_radar_scoring_override_refits_without_touching_the_run(trained, tmp_pat
     metrics = other_metrics(run)
     assert all(math.isfinite(metrics[k]) for k in RADAR_KEYS)
     assert (run / runs.CALIBRATION_ARRAYS).read_bytes() == forest_bytes
-    assert run_config(run).score.t_score == 250
+    assert run_config(run).score.t_score == RadarSettings().t_score != 100
     code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "score.schedule=cosine")
     assert_one_line_error(code, err)
 

@@ -337,6 +337,8 @@ def loop_reference(images_u8, noise, rc):
             total[oy:oy + p, ox:ox + p] += r
             counts[oy:oy + p, ox:ox + p] += 1
         m = total / counts
+        if rc.sobel_smooth_sigma > 0:
+            m = scipy.ndimage.gaussian_filter(m, rc.sobel_smooth_sigma, mode="reflect")
         s = np.hypot(scipy.ndimage.sobel(m, 0, mode="reflect"), scipy.ndimage.sobel(m, 1, mode="reflect"))
         local = max(np.sqrt((s[oy:oy + p, ox:ox + p] ** 2).sum()) for oy, ox in origins)
         out_maps.append(s)
@@ -344,10 +346,11 @@ def loop_reference(images_u8, noise, rc):
     return np.stack(out_maps), np.array(out_feats)
 
 
-@pytest.mark.parametrize("map_kind, reduce", [("eps_diff", "l2"), ("eps_hat", "mean_abs")])
-def test_scorer_equals_patch_loop(map_kind, reduce):
+@pytest.mark.parametrize("map_kind, reduce, blur", [("eps_diff", "l2", 0.0), ("eps_hat", "mean_abs", 0.0),
+                                                  ("eps_diff", "l2", RadarConfig().sobel_smooth_sigma)])
+def test_scorer_equals_patch_loop(map_kind, reduce, blur):
     rc = RadarConfig(patch_size=4, patch_stride=3, t_score=300, map_kind=map_kind, channel_reduce=reduce,
-                     image_batch=2)
+                     image_batch=2, sobel_smooth_sigma=blur)
     rng = np.random.default_rng(7)
     images = rng.integers(0, 256, (3, 9, 10, 2), dtype=np.uint8)
     radar_scorer = radar_scorer_lib.RadarScorer(toy_apply, rc, (9, 10, 2))

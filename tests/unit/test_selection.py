@@ -66,3 +66,28 @@ def test_ties_go_to_the_wider_separation():
     wide = dict(paper, aggregate="mean", criterion=0.9996, separation=9.0)
     chosen = select_settings.choose([{"set": "a", "kind": "aligned", "rows": [paper, wide]}])["aligned"]
     assert chosen["rule"]["aggregate"] == "mean"
+
+
+import select_radar  # noqa: E402
+
+RADAR_SELECTION = os.path.join(ROOT, "experiments", "results", "selection", "radar.json")
+
+
+def test_radar_default_equals_the_committed_choice():
+    from fmjax.methods.radar.settings import Settings
+
+    with open(RADAR_SELECTION) as f:
+        chosen = json.load(f)
+    assert {field: getattr(Settings(), field) for field in chosen["setting"]} == chosen["setting"]
+
+
+def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
+    def rows(**criteria):
+        return [{"t_score": int(k[1:]), "sobel_smooth_sigma": 0.0, "criterion": v} for k, v in criteria.items()]
+
+    sets = [{"rows": rows(t10=0.9, t50=0.7, t250=0.6)}, {"rows": rows(t10=0.5, t50=0.8, t250=0.6)}]
+    assert select_radar.choose(sets)["setting"] == {"t_score": 50, "sobel_smooth_sigma": 0.0}
+    tied = [{"rows": rows(t10=0.8, t50=0.8004, t250=0.6)}]
+    assert select_radar.choose(tied)["setting"]["t_score"] == 50
+    tied = [{"rows": rows(t10=0.8004, t50=0.8, t250=0.6)}]
+    assert select_radar.choose(tied)["setting"]["t_score"] == 50

@@ -35,7 +35,7 @@ class RadarSettings:
     max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
     forest_seed: int = 0
     noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
-    sobel_smooth_sigma: float = 0.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off
+    sobel_smooth_sigma: float = 4.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off (the paper)
     image_batch: int = 4  # images per device per jitted scoring call (padded: no recompiles)
     use_ema: bool = True
 

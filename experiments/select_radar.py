@@ -1,0 +1,172 @@
+"""The validation protocol that chooses RADAR's scoring settings (t_score, the blur before
+Sobel), on the training images only.
+
+No test split is read. For each texture the RADAR run of what `auto` resolves to is
+trained (or reused), and its held-out normal training images, which the network never
+saw, are cut in two halves A and B. Each half gets self-supervised defects
+(experiments/synthetic_anomalies.py, `--repeats` per image, the other half as the paste
+source). Two folds: the Isolation Forest is fitted on the features of A and scores B and
+B's defects, then the other way round. The criterion of a setting is the mean over the
+folds and textures of (image AUROC + pixel AUROC) / 2; the best one is chosen (criteria
+within 0.001: the larger t_score, the paper's side).
+
+    python experiments/select_radar.py --out experiments/results/selection --textures brick,grass,gravel
+
+Writes OUT/radar.json (every setting's figures per texture and fold) and OUT/radar.md
+(the choice, the paper's default beside it, and whether fmjax's default agrees).
+`--runs DIR` reuses runs at DIR/<texture> (e.g. experiments/compare_methods.py's
+OUT/runs/<texture>/radar folders, linked there).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic_anomalies import anomaly_set  # noqa: E402
+
+GRID = {"t_score": (10, 25, 50, 100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0, 4.0, 8.0)}
+FIELDS = tuple(GRID)
+
+
+def _trained(config):
+    return (config.method, config.net, config.data.image_size, config.train.steps, config.train.patch_size,
+            config.train.batch_size, config.textures)
+
+
+def radar_run(name: str, spec: str, runs_dir: str):
+    """(run, normal training Split) of the `auto` config for method radar; trains when the
+    folder is missing, reuses it when it trained the same network."""
+    from fmjax import runs
+    from fmjax.app.train import resolve_auto, train_run
+
+    config, data, reason = resolve_auto(spec, None, "radar")
+    run_dir = os.path.join(runs_dir, name)
+    if os.path.isdir(run_dir):
+        run = runs.load_run(run_dir)
+        if _trained(run.config) != _trained(config):
+            raise SystemExit(f"{run_dir} was trained with another config: move it away")
+        return run, data[0]
+    print(f"{name}: training radar ({reason}) ...", flush=True)
+    return train_run(config, spec, None, run_dir, progress=False, data=data), data[0]
+
+
+def fold_rows(run, halves: dict, defects: dict) -> list[dict]:
+    """Every setting of GRID: per fold (forest on one half, the other half's normals and
+    defects scored), image and pixel AUROC."""
+    from fmjax.eval import metrics
+    from fmjax.methods.radar import forest as forest_lib
+    from fmjax.methods.radar.scorer import RadarScorer
+    from fmjax.nets.unet import build_model
+
+    _, apply_fn = build_model(run.config.net, run.image_shape)
+    rows = []
+    for values in itertools.product(*GRID.values()):
+        settings = dataclasses.replace(run.config.score, **dict(zip(FIELDS, values)))
+        scorer = RadarScorer(apply_fn, settings, run.image_shape)
+        out = {}
+        for name, images in {**halves, **{f"V{k}": v[0] for k, v in defects.items()}}.items():
+            out[name] = scorer.maps_and_features(run.params, images)
+        row = dict(zip(FIELDS, values))
+        for fit, test in (("A", "B"), ("B", "A")):
+            forest = forest_lib.fit(out[fit][1], settings)
+            scores = np.r_[forest_lib.score(forest, out[test][1]), forest_lib.score(forest, out[f"V{test}"][1])]
+            labels = np.r_[np.zeros(len(out[test][1])), np.ones(len(out[f"V{test}"][1]))]
+            maps = np.concatenate([out[test][0], out[f"V{test}"][0]])
+            masks = np.concatenate([np.zeros(out[test][0].shape, np.uint8), defects[test][1]])
+            row[f"image_auroc_{test}"] = metrics.image_metrics(scores, labels)["image_auroc"]
+            row[f"pixel_auroc_{test}"] = metrics.pixel_metrics(maps, masks)["pixel_auroc"]
+        row["image_auroc"] = float(np.mean([row["image_auroc_A"], row["image_auroc_B"]]))
+        row["pixel_auroc"] = float(np.mean([row["pixel_auroc_A"], row["pixel_auroc_B"]]))
+        row["criterion"] = (row["image_auroc"] + row["pixel_auroc"]) / 2
+        rows.append(row)
+    return rows
+
+
+def validation_set(name: str, args) -> dict:
+    from fmjax import data as data_lib
+
+    path = os.path.join(args.out, f"radar_{name}.json")
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    start = time.perf_counter()
+    run, train = radar_run(name, f"textures:{name}", args.runs)
+    cal = run.config.calibration
+    _, holdout = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed, cal.min_holdout)
+    half = len(holdout) // 2
+    halves = {"A": holdout.images[:half], "B": holdout.images[half:2 * half]}
+    defects = {k: anomaly_set(np.concatenate([halves[k]] * args.repeats), halves["B" if k == "A" else "A"], seed=i + 2)
+               for i, k in enumerate("AB")}
+    result = {"set": name, "sizes": {k: len(v) for k, v in halves.items()}, "rows": fold_rows(run, halves, defects),
+              "seconds": time.perf_counter() - start}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def choose(results: list[dict]) -> dict:
+    """The setting with the best mean criterion over the sets (ties: the larger t_score)."""
+    table = {}
+    for result in results:
+        for row in result["rows"]:
+            table.setdefault(tuple(row[f] for f in FIELDS), []).append(row)
+    mean = {k: float(np.mean([r["criterion"] for r in rows])) for k, rows in table.items()}
+    best = max(mean, key=lambda k: (round(mean[k], 3), k[0], -k[1]))
+    return {"setting": dict(zip(FIELDS, best)), "criterion": mean[best], "mean": mean, "table": table}
+
+
+def write_report(chosen: dict, results: list[dict], out: str) -> None:
+    from fmjax.methods.radar.settings import Settings
+
+    default = Settings()
+    paper = (250, 0.0)
+    agrees = all(getattr(default, f) == v for f, v in chosen["setting"].items())
+    lines = ["# RADAR scoring settings chosen on validation data", "", f"Command: `{' '.join(sys.argv)}`", "",
+             "Criterion: mean over textures and the two folds of (image AUROC + pixel AUROC) / 2, on held-out "
+             "normal training crops and self-supervised defects made from them.", "",
+             "Chosen: " + ", ".join(f"{f}={v}" for f, v in chosen["setting"].items())
+             + f" (criterion {chosen['criterion']:.3f}); fmjax's default {'agrees' if agrees else 'DIFFERS'}.", "",
+             "| t_score | sobel_smooth_sigma | criterion | " + " | ".join(
+                 f"{r['set']} image / pixel" for r in results) + " |",
+             "|---|---|---|" + "---|" * len(results)]
+    for key, value in sorted(chosen["mean"].items()):
+        mark = " (chosen)" if key == tuple(chosen["setting"].values()) else " (paper)" if key == paper else ""
+        cells = [f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f}" for r in chosen["table"][key]]
+        lines.append(f"| {key[0]}{mark} | {key[1]} | {value:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "Seconds per set: " + ", ".join(f"{r['set']} {r['seconds']:.0f}" for r in results)]
+    with open(os.path.join(out, "radar.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "radar.json"), "w") as f:
+        json.dump({"setting": chosen["setting"], "criterion": chosen["criterion"], "default_agrees": agrees,
+                   "mean": [dict(zip(FIELDS, k), criterion=v) for k, v in chosen["mean"].items()],
+                   "sets": [r["set"] for r in results]}, f, indent=1)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", help="folder of the RADAR runs, one per texture (default: OUT/radar_runs)")
+    p.add_argument("--textures", default="brick,grass,gravel", help="embedded textures")
+    p.add_argument("--repeats", type=int, default=3, help="defects per held-out normal")
+    p.add_argument("--resume", action="store_true", help="keep the sets already in OUT/radar_<set>.json")
+    args = p.parse_args()
+    from fmjax.app import launch
+
+    launch.start()
+    args.runs = args.runs or os.path.join(args.out, "radar_runs")
+    os.makedirs(args.out, exist_ok=True)
+    results = [validation_set(name, args) for name in filter(None, args.textures.split(","))]
+    write_report(choose(results), results, args.out)
+
+
+if __name__ == "__main__":
+    main()
