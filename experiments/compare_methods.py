@@ -2,7 +2,7 @@
 patch nearest neighbour), on the same data with the same metrics and their cost.
 
 Command:
-    python experiments/compare_methods.py [--textures brick,grass,gravel] [--preset small]
+    python experiments/compare_methods.py [--textures brick,grass,gravel] [--preset auto]
         [--set KEY=VALUE ...] [--out experiments/results/compare_methods] [--methods pca,patch_nn]
     python experiments/compare_methods.py --textures "" --fashion-mnist 0 --test-limit 1000
 
@@ -22,17 +22,18 @@ All go through fmjax.app.train / fmjax.app.evaluate (the CLI's training, calibra
 scoring path); thresholds come from held-out normal images only (radar: its forest's
 decision).
 Writes OUT/compare_methods.{md,csv,json} (one row per texture and method, plus the mean
-over textures) and the run folders OUT/runs/<texture>/<method>; a rerun with the same
-settings reuses finished runs.  --set overrides (train.*, net.*, ...) go to every method;
+over textures) and the run folders OUT/runs/<texture>/<method>; a rerun reuses every
+finished run that trained the same network (other scoring settings, e.g. new defaults,
+are fitted again on its held-out normals).  --set overrides (train.*, net.*, ...) go to every method;
 score.* keys are each method's own, so scoring overrides are better given to evaluate.
 One-class Fashion-MNIST (--fashion-mnist CLASSES): train on one class's training images
-at 32x32 (as experiments/fashion_mnist_oneclass.py), test on the 10,000 test images or,
-with --test-limit N, on a class-stratified random subset of N of them (fixed seed, so
+(auto: the aligned preset at 32x32, as experiments/fashion_mnist_oneclass.py), test on
+the 10,000 test images or, with --test-limit N, on a class-stratified random subset of N of them (fixed seed, so
 every method sees the same images); image metrics only (the images carry no masks).
-Expected run time on a 2-core CPU with --preset small: about 20 minutes per texture, so
-about an hour for all three: two trainings of 600 steps (flow matching and RADAR, about
-35 images/s each, 9 minutes apiece), then about 2 minutes of scoring (Flow Mismatching
-about 1 image/s at K*T = 32, reconstruction about 5, RADAR about 20, PCA hundreds).
+Expected run time on a 2-core CPU with the default preset auto (texture for the three
+textures: two trainings of 1,200 steps, flow matching and RADAR, then scoring: Flow
+Mismatching about 1.5 images/s at K*T = 64, reconstruction about 10, RADAR about 45,
+PCA hundreds): 2,824 s for all three on a machine shared with other jobs.
 --preset tiny --textures brick takes about a minute.  Finished runs are reused.
 --methods picks a subset (e.g. --methods pca,patch_nn: the floors alone, no training).
 """
@@ -107,7 +108,7 @@ def _finished(run_dir, config):
     return run, json.load(open(timing))["train_s"]
 
 
-def train_or_reuse(config, spec, run_dir, progress, source=None, reuse=True):
+def train_or_reuse(config, spec, run_dir, progress, source=None, reuse=True, label=""):
     """(Run, training seconds, reused).  source: a flow run folder to re-score (recon)
     instead of training; reuse=False rebuilds even a finished run."""
     from fmjax.app.train import rescore_run, train_run
@@ -115,8 +116,10 @@ def train_or_reuse(config, spec, run_dir, progress, source=None, reuse=True):
 
     found = _finished(run_dir, config) if reuse else None
     if found:
-        print(f"   reusing {run_dir}", flush=True)
+        print(f"   reusing {run_dir}" + (f" ({found[0].refit})" if found[0].refit else ""), flush=True)
         return found + (True,)
+    if label:
+        print(f"   {label}: training ({config.train.steps} steps)", flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished or stale run of this script
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     start = time.perf_counter()
@@ -218,16 +221,16 @@ def main(argv=None):
         progress = not args.no_progress
         trained = {}
         if "flow_mismatch" in methods:
-            print(f"   flow matching: training ({base.train.steps} steps)", flush=True)
-            trained["flow_mismatch"] = train_or_reuse(base, spec, os.path.join(root, "flow_mismatch"), progress)
+            trained["flow_mismatch"] = train_or_reuse(base, spec, os.path.join(root, "flow_mismatch"), progress,
+                                                      label="flow matching")
         if "recon" in methods:
             # a flow model trained just now invalidates an older re-scored copy
             trained["recon"] = train_or_reuse(with_method(base, "recon"), spec, os.path.join(root, "recon"), progress,
                                               source=os.path.join(root, "flow_mismatch"),
                                               reuse=trained["flow_mismatch"][2])
         if "radar" in methods:
-            print(f"   radar: training ({base.train.steps} steps)", flush=True)
-            trained["radar"] = train_or_reuse(with_method(base, "radar"), spec, os.path.join(root, "radar"), progress)
+            trained["radar"] = train_or_reuse(with_method(base, "radar"), spec, os.path.join(root, "radar"), progress,
+                                              label="radar")
         data_config = next(iter(trained.values()))[0].config if trained else base
         dataset = data_lib.load(spec, None, data_config.data, data_config.textures)
         if spec.startswith("fashion_mnist:"):
