@@ -30,8 +30,9 @@ from fmjax.methods.flow_mismatch.settings import check_map_rule, check_time_weig
 from fmjax.methods.maps import gaussian_smooth, image_score
 from fmjax.methods.rules import parse_image_score
 
-__all__ = ["Scorer", "aggregate_ordered", "aggregate_paths", "aggregate_times", "delta_chunks", "grid_index", "grid_to_delta",
-           "heat_maps", "interior_times", "mismatch_delta", "path_noise", "per_time_maps", "time_weights"]
+__all__ = ["Scorer", "aggregate_ordered", "aggregate_paths", "aggregate_times", "delta_chunks", "grid_index",
+           "grid_to_delta", "heat_maps", "interior_times", "mismatch_delta", "path_noise", "per_time_maps",
+           "time_weights"]
 
 
 # ----------------------------------------------------------------------------- rules
