@@ -287,12 +287,20 @@ def test_image_score_rules():
         rules.parse_image_score("top")
 
 
-@pytest.mark.parametrize("sigma", [0.7, 2.0, 4.0])
-def test_smoothing_matches_scipy(sigma):
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 4.0, 9.0])  # 9: the radius exceeds both sides
+@pytest.mark.parametrize("smooth", [maps_lib.gaussian_smooth, maps_lib._smooth_by_slices, maps_lib._smooth_by_matmul])
+def test_smoothing_matches_scipy(sigma, smooth):
     maps = np.random.default_rng(7).random((2, 13, 11)).astype(np.float32)
-    ours = np.asarray(maps_lib.gaussian_smooth(jnp.asarray(maps), sigma))
+    ours = np.asarray(jax.jit(smooth, static_argnums=1)(jnp.asarray(maps), sigma))
     ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma, mode="reflect") for m in maps])
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_smoothing_uses_matrix_products_on_cpu_only():
+    maps = jnp.zeros((2, 8, 8))
+    lowered = jax.jit(maps_lib.gaussian_smooth, static_argnums=1).lower(maps, 2.0)
+    assert ("dot_general" in lowered.as_text()) == (jax.default_backend() == "cpu")
+    np.testing.assert_allclose(maps_lib.blur_matrix(8, 2.0).sum(1), 1.0, rtol=1e-6)  # rows are whole kernels
 
 
 # ----------------------------------------------------------------------------- chunk size from a memory budget

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -122,10 +123,13 @@ def map_from_per_time(per_time, times, rule: Settings):
     return gaussian_smooth(flat, rule.smooth_sigma).reshape(maps.shape)
 
 
-def _maps_program(rules, indices, times):
-    """(jitted delta [C, T_max, K_max, H, W] -> maps [R, C, H, W], the map rules of its R
-    rows): the distinct map rules `rules`, reordered so that rules sharing every field but
-    K and the aggregate are one batched call; indices: {T: time indices}."""
+@functools.lru_cache(maxsize=16)
+def _maps_program(rules: tuple, t_max: int):
+    """(jitted (delta [C, T_max, K_max, H, W], times [T_max]) -> maps [R, C, H, W], the map
+    rules of its R rows): the distinct map rules `rules`, reordered so that rules sharing
+    every field but K and the aggregate are one batched call. Cached: a study of another
+    test set of the same shape reuses the compiled program."""
+    indices = {r.num_times: time_index(r.num_times, t_max) for r in rules}
     path_keys = sorted({(r.num_paths, r.aggregate) for r in rules})
     row = {key: i for i, key in enumerate(path_keys)}
     groups = {}
@@ -134,7 +138,7 @@ def _maps_program(rules, indices, times):
     for members in groups.values():
         members.sort(key=lambda r: row[(r.num_paths, r.aggregate)])
 
-    def run(delta):
+    def run(delta, times):
         ordered = {k: sort_axis(delta[:, :, :k], 2) for k in {k for k, agg in path_keys if agg != "mean"}}
         per_time = jnp.stack([aggregate_ordered(delta[:, :, :k], ordered.get(k), agg, axis=2) for k, agg in path_keys])
         out = []
@@ -149,7 +153,8 @@ def _maps_program(rules, indices, times):
     return jax.jit(run), [r for members in groups.values() for r in members]
 
 
-def _scores_program(specs):
+@functools.lru_cache(maxsize=16)
+def _scores_program(specs: tuple):
     """Jitted maps [B, H, W] -> image scores [len(specs), B]."""
     return jax.jit(lambda maps: jnp.stack([image_score(maps, s) for s in specs]))
 
@@ -179,7 +184,8 @@ def evaluate_rules(delta, times, rules, labels, masks=None, image_chunk: int = 0
         _check(rule)
         if rule.num_paths > k_max:
             raise ScoreRuleError(f"K = {rule.num_paths} exceeds the stored K = {k_max}")
-    indices = {t: time_index(t, t_max) for t in sorted({r.num_times for r in rules})}
+    for num_times in sorted({r.num_times for r in rules}):
+        time_index(num_times, t_max)  # raises unless T is a sub-grid of the stored times
     distinct = list(dict.fromkeys(map_rule(r) for r in rules))
     specs = list(dict.fromkeys(r.image_score for r in rules))
     labels = np.asarray(labels)
@@ -196,13 +202,13 @@ def evaluate_rules(delta, times, rules, labels, masks=None, image_chunk: int = 0
     results = {}  # map rule -> (pixel metrics, {spec: image scores})
     seen = {}  # fingerprint -> [(map, its pixel metrics' slot)]
     for g in range(0, len(distinct), per_group):
-        program, group = _maps_program(tuple(distinct[g:g + per_group]), indices, jnp.asarray(times))
+        program, group = _maps_program(tuple(distinct[g:g + per_group]), t_max)
         maps = np.empty((len(group), n) + delta.shape[3:], np.float32)
         for start in range(0, n, chunk):
             part = np.asarray(delta[start:start + chunk], np.float32)
             if len(part) < chunk:
                 part = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], np.float32)])
-            maps[:, start:start + chunk] = np.asarray(program(part))[:, :min(chunk, n - start)]
+            maps[:, start:start + chunk] = np.asarray(program(part, times))[:, :min(chunk, n - start)]
         scores = np.asarray(score_program(maps.reshape((-1,) + maps.shape[2:]))).reshape(len(specs), len(group), n)
         slots, todo = [], []  # equal maps share one pixel-metrics computation
         for i in range(len(group)):
