@@ -62,6 +62,10 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-4
     warmup_steps: int = 100
+    # constant: the learning rate after warm-up; cosine: from there down to
+    # final_lr_fraction * learning_rate at the last step
+    lr_schedule: str = "constant"
+    final_lr_fraction: float = 0.1
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
@@ -346,6 +350,7 @@ RANGES = {
                  "anomaly_fraction": PROBABILITY, "seed": SEED},
     "train": {"steps": Range(1, INT32), "batch_size": Range(1, 1 << 20),
               "learning_rate": Range(0.0, 10.0, low_open=True), "warmup_steps": Range(0, INT32),
+              "final_lr_fraction": FRACTION,
               "weight_decay": Range(0.0, 10.0), "b1": FRACTION, "b2": FRACTION, "grad_clip_norm": Range(0.0, 1e12),
               "ema_decay": PROBABILITY, "logit_normal_mean": Range(-10.0, 10.0),
               "logit_normal_std": Range(0.0, 10.0, low_open=True), "patch_size": Range(0, 16384), "seed": SEED,
@@ -373,6 +378,8 @@ def validate(config: Config) -> None:
     _check(net.dtype in ("float32", "bfloat16"), f"net.dtype must be float32 or bfloat16, got {net.dtype!r}")
     _check(1 <= len(net.channel_mult) <= 12, f"net.channel_mult must have 1 to 12 levels, got {net.channel_mult}")
     _check(data.channels in (0, 1, 3), f"data.channels must be 0 (from the data), 1 or 3, got {data.channels}")
+    _check(train.lr_schedule in ("constant", "cosine"),
+           f"train.lr_schedule must be constant or cosine, got {train.lr_schedule!r}")
     _check(train.t_sampler in ("uniform", "logit_normal"),
            f"train.t_sampler must be uniform or logit_normal, got {train.t_sampler!r}")
     factor = 2 ** (len(net.channel_mult) - 1)

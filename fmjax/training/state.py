@@ -11,7 +11,7 @@ import optax
 from fmjax.config import Config, TrainConfig
 from fmjax.nets import unet
 
-__all__ = ["TrainState", "abstract_state", "apply_gradients", "init_state", "learning_rate", "make_optimizer"]
+__all__ = ["TrainState", "abstract_state", "apply_gradients", "init_state", "learning_rate", "make_optimizer", "schedule"]
 
 
 @flax.struct.dataclass
@@ -22,17 +22,27 @@ class TrainState:
     opt_state: Any
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The learning rate `make_optimizer` applies at update `step` (0-based): linear
-    warm-up from 0 over train.warmup_steps, then train.learning_rate."""
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    """The learning rate at each update (0-based): linear warm-up from 0 over
+    train.warmup_steps, then train.learning_rate (constant) or a cosine decay from it to
+    final_lr_fraction * learning_rate at train.steps (cosine)."""
+    peak = float(cfg.learning_rate)
+    after = optax.constant_schedule(peak)
+    if cfg.lr_schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, max(cfg.steps - cfg.warmup_steps, 1), alpha=cfg.final_lr_fraction)
     if cfg.warmup_steps <= 0:
-        return float(cfg.learning_rate)
-    return float(cfg.learning_rate) * min(step, cfg.warmup_steps) / cfg.warmup_steps
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, cfg.warmup_steps), after], [cfg.warmup_steps])
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate `make_optimizer` applies at update `step` (0-based), as a float."""
+    return float(schedule(cfg)(step))
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up; optional update-RMS clipping (StableAdamW-style)."""
-    schedule = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    """AdamW with the `schedule` (warm-up, then constant or cosine); optional update-RMS
+    clipping (StableAdamW-style)."""
     parts = []
     if cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
@@ -42,7 +52,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         parts.append(optax.clip_by_block_rms(1.0))
     if cfg.weight_decay > 0:
         parts.append(optax.add_decayed_weights(cfg.weight_decay))
-    parts.append(optax.scale_by_learning_rate(schedule if cfg.warmup_steps > 0 else cfg.learning_rate))
+    constant = cfg.warmup_steps <= 0 and cfg.lr_schedule == "constant"  # a float: no step count in the state
+    parts.append(optax.scale_by_learning_rate(float(cfg.learning_rate) if constant else schedule(cfg)))
     return optax.chain(*parts)
 
 

@@ -1,12 +1,9 @@
 """TensorBoard event files (fmjax.eval.events) and the learning rate they log."""
 import sys
 
-import optax
 import pytest
 
-from fmjax.config import TrainConfig
 from fmjax.errors import ConfigError
-from fmjax.training.state import learning_rate
 
 events = pytest.importorskip("fmjax.eval.events")
 pytest.importorskip("tensorboardX")
@@ -23,11 +20,3 @@ def test_a_missing_tensorboardx_is_a_one_line_config_error(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     with pytest.raises(ConfigError, match=r"fmjax\[tensorboard\]"):
         events.EventLog(str(tmp_path / "logs"))
-
-
-@pytest.mark.parametrize("warmup", [0, 4])
-def test_learning_rate_is_the_optimizers_schedule(warmup):
-    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=warmup)
-    schedule = optax.linear_schedule(0.0, 1e-3, max(warmup, 1)) if warmup else (lambda step: 1e-3)
-    for step in range(8):
-        assert learning_rate(cfg, step) == pytest.approx(float(schedule(step)))

@@ -28,7 +28,7 @@ from fmjax.nets.unet import build_model
 from fmjax.training import loop
 from fmjax.training.checkpoints import checkpoint_manager, restore_state
 from fmjax.training.loop import batch_indices
-from fmjax.training.state import TrainState, init_state, make_optimizer
+from fmjax.training.state import TrainState, init_state, learning_rate, make_optimizer
 from fmjax.training.step import Augment, augment, make_step_fn, train_step
 
 
@@ -372,3 +372,23 @@ def test_patch_crops_are_windows_of_the_inputs():
     # patch_size 0 leaves the images alone
     np.testing.assert_array_equal(np.asarray(augment(images, jax.random.PRNGKey(0), Augment())),
                                   np.asarray(images))
+
+
+@pytest.mark.parametrize("warmup, kind", [(0, "constant"), (4, "constant"), (0, "cosine"), (4, "cosine")])
+def test_learning_rate_is_what_the_optimizer_applies(warmup, kind):
+    # a constant gradient makes Adam's normalised step exactly 1, so each update is -lr(step)
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=warmup, steps=12, lr_schedule=kind, final_lr_fraction=0.2,
+                      update_rms_clip=False)
+    optimizer = make_optimizer(cfg)
+    params = {"w": jnp.zeros(3)}
+    opt_state = optimizer.init(params)
+    rates = []
+    for step in range(16):
+        updates, opt_state = optimizer.update({"w": jnp.ones(3)}, opt_state, params)
+        rates.append(-float(updates["w"][0]))
+        assert rates[-1] == pytest.approx(learning_rate(cfg, step), rel=1e-4, abs=1e-9)
+    if kind == "cosine":
+        assert rates[-1] == pytest.approx(2e-4, rel=1e-4)  # the final fraction after the last step
+        assert all(a >= b * (1 - 1e-6) for a, b in zip(rates[warmup:], rates[warmup + 1:]))  # falls after warm-up
+    else:
+        assert rates[-1] == pytest.approx(1e-3, rel=1e-4)
