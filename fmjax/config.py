@@ -84,6 +84,9 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    heldout_loss: bool = True  # log the held-out normals' loss at every checkpoint (heldout_loss)
+    # > 0: stop once this many checkpoints in a row have not lowered that loss
+    early_stop_patience: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +357,8 @@ RANGES = {
               "weight_decay": Range(0.0, 10.0), "b1": FRACTION, "b2": FRACTION, "grad_clip_norm": Range(0.0, 1e12),
               "ema_decay": PROBABILITY, "logit_normal_mean": Range(-10.0, 10.0),
               "logit_normal_std": Range(0.0, 10.0, low_open=True), "patch_size": Range(0, 16384), "seed": SEED,
-              "log_every": Range(1, INT32), "checkpoint_every": Range(1, INT32), "keep_checkpoints": Range(1, 10_000)},
+              "log_every": Range(1, INT32), "checkpoint_every": Range(1, INT32), "keep_checkpoints": Range(1, 10_000),
+              "early_stop_patience": Range(0, 1_000_000)},
     "calibration": {"holdout_fraction": FRACTION, "min_holdout": Range(0, 1_000_000), "seed": SEED,
                     "image_threshold_quantile": PROBABILITY,
                     "pixel_threshold_quantile": PROBABILITY},
@@ -407,7 +411,7 @@ PRESETS = {
         data=DataConfig(image_size=16),
         textures=TexturesConfig(crop_size=32, num_train=32, num_test=8),
         train=TrainConfig(steps=20, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_every=5,
-                          checkpoint_every=10, ema_decay=0.9, hflip=False, vflip=False),
+                          checkpoint_every=10, ema_decay=0.9, hflip=False, vflip=False, heldout_loss=False),
     ),
     # minutes on a 2-core CPU: the paper's scoring rule on patches (the default before `auto`)
     "small": Config(preset="small", net=_SMALL_NET, data=DataConfig(image_size=64), textures=_SMALL_TEXTURES,

@@ -128,7 +128,8 @@ def train_run(config: Config, spec: str, category: str | None, run_dir: str, res
 
         loop.train(config, method.objective(config), fit.images, run_dir, class_ids=fit.class_ids, resume=resume,
                    progress=progress, devices=devices, use_pmap=use_pmap,
-                   init_shape=method.init_shape(config, fit.images.shape[1:]), on_log=on_log)
+                   init_shape=method.init_shape(config, fit.images.shape[1:]), on_log=on_log,
+                   heldout=None if holdout is None else (holdout.images, holdout.class_ids))
         stack.close()
         if writer:
             write_json(data_path, data_info)
@@ -176,4 +177,8 @@ def main(args) -> None:
         config = build(args.preset, args.method, args.set, args.config)
     run = train_run(config, args.data, args.category, args.out, resume=args.resume, progress=not args.no_progress,
                     use_pmap=args.parallel == "pmap", data=data, logdir=args.logdir)
-    print(f"trained {run.config.train.steps} steps -> {args.out}")
+    from fmjax.training.checkpoints import latest_step
+
+    steps = latest_step(args.out)
+    stopped = "" if steps == run.config.train.steps else f" (early stop; train.steps {run.config.train.steps})"
+    print(f"trained {steps} steps{stopped} -> {args.out}")

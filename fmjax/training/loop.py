@@ -23,7 +23,7 @@ from fmjax.files import write_text_atomic, writing
 from fmjax.nets import unet
 from fmjax.training.checkpoints import checkpoint_manager, restore_state, save_state
 from fmjax.training.state import TrainState, init_state
-from fmjax.training.step import Objective, make_pmap_step_fn, make_step_fn
+from fmjax.training.step import Objective, make_heldout_loss_fn, make_pmap_step_fn, make_step_fn
 
 __all__ = ["batch_indices", "host_batch_indices", "log_window", "train"]
 
@@ -77,9 +77,23 @@ def _open_run(config: Config, run_dir: str, init_shape, resume: bool, init_key, 
     return init_state(config, init_shape, init_key), manager
 
 
+def _heldout_history(log_path: str, upto: int) -> tuple:
+    """(best held-out loss, checkpoint evaluations since it) from the log's records up to
+    step `upto`: where a resumed run's early stopping stood."""
+    best, since = math.inf, 0
+    if not os.path.exists(log_path):
+        return best, since
+    with open(log_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["step"] <= upto and "heldout_loss" in record:
+                best, since = (record["heldout_loss"], 0) if record["heldout_loss"] < best else (best, since + 1)
+    return best, since
+
+
 def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str, class_ids=None,
           resume: bool = False, progress: bool = True, devices=None, stop_at: int | None = None,
-          use_pmap: bool = False, init_shape=None, on_log=None) -> TrainState:
+          use_pmap: bool = False, init_shape=None, on_log=None, heldout=None) -> TrainState:
     """Trains the network on normal images uint8 [N,H,W,C] for `objective`; returns the
     final state (as one copy).
 
@@ -90,6 +104,11 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
     initialised at (default: the images'; the U-Net is fully convolutional).
     on_log(record): called with each train_log.jsonl record (step, loss, grad_norm,
     images_per_s) on the writing process, e.g. for TensorBoard.
+    heldout: (images uint8 [M,H,W,C], class_ids [M]) of held-out normals: with
+    train.heldout_loss, at every checkpoint the EMA network's loss on them
+    (`make_heldout_loss_fn`, the same draws each time) is logged as heldout_loss, and with
+    train.early_stop_patience = P > 0 (which logs it too) training
+    stops once P checkpoints in a row have not lowered it (single-process runs only).
     `stop_at` ends early after that step (the run can be resumed). `use_pmap` runs the pmap
     step instead of the mesh step: same result. On several processes (after
     `multihost.maybe_initialize_distributed()`) every process runs this with the same
@@ -109,6 +128,8 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
                               f"set train.batch_size to a multiple of {mesh.devices.size}")
     else:
         mesh = data_mesh(devices_for_batch(devices if devices is not None else jax.local_devices(), cfg.batch_size))
+    if cfg.early_stop_patience and (heldout is None or multi_process):
+        raise ConfigError("train.early_stop_patience needs held-out normal images and a single-process run")
     writer = multihost.is_writer()
     class_ids = np.zeros(len(images), np.int32) if class_ids is None else np.asarray(class_ids, np.int32)
     init_key, run_key = objective.seed_keys(cfg.seed)
@@ -132,6 +153,14 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
     if writer and start == 0 and os.path.exists(log_path):
         os.remove(log_path)
     bar = _progress(start, cfg.steps, progress and writer)
+    evaluate_heldout = None
+    if heldout is not None and len(heldout[0]) and not multi_process and (cfg.heldout_loss or cfg.early_stop_patience):
+        evaluate_heldout = make_heldout_loss_fn(objective, module, config)
+        heldout_images, heldout_ids = np.asarray(heldout[0]), np.asarray(heldout[1], np.int32)
+        heldout_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2)
+    best, since_best = _heldout_history(log_path, start) if evaluate_heldout else (math.inf, 0)
+    if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
+        end = start  # stopped early before; a resume does not train on
     window, window_start = [], time.perf_counter()
     for step in range(start, end):
         idx = host_batch_indices(step, len(images), cfg.batch_size, cfg.seed)
@@ -150,28 +179,40 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
         window.append(metrics)
         done = step + 1
         # a checkpoint step also logs, so a NaN state is caught before it is saved
-        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
+        checkpoint = done % cfg.checkpoint_every == 0 or done == end
+        if done % cfg.log_every == 0 or checkpoint:
             values = jax.device_get(window)
             elapsed = time.perf_counter() - window_start
-            record = log_window(values, done, cfg.batch_size, elapsed, log_path if writer else None, bar)
+            extra = {}
+            if checkpoint and evaluate_heldout:
+                extra["heldout_loss"] = evaluate_heldout(current(state).ema_params, heldout_images, heldout_ids,
+                                                         heldout_key)
+            record = log_window(values, done, cfg.batch_size, elapsed, log_path if writer else None, bar, extra)
             if on_log is not None and writer:
                 on_log(record)
             window, window_start = [], time.perf_counter()
-        if done % cfg.checkpoint_every == 0 or done == end:
+        if checkpoint:
             save_state(manager, done, current(state))  # every process saves; orbax writes once
-            window_start = time.perf_counter()  # checkpoint time is not training throughput
+            window_start = time.perf_counter()  # checkpoint and held-out time is not training throughput
+            if evaluate_heldout:
+                best, since_best = (extra["heldout_loss"], 0) if extra["heldout_loss"] < best else (best, since_best + 1)
+                if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
+                    bar.write(f"early stop at step {done}: the held-out loss has not fallen below {best:.5f} "
+                              f"for {since_best} checkpoints")
+                    break
     manager.wait_until_finished()
     bar.close()
     return current(state)
 
 
-def log_window(values, step: int, batch_size: int, elapsed: float, log_path, bar) -> dict:
+def log_window(values, step: int, batch_size: int, elapsed: float, log_path, bar, extra=None) -> dict:
     """Averages a window of step metrics, stops on a non-finite loss, appends one JSONL
-    line to `log_path` (when given) and updates the progress bar."""
+    line to `log_path` (when given; with the values of `extra`, e.g. heldout_loss) and
+    updates the progress bar."""
     record = {"step": step,
               "loss": float(np.mean([v["loss"] for v in values])),
               "grad_norm": float(np.mean([v["grad_norm"] for v in values])),
-              "images_per_s": len(values) * batch_size / max(elapsed, 1e-9)}
+              "images_per_s": len(values) * batch_size / max(elapsed, 1e-9), **(extra or {})}
     if not math.isfinite(record["loss"]):
         raise TrainError(f"loss became {record['loss']} by step {step}; "
                          f"lower train.learning_rate or set train.grad_clip_norm")

@@ -31,7 +31,7 @@ from fmjax.nets.layers import global_dropout
 from fmjax.training.state import TrainState, apply_gradients
 
 __all__ = ["Augment", "Objective", "StepDraws", "apply_augment", "augment", "draw_augment", "draw_step",
-           "make_pmap_step_fn", "make_step_fn", "pmap_train_step", "shard_loss_and_grads", "slice_draws",
+           "heldout_loss", "make_heldout_loss_fn", "make_pmap_step_fn", "make_step_fn", "pmap_train_step", "shard_loss_and_grads", "slice_draws",
            "train_step"]
 
 
@@ -230,3 +230,36 @@ def make_pmap_step_fn(objective: Objective, module, config: Config, devices=None
         state, images, class_ids, key, objective=objective, module=module, config=config,
         pack=packs_gradients(devices))
     return jax.pmap(step, axis_name=DATA_AXIS, in_axes=(0, 0, 0, None), devices=devices, donate_argnums=0)
+
+
+def heldout_loss(params, images_u8, class_ids, key, *, objective: Objective, module, config: Config):
+    """The objective's mean loss on held-out normal images uint8 [N,H,W,C] (class_ids int
+    [N]) with the network in evaluation mode (no dropout), every draw (flips, crops, the
+    objective's noise) from `key`: the same key gives the same draws at every evaluation,
+    so values along a training run differ only by the parameters. Pure."""
+    draws = draw_step(key, images_u8.shape, objective)
+    x = to_model_range(apply_augment(images_u8, draws.hflip, draws.vflip, draws.corners, objective.augment.patch_size))
+    conditional = config.net.num_classes > 0
+
+    def apply_eval(params, x, t, y=None):
+        return module.apply(params, x, t, y if conditional else None, train=False)
+
+    return objective.loss(params, x, draws.noise, class_ids, apply_eval)
+
+
+def make_heldout_loss_fn(objective: Objective, module, config: Config, limit: int = 256):
+    """(params, images uint8 [N,H,W,C], class_ids [N], key) -> float: `heldout_loss` over
+    the first min(N, limit) images in batches of train.batch_size (a last partial batch is
+    left out unless it is the only one), batch i drawing from fold_in(key, i)."""
+    batch_loss = xla_options.jit(lambda p, x, y, k: heldout_loss(p, x, y, k, objective=objective, module=module,
+                                                                 config=config))
+
+    def evaluate(params, images_u8, class_ids, key) -> float:
+        n = min(len(images_u8), limit)
+        size = min(config.train.batch_size, n)
+        losses = [batch_loss(params, images_u8[i * size:(i + 1) * size], class_ids[i * size:(i + 1) * size],
+                             jax.random.fold_in(key, i)) for i in range(n // size)]
+        return float(jnp.mean(jnp.stack(losses)))
+
+    return evaluate
+

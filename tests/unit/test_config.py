@@ -57,7 +57,7 @@ def test_bad_overrides_are_config_errors(bad):
 # fmjax.config.RANGES; every other probe below must be refused by validation.
 ZERO_OK = {"net.num_classes", "net.dropout", "data.channels", "textures.anomaly_fraction", "textures.seed",
            "train.warmup_steps", "train.weight_decay", "train.b1", "train.b2", "train.grad_clip_norm",
-           "train.ema_decay", "train.final_lr_fraction", "train.logit_normal_mean", "train.patch_size", "train.seed",
+           "train.ema_decay", "train.early_stop_patience", "train.final_lr_fraction", "train.logit_normal_mean", "train.patch_size", "train.seed",
            "calibration.holdout_fraction", "calibration.min_holdout", "calibration.seed",
            "calibration.image_threshold_quantile",
            "calibration.pixel_threshold_quantile", "flow_mismatch.smooth_sigma", "flow_mismatch.chunk_size",

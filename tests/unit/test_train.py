@@ -22,10 +22,11 @@ from fmjax import flow
 from fmjax.config import TrainConfig, preset
 from fmjax.distributed.collectives import PACKED_LEAF_SIZE, psum_packed
 from fmjax.distributed.mesh import data_mesh, devices_for_batch
-from fmjax.errors import TrainError
+from fmjax.errors import ConfigError, TrainError
 from fmjax.methods import registry
 from fmjax.nets.unet import build_model
 from fmjax.training import loop
+from fmjax.training import step as step_lib
 from fmjax.training.checkpoints import checkpoint_manager, restore_state
 from fmjax.training.loop import batch_indices
 from fmjax.training.state import TrainState, init_state, learning_rate, make_optimizer
@@ -392,3 +393,37 @@ def test_learning_rate_is_what_the_optimizer_applies(warmup, kind):
         assert all(a >= b * (1 - 1e-6) for a, b in zip(rates[warmup:], rates[warmup + 1:]))  # falls after warm-up
     else:
         assert rates[-1] == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_heldout_loss_is_logged_at_checkpoints_from_the_ema_network(tmp_path):
+    config = tiny(steps=20, log_every=5, checkpoint_every=10, heldout_loss=True)
+    heldout = (structured_images(8)[::-1].copy(), np.zeros(8, np.int32))
+    train(config, IMAGES, str(tmp_path / "run"), progress=False, heldout=heldout)
+    records = read_log(str(tmp_path / "run"))
+    assert [r["step"] for r in records if "heldout_loss" in r] == [10, 20]
+    objective = registry.get(config.method).objective(config)
+    module, _ = build_model(config.net, SHAPE)
+    evaluate = step_lib.make_heldout_loss_fn(objective, module, config)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2)
+    state = restore_state(str(tmp_path / "run"), config, SHAPE)
+    want = evaluate(state.ema_params, *heldout, key)
+    assert records[-1]["heldout_loss"] == pytest.approx(want, rel=1e-5)
+    assert evaluate(state.params, *heldout, key) != pytest.approx(want, rel=1e-5)  # the EMA, not the raw weights
+    assert evaluate(state.ema_params, *heldout, key) == want  # the same draws every time
+    train(tiny(steps=20, log_every=5, checkpoint_every=10), IMAGES, str(tmp_path / "off"), progress=False,
+          heldout=heldout)
+    assert not any("heldout_loss" in r for r in read_log(str(tmp_path / "off")))
+
+
+def test_early_stop_after_patience_checkpoints_without_a_lower_heldout_loss(tmp_path, monkeypatch):
+    scripted = iter([1.0, 0.8, 0.9, 0.85, 0.7, 0.6])  # 0.8 is the best when two checkpoints fail to beat it
+    monkeypatch.setattr(loop, "make_heldout_loss_fn", lambda *a, **k: lambda *args: next(scripted))
+    config = tiny(steps=60, log_every=10, checkpoint_every=10, early_stop_patience=2)
+    heldout = (structured_images(4), np.zeros(4, np.int32))
+    run_dir = str(tmp_path / "run")
+    state = train(config, IMAGES, run_dir, progress=False, heldout=heldout)
+    assert int(state.step) == 40
+    assert [r["heldout_loss"] for r in read_log(run_dir) if "heldout_loss" in r] == [1.0, 0.8, 0.9, 0.85]
+    assert int(train(config, IMAGES, run_dir, progress=False, resume=True, heldout=heldout).step) == 40
+    with pytest.raises(ConfigError, match="early_stop_patience"):
+        train(config, IMAGES, str(tmp_path / "other"), progress=False)
