@@ -90,8 +90,12 @@ def trained_run(name: str, spec: str, category, runs_dir: str, overrides=()):
     run_dir = os.path.join(runs_dir, name)
     if os.path.isdir(run_dir):
         run = runs.load_run(run_dir)
-        trained = lambda c: (c.method, c.net, c.data.image_size,
-                             dataclasses.replace(c.train, log_every=1, checkpoint_every=1, keep_checkpoints=1))
+        saved = run.config.train
+        # what shapes the network: logging and checkpoints do not, auto flips (None) match what they chose
+        trained = lambda c: (c.method, c.net, c.data.image_size, dataclasses.replace(
+            c.train, log_every=1, checkpoint_every=1, keep_checkpoints=1,
+            hflip=saved.hflip if c.train.hflip is None else c.train.hflip,
+            vflip=saved.vflip if c.train.vflip is None else c.train.vflip))
         if trained(run.config) != trained(config):
             raise SystemExit(f"{run_dir} was trained with another config: move it away")
     else:
