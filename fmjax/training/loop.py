@@ -25,7 +25,7 @@ from fmjax.training.checkpoints import checkpoint_manager, restore_state, save_s
 from fmjax.training.state import TrainState, init_state
 from fmjax.training.step import Objective, make_heldout_loss_fn, make_pmap_step_fn, make_step_fn
 
-__all__ = ["batch_indices", "host_batch_indices", "log_window", "train"]
+__all__ = ["batch_indices", "heldout_evaluator", "host_batch_indices", "log_window", "train"]
 
 
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> np.ndarray:
@@ -75,6 +75,15 @@ def _open_run(config: Config, run_dir: str, init_shape, resume: bool, init_key, 
     if writer:
         write_text_atomic(config_path, config.to_json())
     return init_state(config, init_shape, init_key), manager
+
+
+def heldout_evaluator(config: Config, objective: Objective, module, heldout, multi_process: bool):
+    """`make_heldout_loss_fn`'s evaluation when this run logs the held-out loss
+    (train.heldout_loss or early stopping, held-out images given, one process), else None."""
+    cfg = config.train
+    if heldout is None or not len(heldout[0]) or multi_process or not (cfg.heldout_loss or cfg.early_stop_patience):
+        return None
+    return make_heldout_loss_fn(objective, module, config)
 
 
 def _heldout_history(log_path: str, upto: int) -> tuple:
@@ -153,9 +162,8 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
     if writer and start == 0 and os.path.exists(log_path):
         os.remove(log_path)
     bar = _progress(start, cfg.steps, progress and writer)
-    evaluate_heldout = None
-    if heldout is not None and len(heldout[0]) and not multi_process and (cfg.heldout_loss or cfg.early_stop_patience):
-        evaluate_heldout = make_heldout_loss_fn(objective, module, config)
+    evaluate_heldout = heldout_evaluator(config, objective, module, heldout, multi_process)
+    if evaluate_heldout:
         heldout_images, heldout_ids = np.asarray(heldout[0]), np.asarray(heldout[1], np.int32)
         heldout_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2)
     best, since_best = _heldout_history(log_path, start) if evaluate_heldout else (math.inf, 0)

@@ -395,24 +395,36 @@ def test_learning_rate_is_what_the_optimizer_applies(warmup, kind):
         assert rates[-1] == pytest.approx(1e-3, rel=1e-4)
 
 
-def test_heldout_loss_is_logged_at_checkpoints_from_the_ema_network(tmp_path):
+def test_heldout_loss_is_logged_at_checkpoints_from_the_ema_network(tmp_path, monkeypatch):
+    made = []  # the loop's evaluation, reused here compiled
+    monkeypatch.setattr(loop, "make_heldout_loss_fn", lambda *a, **k: made.append(step_lib.make_heldout_loss_fn(*a, **k))
+                        or made[-1])
     config = tiny(steps=20, log_every=5, checkpoint_every=10, heldout_loss=True)
     heldout = (structured_images(8)[::-1].copy(), np.zeros(8, np.int32))
     train(config, IMAGES, str(tmp_path / "run"), progress=False, heldout=heldout)
     records = read_log(str(tmp_path / "run"))
     assert [r["step"] for r in records if "heldout_loss" in r] == [10, 20]
-    objective = registry.get(config.method).objective(config)
-    module, _ = build_model(config.net, SHAPE)
-    evaluate = step_lib.make_heldout_loss_fn(objective, module, config)
+    evaluate = made[0]
     key = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2)
     state = restore_state(str(tmp_path / "run"), config, SHAPE)
     want = evaluate(state.ema_params, *heldout, key)
     assert records[-1]["heldout_loss"] == pytest.approx(want, rel=1e-5)
     assert evaluate(state.params, *heldout, key) != pytest.approx(want, rel=1e-5)  # the EMA, not the raw weights
     assert evaluate(state.ema_params, *heldout, key) == want  # the same draws every time
-    train(tiny(steps=20, log_every=5, checkpoint_every=10), IMAGES, str(tmp_path / "off"), progress=False,
-          heldout=heldout)
-    assert not any("heldout_loss" in r for r in read_log(str(tmp_path / "off")))
+
+
+def test_heldout_loss_only_where_asked_and_possible():
+    config = tiny(heldout_loss=True)
+    objective = registry.get(config.method).objective(config)
+    module, _ = build_model(config.net, SHAPE)
+    heldout = (IMAGES[:4], np.zeros(4, np.int32))
+    assert loop.heldout_evaluator(config, objective, module, heldout, False) is not None
+    assert loop.heldout_evaluator(tiny(heldout_loss=False), objective, module, heldout, False) is None
+    assert loop.heldout_evaluator(tiny(heldout_loss=False, early_stop_patience=3), objective, module, heldout,
+                                  False) is not None
+    assert loop.heldout_evaluator(config, objective, module, None, False) is None
+    assert loop.heldout_evaluator(config, objective, module, heldout, True) is None  # several processes
+    assert preset("texture").train.heldout_loss and not preset("tiny").train.heldout_loss
 
 
 def test_early_stop_after_patience_checkpoints_without_a_lower_heldout_loss(tmp_path, monkeypatch):
