@@ -96,8 +96,13 @@ def _heldout_history(log_path: str, upto: int) -> tuple:
         for line in f:
             record = json.loads(line)
             if record["step"] <= upto and "heldout_loss" in record:
-                best, since = (record["heldout_loss"], 0) if record["heldout_loss"] < best else (best, since + 1)
+                best, since = _track_best(best, since, record["heldout_loss"])
     return best, since
+
+
+def _track_best(best: float, since: int, value: float) -> tuple:
+    """(best, checkpoints since it) after one more held-out loss `value`."""
+    return (value, 0) if value < best else (best, since + 1)
 
 
 def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str, class_ids=None,
@@ -203,7 +208,7 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
             save_state(manager, done, current(state))  # every process saves; orbax writes once
             window_start = time.perf_counter()  # checkpoint and held-out time is not training throughput
             if evaluate_heldout:
-                best, since_best = (extra["heldout_loss"], 0) if extra["heldout_loss"] < best else (best, since_best + 1)
+                best, since_best = _track_best(best, since_best, extra["heldout_loss"])
                 if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
                     bar.write(f"early stop at step {done}: the held-out loss has not fallen below {best:.5f} "
                               f"for {since_best} checkpoints")
