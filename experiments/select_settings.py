@@ -104,14 +104,15 @@ def trained_run(name: str, spec: str, category, runs_dir: str, overrides=()):
     return run, data[0], reason.split()[0]
 
 
-def stored_mismatch(run, sets: dict, num_paths: int, num_times: int) -> dict:
-    """{name: float32 delta [N, T, K, H, W]} of each image set, one scorer for all."""
+def stored_mismatch(run, sets: dict, num_paths: int, num_times: int, seed: int = 0) -> dict:
+    """{name: float32 delta [N, T, K, H, W]} of each image set, one scorer for all (its
+    paths drawn from `seed`)."""
     from fmjax.methods.flow_mismatch.scorer import Scorer
     from fmjax.methods.flow_mismatch.settings import Settings
     from fmjax.nets import unet
 
     _, apply_fn = unet.build_model(run.config.net, run.image_shape)
-    settings = Settings(num_paths=num_paths, num_times=num_times, chunk_size=64, image_batch=2)
+    settings = Settings(num_paths=num_paths, num_times=num_times, chunk_size=64, image_batch=2, seed=seed)
     scorer = Scorer(apply_fn, settings, run.image_shape)
     out = {name: np.asarray(scorer.delta(run.params, images), np.float32) for name, images in sets.items()}
     return out, np.asarray(scorer.times)
@@ -154,16 +155,11 @@ def rule_rows(delta: dict, times, masks, pixel_level: bool) -> list[dict]:
     return rows
 
 
-def validation_set(name: str, spec: str, category, kind_wanted: str, args) -> dict:
-    """Trains (or reuses) the run, stores the mismatch of A, B and the anomalies, scores
-    every rule. Returns {"rows", "kind", "reason", "sizes", "seconds"}."""
+def validation_data(name: str, spec: str, category, kind_wanted: str, args):
+    """Trains (or reuses) the run and builds its validation images: (run, sets {A, B, V}
+    uint8 [N, H, W, C], masks uint8 [M, H, W] of V or None, kind, reason)."""
     from fmjax import data as data_lib
 
-    path = os.path.join(args.out, f"{name}.json")
-    if args.resume and os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    start = time.perf_counter()
     overrides = list(args.set)
     if kind_wanted == "texture" and args.texture_steps:
         overrides.append(f"train.steps={args.texture_steps}")
@@ -180,6 +176,18 @@ def validation_set(name: str, spec: str, category, kind_wanted: str, args) -> di
     else:
         repeated = np.concatenate([sets["B"]] * args.repeats)
         sets["V"], masks = anomaly_set(repeated, sets["A"], seed=2)
+    return run, sets, masks, kind, reason
+
+
+def validation_set(name: str, spec: str, category, kind_wanted: str, args) -> dict:
+    """Trains (or reuses) the run, stores the mismatch of A, B and the anomalies, scores
+    every rule. Returns {"rows", "kind", "reason", "sizes", "seconds"}."""
+    path = os.path.join(args.out, f"{name}.json")
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    start = time.perf_counter()
+    run, sets, masks, kind, reason = validation_data(name, spec, category, kind_wanted, args)
     delta, times = stored_mismatch(run, sets, max(GRID["num_paths"]), args.num_times)
     rows = rule_rows(delta, times, masks, pixel_level=kind == "texture")
     result = {"set": name, "kind": kind, "expected_kind": kind_wanted, "reason": reason,

@@ -91,3 +91,20 @@ def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
     assert select_radar.choose(tied)["setting"]["t_score"] == 50
     tied = [{"rows": rows(t10=0.8004, t50=0.8, t250=0.6)}]
     assert select_radar.choose(tied)["setting"]["t_score"] == 50
+
+
+def test_image_score_study_mahalanobis_is_per_pixel():
+    import image_scores
+
+    rng = np.random.default_rng(0)
+    fit, values = rng.normal(size=(40, 3, 2, 2)), rng.normal(size=(5, 3, 2, 2))
+    fit[:, 1] += 0.8 * fit[:, 0]  # correlated times, so the covariance matters
+    got = image_scores.per_pixel_mahalanobis(fit, values)
+    for i, j in ((0, 0), (1, 1)):
+        cov = np.cov(fit[:, :, i, j].T)
+        cov = (1 - image_scores.SHRINKAGE) * cov + image_scores.SHRINKAGE * np.diag(np.diag(cov))
+        d = values[:, :, i, j] - fit[:, :, i, j].mean(0)
+        want = np.sqrt(np.einsum("nt,ts,ns->n", d, np.linalg.inv(cov), d) / 3)
+        np.testing.assert_allclose(got[:, i, j], want, rtol=1e-10)
+    assert image_scores.png_length(np.zeros((8, 8, 1), np.uint8)) < image_scores.png_length(
+        rng.integers(0, 256, (8, 8, 1), dtype=np.uint8))
