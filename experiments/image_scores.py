@@ -70,7 +70,8 @@ def gaussian_distance(fit, values):
 
 
 def variant_scores(delta, times, images, preset) -> dict:
-    """{variant: (scores of B, scores of V)} from delta {A, B, V: [N, T, K, H, W]}."""
+    """({variant: (scores of B [N_B], scores of V [N_V])}, the correlation of the preset's
+    score with PNG length on A) from delta {A, B, V: [N, T, K, H, W]} and the images."""
     import jax.numpy as jnp
 
     from fmjax.methods.flow_mismatch import normalize as norm
