@@ -21,6 +21,11 @@ minutes for Fashion-MNIST, a minute for a digit). Each set is scored with `--pat
 independent draws of the noise paths: the table gives the mean AUROC over the draws and
 their range, since with K = 4 paths the draws alone move an AUROC by about 0.01. Writes
 OUT/image_scores.{json,md}.
+
+    python experiments/image_scores.py --out OUT --aligned fashion_mnist:0 --path-study 16
+
+instead draws 16 paths once and reads the preset's map from disjoint groups of 4, 8
+and 16 of them, per path aggregate: whether more paths help (OUT/paths.{json,md}).
 """
 from __future__ import annotations
 
@@ -126,6 +131,33 @@ def variant_scores(delta, times, images, preset) -> dict:
     return {name: (s["B"], s["V"]) for name, s in out.items()}, normal_r
 
 
+def path_study(delta, times, preset, total: int) -> dict:
+    """{(aggregate, K): [AUROC of each disjoint group of K of the `total` paths]} of the
+    preset's rule with its aggregate replaced, from delta {A, B, V: [N, T, total, H, W]}."""
+    import jax.numpy as jnp
+
+    from fmjax.eval import metrics
+    from fmjax.methods.flow_mismatch import normalize as norm
+    from fmjax.methods.flow_mismatch.scorer import heat_maps, per_time_maps, time_weights
+    from fmjax.methods.maps import image_score
+
+    times = jnp.asarray(times)
+    weights = time_weights(times, "t2")
+    labels = np.r_[np.zeros(len(delta["B"])), np.ones(len(delta["V"]))]
+    out = {}
+    for k in (4, 8, 16):
+        for aggregate in ("mean", "median", "quantile:0.5", "quantile:0.25"):
+            for group in range(total // k):
+                d = {n: jnp.asarray(v[:, :, group * k:(group + 1) * k]) for n, v in delta.items()}
+                stats = norm.fit_stats(per_time_maps(d["A"], aggregate, preset.smooth_sigma), weights, preset.normalize)
+                scores = [np.asarray(image_score(heat_maps(d[n], times, aggregate, "t2", preset.smooth_sigma,
+                                                           preset.normalize, preset.map_rule, stats), preset.image_score))
+                          for n in "BV"]
+                out.setdefault((aggregate, k), []).append(
+                    metrics.image_metrics(np.concatenate(scores), labels)["image_auroc"])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -134,6 +166,8 @@ def main() -> None:
     p.add_argument("--num-times", type=int, default=8)
     p.add_argument("--others", type=int, default=300, help="other-class images per set")
     p.add_argument("--path-seeds", type=int, default=3, help="independent draws of the noise paths per set")
+    p.add_argument("--path-study", type=int, default=0, metavar="TOTAL",
+                   help="draw TOTAL paths once and compare groups of 4, 8 and 16 of them instead")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
     args = p.parse_args()
     from fmjax.app import launch
@@ -156,6 +190,20 @@ def main() -> None:
         run, sets, _, kind, _ = validation_data(name, spec, category, "aligned", args)
         if kind != "aligned":
             raise SystemExit(f"{name} resolved to the {kind} preset, not aligned")
+        if args.path_study:
+            delta, times = stored_mismatch(run, sets, args.path_study, args.num_times, seed=5)
+            study = path_study(delta, times, PRESETS["aligned"], args.path_study)
+            lines = [f"# More paths? {name}, validation image AUROC of the aligned rule", "",
+                     f"Command: `{' '.join(sys.argv)}`", "", "| aggregate | K | each disjoint group | mean |",
+                     "|---|---|---|---|"]
+            lines += [f"| {a} | {k} | " + ", ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |"
+                      for (a, k), values in study.items()]
+            with open(os.path.join(args.out, "paths.md"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+            with open(os.path.join(args.out, "paths.json"), "w") as f:
+                json.dump([{"aggregate": a, "num_paths": k, "auroc": v} for (a, k), v in study.items()], f, indent=1)
+            print("\n".join(lines))
+            continue
         for seed in range(args.path_seeds):
             delta, times = stored_mismatch(run, sets, PRESETS["aligned"].num_paths, args.num_times, seed=seed)
             scores, r = variant_scores(delta, times, sets, PRESETS["aligned"])
@@ -165,6 +213,8 @@ def main() -> None:
                 table.setdefault(variant, {}).setdefault(name, []).append(
                     metrics.image_metrics(np.r_[normal, anomalous], labels)["image_auroc"])
             print(name, seed, {v: round(a[name][-1], 4) for v, a in table.items()}, flush=True)
+    if args.path_study:
+        return
     names = list(correlations)
     lines = ["# Image scores for one-class sets, on validation data", "", f"Command: `{' '.join(sys.argv)}`", "",
              "Validation image AUROC (B: held-out normals, V: other classes' training images; A fits every "
