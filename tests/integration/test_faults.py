@@ -227,7 +227,7 @@ def test_evaluate_killed_leaves_no_metrics_and_its_staging_is_removed_next_time(
 # ----------------------------------------------------------------------------- killed while training and saving
 
 def test_train_killed_while_saving_resumes_to_the_uninterrupted_run(data_root, tmp_path, capsys):
-    args = [*TRAIN_ARGS, "--set", "train.steps=12", "--set", "train.checkpoint_every=1"]
+    args = [*TRAIN_ARGS, "--set", "train.steps=6", "--set", "train.checkpoint_every=1"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert cli(capsys, "train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", reference,
                *args)[0] == 0
