@@ -100,6 +100,28 @@ def _heldout_history(log_path: str, upto: int) -> tuple:
     return best, since
 
 
+def _keep_log_upto(log_path: str, step: int) -> None:
+    """Drops the log's records after `step`, where training starts: a run killed after its
+    last checkpoint logged steps it trains again on resume (step 0: no log at all)."""
+    if not os.path.exists(log_path):
+        return
+    if step == 0:
+        os.remove(log_path)
+        return
+    with open(log_path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by the kill
+            continue
+        if record["step"] <= step:
+            kept.append(line.rstrip("\n") + "\n")
+    if kept != lines:
+        write_text_atomic(log_path, "".join(kept))
+
+
 def _track_best(best: float, since: int, value: float) -> tuple:
     """(best, checkpoints since it) after one more held-out loss `value`."""
     return (value, 0) if value < best else (best, since + 1)
@@ -164,8 +186,8 @@ def train(config: Config, objective: Objective, images: np.ndarray, run_dir: str
     start = int(current(state).step)
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     log_path = os.path.join(run_dir, "train_log.jsonl")
-    if writer and start == 0 and os.path.exists(log_path):
-        os.remove(log_path)
+    if writer:
+        _keep_log_upto(log_path, start)
     bar = _progress(start, cfg.steps, progress and writer)
     evaluate_heldout = heldout_evaluator(config, objective, module, heldout, multi_process)
     if evaluate_heldout:

@@ -179,6 +179,9 @@ def test_resume_is_bit_exact(trained, tmp_path):
     stopped = train(CONFIG, IMAGES, run_b, progress=False, stop_at=25)
     assert int(stopped.step) == 25
     assert checkpoint_manager(run_b).latest_step() == 25
+    # as if killed after logging beyond its last checkpoint, in the middle of a line
+    with open(os.path.join(run_b, "train_log.jsonl"), "a") as f:
+        f.write('{"step": 30, "loss": 99.0}\n{"step": 40, "lo')
     state_b = train(CONFIG, IMAGES, run_b, progress=False, resume=True)
     assert int(state_b.step) == STEPS
 
@@ -192,7 +195,8 @@ def test_resume_is_bit_exact(trained, tmp_path):
         assert_trees_equal(state_a.ema_params, restored.ema_params)
     assert_trees_equal(restored_a.opt_state, restored_b.opt_state)
 
-    # the log goes on where it stopped (a line at the stop), with the same losses as run A
+    # the log goes on where it stopped (a line at the stop), with the same losses as run A:
+    # the records after the checkpoint are trained and logged again
     log_a = {r["step"]: r["loss"] for r in read_log(run_a)}
     log_b = read_log(run_b)
     assert [r["step"] for r in log_b] == [10, 20, 25, 30, 40, 50, 60]
