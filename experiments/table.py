@@ -73,9 +73,9 @@ def write_table(rows, out: str, title: str, config) -> str:
 
     mean = {"category": "mean"}
     for key in COLUMNS[1:]:
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not np.isnan(r[key])]
         if values or key != "preset":
-            mean[key] = float(np.nanmean(values)) if values else float("nan")
+            mean[key] = float(np.mean(values)) if values else float("nan")  # nan: no row has it (image-level sets)
     table = markdown_table(rows + [mean], COLUMNS)
     text = f"# {title}\n\nCommand: `{' '.join(sys.argv)}`\n\n{table}\n"
     with open(os.path.join(out, "table.md"), "w") as f:
