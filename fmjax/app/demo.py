@@ -1,7 +1,7 @@
 """`fmjax demo`: train and evaluate Flow Mismatching on the embedded textures (synthetic
 defects on real photos), one model per texture, and print the metrics table. It trains
-600 steps (`--steps`) to stay within minutes on a laptop CPU; `fmjax train` uses the
-preset's length."""
+600 steps (`--steps`) on 32x32 patches (`--patch`) to stay within minutes on a laptop
+CPU; `fmjax train` uses the preset's length on whole images."""
 from __future__ import annotations
 
 import os
@@ -32,7 +32,11 @@ def main(args) -> None:
             raise DataError(f"unknown texture {name!r} (known: {', '.join(textures.TEXTURES)})")
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0 (0: the preset's), got {args.steps}")
-    overrides = ([f"train.steps={args.steps}"] if args.steps else []) + list(args.set)
+    if args.patch < 0:
+        raise ConfigError(f"--patch must be >= 0 (0: the preset's), got {args.patch}")
+    budget = ([f"train.steps={args.steps}"] if args.steps else []) + ([f"train.patch_size={args.patch}"]
+                                                                      if args.patch else [])
+    overrides = budget + list(args.set)
     config = None if args.preset == AUTO else build(args.preset, "flow_mismatch", overrides)
     # the three textures share shapes: later ones reuse the compiled programs
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out, ".jax_cache")))

@@ -13,23 +13,24 @@ def test_demo_default_resolves_auto_per_texture(tmp_path, monkeypatch, capsys):
     seen = []
 
     def fake_train_run(config, spec, category, run_dir, data=None, **_):
-        seen.append((spec, config.preset, config.train.steps, data[0].images.shape))
+        seen.append((spec, config.preset, config.train.steps, config.train.patch_size, data[0].images.shape))
         raise SystemExit(0)
 
     monkeypatch.setattr(demo, "train_run", fake_train_run)
-    for extra in ([], ["--steps", "0"], ["--steps", "50", "--set", "train.steps=7"]):
+    for extra in ([], ["--steps", "0", "--patch", "0"], ["--steps", "50", "--set", "train.steps=7"]):
         with pytest.raises(SystemExit):
             cli(capsys, "demo", "--out", tmp_path / "demo", "--textures", "grass", *extra)
         assert "preset texture (alignment" in capsys.readouterr().out
     shape = (256, 64, 64, 1)
-    assert seen == [("textures:grass", "texture", 600, shape), ("textures:grass", "texture", 1200, shape),
-                    ("textures:grass", "texture", 7, shape)]
+    # the demo's budget (600 steps on 32x32 patches) unless asked for the preset's (1,200 on whole images)
+    assert seen == [("textures:grass", "texture", 600, 32, shape), ("textures:grass", "texture", 1200, 0, shape),
+                    ("textures:grass", "texture", 7, 32, shape)]
 
 
 def test_tiny_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = cli(capsys, "demo", "--out", out, "--textures", "brick", "--preset", "tiny", "--no-progress",
-                            "--steps", "3")
+                            "--steps", "3", "--patch", "0")
     assert code == 0, err
     rows = json.load(open(out / "demo_results.json"))
     assert [r["category"] for r in rows] == ["brick"]

@@ -78,7 +78,7 @@ def test_auto_picks_texture_with_flips_for_a_folder_of_patterns(tmp_path):
     root = write_class_folder(tmp_path, stationary_texture(24))
     config, (train, _), reason = train_app.resolve_auto(f"folder:{root}", "digits")
     assert reason.startswith("texture") and config.preset == "texture"
-    assert config.data.image_size == 64 and config.train.patch_size == 32 and train.images.shape[1] == 64
+    assert config.data.image_size == 64 and config.train.patch_size == 0 and train.images.shape[1] == 64
     assert config.train.hflip and config.train.vflip
     assert (config.score.normalize, config.score.map_rule) == ("pixel", "combined")
 
