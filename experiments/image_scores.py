@@ -187,7 +187,7 @@ def main() -> None:
                 f"digit_{value}"
         else:
             name, spec, category = f"fashion_mnist_{value}", item, None
-        run, sets, _, kind, _ = validation_data(name, spec, category, "aligned", args)
+        run, sets, _, kind, _, _ = validation_data(name, spec, category, "aligned", args)
         if kind != "aligned":
             raise SystemExit(f"{name} resolved to the {kind} preset, not aligned")
         if args.path_study:

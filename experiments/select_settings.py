@@ -8,7 +8,9 @@ statistics, B are the validation normals. Validation anomalies:
   texture sets: B with self-supervised defects (experiments/synthetic_anomalies.py),
     three per image (mean of image and pixel AUROC).
 Every rule of a grid (paths K, path aggregate, smoothing, normalisation x map rule,
-image score) is read from the same stored mismatch of A, B and the anomalies; the rule
+image score) is read from the same stored mismatch of A, B and the anomalies (the image
+score `features`: the network's own features against a bank of the images it trained
+on, score.feature_knn = FEATURE_KNN); the rule
 with the best mean criterion over the sets of a kind is chosen (criteria within 0.001:
 the wider median separation of anomaly and normal image scores).
 
@@ -39,8 +41,17 @@ PAPER = {"aggregate": "rank:2", "smooth_sigma": 0.0, "normalize": "none", "map_r
 GRID = {"num_paths": (4, 8), "aggregate": ("rank:2", "mean"), "smooth_sigma": (0.0, 1.0, 2.0, 3.0, 4.0),
         "rule": (("none", "weighted"), ("global", "weighted"), ("global", "two_sided"), ("global", "combined"),
                  ("pixel", "weighted"), ("pixel", "two_sided"), ("pixel", "combined")),
-        "image_score": ("max_plus_top1", "mean")}
+        "image_score": ("max_plus_top1", "mean", "features")}
 RULE_FIELDS = ("num_paths", "aggregate", "smooth_sigma", "normalize", "map_rule", "image_score")
+FEATURE_KNN = 5  # neighbours of the `features` image score (score.feature_knn)
+
+
+def rule_of(settings) -> dict:
+    """A Flow Mismatching Settings as a grid rule (image_score `features` when feature_knn > 0)."""
+    rule = {f: getattr(settings, f) for f in RULE_FIELDS}
+    if settings.feature_knn:
+        rule["image_score"] = "features"
+    return rule
 
 
 def digits_folder(root: str, digit: int) -> str:
@@ -118,9 +129,24 @@ def stored_mismatch(run, sets: dict, num_paths: int, num_times: int, seed: int =
     return out, np.asarray(scorer.times)
 
 
-def rule_rows(delta: dict, times, masks, pixel_level: bool) -> list[dict]:
+def stored_feature_scores(run, trained, sets: dict) -> dict:
+    """{name: float32 [N]} the `features` image score of B and V (score.feature_knn =
+    FEATURE_KNN, the bank drawn from `trained`, the images the network trained on), as
+    the run would score them."""
+    from fmjax.methods.flow_mismatch import features as feat
+    from fmjax.methods.flow_mismatch.method import feature_bank
+
+    config = run.config.replace(score=dataclasses.replace(run.config.score, feature_knn=FEATURE_KNN))
+    probe = dataclasses.replace(run, config=config, _scorer=None)
+    bank = feature_bank(probe, trained)
+    return {name: np.asarray(feat.knn_scores(probe.scorer.features(run.params, sets[name]), bank, FEATURE_KNN))
+            for name in ("B", "V")}
+
+
+def rule_rows(delta: dict, times, masks, pixel_level: bool, feature_scores: dict | None = None) -> list[dict]:
     """Validation figures of every rule in GRID from the stored mismatch of A (statistics),
-    B (normals) and V (anomalies, `masks` uint8 [M, H, W])."""
+    B (normals) and V (anomalies, `masks` uint8 [M, H, W]); the image score `features`
+    from `feature_scores` (`stored_feature_scores`; without them it is left out)."""
     import jax.numpy as jnp
 
     from fmjax.eval import metrics
@@ -144,7 +170,12 @@ def rule_rows(delta: dict, times, masks, pixel_level: bool) -> list[dict]:
             all_masks = np.concatenate([np.zeros((len(delta["B"]),) + masks.shape[1:], np.uint8), masks])
             pixel = {"pixel_auroc": metrics.pixel_metrics(maps, all_masks)["pixel_auroc"]}
         for spec in GRID["image_score"]:
-            scores = np.asarray(image_score(jnp.asarray(maps), spec))
+            if spec == "features":
+                if feature_scores is None:
+                    continue
+                scores = np.concatenate([feature_scores["B"], feature_scores["V"]])
+            else:
+                scores = np.asarray(image_score(jnp.asarray(maps), spec))
             normal, anomalous = scores[labels == 0], scores[labels == 1]
             row = {"num_paths": k, "aggregate": aggregate, "smooth_sigma": sigma, "normalize": normalize,
                    "map_rule": rule, "image_score": spec,
@@ -157,7 +188,8 @@ def rule_rows(delta: dict, times, masks, pixel_level: bool) -> list[dict]:
 
 def validation_data(name: str, spec: str, category, kind_wanted: str, args):
     """Trains (or reuses) the run and builds its validation images: (run, sets {A, B, V}
-    uint8 [N, H, W, C], masks uint8 [M, H, W] of V or None, kind, reason)."""
+    uint8 [N, H, W, C], masks uint8 [M, H, W] of V or None, kind, reason, the training
+    images but the held-out ones)."""
     from fmjax import data as data_lib
 
     overrides = list(args.set)
@@ -166,7 +198,7 @@ def validation_data(name: str, spec: str, category, kind_wanted: str, args):
     run, train, reason = trained_run(name, spec, category, args.runs, overrides)
     kind = reason
     cal = run.config.calibration
-    _, holdout = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed)
+    trained, holdout = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed)
     half = len(holdout) // 2
     sets = {"A": holdout.images[:half], "B": holdout.images[half:]}
     masks = None
@@ -176,7 +208,7 @@ def validation_data(name: str, spec: str, category, kind_wanted: str, args):
     else:
         repeated = np.concatenate([sets["B"]] * args.repeats)
         sets["V"], masks = anomaly_set(repeated, sets["A"], seed=2)
-    return run, sets, masks, kind, reason
+    return run, sets, masks, kind, reason, trained
 
 
 def validation_set(name: str, spec: str, category, kind_wanted: str, args) -> dict:
@@ -187,9 +219,10 @@ def validation_set(name: str, spec: str, category, kind_wanted: str, args) -> di
         with open(path) as f:
             return json.load(f)
     start = time.perf_counter()
-    run, sets, masks, kind, reason = validation_data(name, spec, category, kind_wanted, args)
+    run, sets, masks, kind, reason, trained = validation_data(name, spec, category, kind_wanted, args)
     delta, times = stored_mismatch(run, sets, max(GRID["num_paths"]), args.num_times)
-    rows = rule_rows(delta, times, masks, pixel_level=kind == "texture")
+    rows = rule_rows(delta, times, masks, pixel_level=kind == "texture",
+                     feature_scores=stored_feature_scores(run, trained, sets))
     result = {"set": name, "kind": kind, "expected_kind": kind_wanted, "reason": reason,
               "sizes": {n: len(x) for n, x in sets.items()}, "seconds": time.perf_counter() - start, "rows": rows}
     with open(path, "w") as f:
@@ -237,7 +270,14 @@ def choose(results: list[dict]) -> dict:
         mean = {k: float(np.mean(v)) for k, v in table.items() if len(v) == len(sets)}
         # ties (criteria equal to 0.001, e.g. a saturated set) go to the wider separation of the
         # image scores: median anomaly minus median normal, in normal standard deviations
-        best = max(mean, key=lambda k: (round(mean[k], 3), float(np.mean(separation[k]))))
+        rank = lambda k: (round(mean[k], 3), float(np.mean(separation[k])))
+        # the map's rule first, from the rules that score images by their map; then the
+        # `features` image score with that map if it is better (its image scores are the
+        # same under every map rule, so it cannot choose the map)
+        best = max((k for k in mean if k[-1] != "features"), key=rank)
+        with_features = best[:-1] + ("features",)
+        if with_features in mean and round(mean[with_features], 3) > round(mean[best], 3):
+            best = with_features
         best_rule = dict(zip(RULE_FIELDS, best))
         paper = dict(PAPER, num_paths=best_rule["num_paths"])
         ablation = [("paper rule", mean[tuple(paper[f] for f in RULE_FIELDS)])]
@@ -247,8 +287,8 @@ def choose(results: list[dict]) -> dict:
             ablation.append((" + ".join(f"{f}={best_rule[f]}" for f in fields) + " alone",
                              mean[tuple(one[f] for f in RULE_FIELDS)]))
         ablation.append(("all (the choice)", mean[best]))
-        preset = PRESETS[kind]
-        preset_key = tuple(getattr(preset, f) for f in RULE_FIELDS)
+        preset_rule = rule_of(PRESETS[kind])
+        preset_key = tuple(preset_rule[f] for f in RULE_FIELDS)
         chosen[kind] = {"rule": best_rule, "criterion": mean[best], "sets": [r["set"] for r in sets],
                         "preset_criterion": mean.get(preset_key, float("nan")),
                         "per_set": {r["set"]: next(row for row in r["rows"] if key(row) == best) for r in sets},
@@ -261,8 +301,7 @@ def write_report(chosen: dict, results: list[dict], out: str) -> None:
 
     lines = ["# Scoring rules chosen on validation data", "", f"Command: `{' '.join(sys.argv)}`", ""]
     for kind, c in chosen.items():
-        preset = PRESETS[kind]
-        agrees = all(getattr(preset, f) == v for f, v in c["rule"].items())
+        agrees = rule_of(PRESETS[kind]) == c["rule"]
         c["preset_agrees"] = agrees
         lines += [f"## {kind} ({', '.join(c['sets'])})", "",
                   "Chosen: " + ", ".join(f"{f}={v}" for f, v in c["rule"].items()) +

@@ -372,17 +372,18 @@ def changed_settings(config: Config, new: Config) -> list[str]:
 
 def fit_run(run: Run, train=None) -> Fitted:
     """Fits the run's method on the normal training images `train` (a Split; default: read
-    again from data.json) and the held-out part of them (`holdout_split`); the result
+    again from data.json): the part the network trained on and the held-out part
+    (`holdout_split`); the result
     records the scoring settings (`scoring_settings`) and the held-out images' names. A
     run whose calibration names other held-out images (its data changed) is refused."""
     train = training_split(run.config, run.data_info) if train is None else train
-    _, holdout = holdout_split(run.config, train)
+    trained, holdout = holdout_split(run.config, train)
     names = [] if holdout is None else [str(n) for n in holdout.names]
     recorded = run.fitted.get(HELD_OUT) if run.fitted is not None else None
     if recorded is not None and list(recorded) != names:
         raise RunError(f"the training data of {run.path} changed since it was calibrated (its held-out normal images "
                        f"are not those calibration.json names): score with the run's own settings or train again")
-    fitted = run.method.fit(run, train.images, holdout)
+    fitted = run.method.fit(run, trained, holdout)
     return Fitted(values={**fitted.values, SETTINGS: scoring_settings(run.config), HELD_OUT: names},
                   arrays=fitted.arrays)
 

@@ -59,7 +59,7 @@ def resolve_auto(spec: str, category: str | None, method: str | None = None, ove
     normal training images, then the --config file's settings and the overrides.
 
     aligned: whole images at their own size (profile.aligned_size), per-pixel statistics;
-    texture: the texture preset (random patches; flips on for plain image folders, whose
+    texture: the texture preset (whole images; flips on for plain image folders, whose
     orientation is otherwise unknown). Returns (config, (train Split, data.json contents),
     a one-line reason)."""
     values = read_config_file(config_file) if config_file else {}

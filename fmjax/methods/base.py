@@ -117,12 +117,12 @@ class Method(abc.ABC):
         threshold = run.fitted.get("image_threshold")
         return dataclasses.replace(program, decision=None if threshold is None else (">=", float(threshold)))
 
-    def fit(self, run, train_images, holdout) -> Fitted:
+    def fit(self, run, trained, holdout) -> Fitted:
         """What this method fits on normal images after training. `run` scores with the
         trained network (`run.score`, `run.scorer`, `run.params`, `run.config`);
-        train_images: uint8 [N,H,W,C], every normal training image; holdout: the held-out
-        normals (a `fmjax.data.Split`) or None. Default: thresholds from the held-out
-        normals (`fmjax.eval.calibration.thresholds`)."""
+        trained: the normal training images the network trained on, holdout: the held-out
+        normals (both `fmjax.data.Split`; holdout None when nothing is held out). Default:
+        thresholds from the held-out normals (`fmjax.eval.calibration.thresholds`)."""
         if holdout is None:
             return Fitted()
         maps, scores = run.score(holdout.images, holdout.class_ids, Fitted())

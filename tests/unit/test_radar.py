@@ -416,15 +416,20 @@ def test_forest_is_fitted_on_exactly_the_held_out_normals(monkeypatch):
     rng = np.random.default_rng(4)
     train = rng.integers(0, 256, (9, 8, 8, 1), dtype=np.uint8)
     held = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
-    holdout = Split(images=held, masks=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, np.int32),
-                    names=tuple(f"h{i}" for i in range(4)), defect_types=("good",) * 4,
-                    original_sizes=np.full((4, 2), 8, np.int32))
+
+    def normals(images, prefix):
+        n = len(images)
+        return Split(images=images, masks=np.zeros((n, 8, 8), np.uint8), labels=np.zeros(n, np.int32),
+                     names=tuple(f"{prefix}{i}" for i in range(n)), defect_types=("good",) * n,
+                     original_sizes=np.full((n, 2), 8, np.int32))
+
+    trained, holdout = normals(train, "t"), normals(held, "h")
     seen = []
     real_fit = forest_lib.fit
     monkeypatch.setattr(forest_lib, "fit", lambda feats, settings: seen.append(np.array(feats)) or
                         real_fit(feats, settings))
 
-    fitted = radar_method.METHOD.fit(run, train, holdout)
+    fitted = radar_method.METHOD.fit(run, trained, holdout)
     held_maps, held_feats = scorer.maps_and_features(PARAMS, held)
     assert len(seen) == 1
     np.testing.assert_array_equal(seen[0], held_feats)
@@ -436,7 +441,7 @@ def test_forest_is_fitted_on_exactly_the_held_out_normals(monkeypatch):
                                   forest_lib.score(real_fit(held_feats, rc), held_feats))
 
     seen.clear()
-    fallback = radar_method.METHOD.fit(run, train, None)
+    fallback = radar_method.METHOD.fit(run, trained, None)
     np.testing.assert_array_equal(seen[0], scorer.maps_and_features(PARAMS, train)[1])
     assert fallback.values["forest_fitted_on"] == "training_images" and fallback.values["num_forest_images"] == 9
     assert "pixel_threshold" not in fallback.values

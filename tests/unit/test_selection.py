@@ -22,8 +22,7 @@ def test_presets_equal_the_committed_choice():
         chosen = json.load(f)
     assert set(chosen) == {"aligned", "texture"}
     for kind, choice in chosen.items():
-        preset = PRESETS[kind]
-        assert {field: getattr(preset, field) for field in choice["rule"]} == choice["rule"], kind
+        assert select_settings.rule_of(PRESETS[kind]) == choice["rule"], kind
 
 
 @pytest.mark.parametrize("kind", synthetic_anomalies.KINDS)
@@ -66,6 +65,26 @@ def test_ties_go_to_the_wider_separation():
     wide = dict(paper, aggregate="mean", criterion=0.9996, separation=9.0)
     chosen = select_settings.choose([{"set": "a", "kind": "aligned", "rows": [paper, wide]}])["aligned"]
     assert chosen["rule"]["aggregate"] == "mean"
+
+
+
+def test_the_map_rule_is_chosen_on_map_scores_then_features_only_when_better():
+    fields = select_settings.RULE_FIELDS
+
+    def row(criterion, **rule):
+        full = dict(select_settings.PAPER, num_paths=4, **rule)
+        return {**{f: full[f] for f in fields}, "criterion": criterion, "image_auroc": criterion, "separation": 1.0}
+
+    norm = dict(normalize="pixel", map_rule="two_sided")
+    # features score every map rule alike: the paper map with features must not win the map
+    rows = [row(0.80), row(0.85, **norm), row(0.95, image_score="features"),
+            row(0.95, image_score="features", **norm)]
+    chosen = select_settings.choose([{"set": "a", "kind": "aligned", "rows": rows}])["aligned"]
+    assert {f: chosen["rule"][f] for f in ("normalize", "map_rule", "image_score")} == {
+        "normalize": "pixel", "map_rule": "two_sided", "image_score": "features"}
+    rows[-1] = row(0.8502, image_score="features", **norm)  # a tie at 0.001: the map's own score
+    chosen = select_settings.choose([{"set": "a", "kind": "aligned", "rows": rows}])["aligned"]
+    assert chosen["rule"]["image_score"] == "max_plus_top1" and chosen["rule"]["normalize"] == "pixel"
 
 
 import select_radar  # noqa: E402

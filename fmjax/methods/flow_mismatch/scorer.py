@@ -3,7 +3,9 @@
 For a test image y, K noise images eps_k and T interior times t_j = j / (T + 1):
   delta_{j,k}(p) = sum_c ( v(x, t_j) - (y - eps_k) )^2,   x = (1 - t_j) eps_k + t_j y,
   a_j(p) = Agg_k delta_{j,k}(p) (smoothed),   H = map rule of the a_j (normalize.py; the
-  paper's: (1/T) sum_j w(t_j) a_j(p)),         image score = rule(H).
+  paper's: (1/T) sum_j w(t_j) a_j(p)),         image score = rule(H), or with
+  score.feature_knn > 0 the distance of the network's features to the training normals'
+  (features.py).
 All B*T*K network calls of a batch of images run inside one jitted function, in chunks of
 a fixed number of network inputs, so memory stays bounded and nothing recompiles.
 """
@@ -23,6 +25,7 @@ from fmjax.errors import ScoreRuleError
 from fmjax.flow import path_point, target_velocity, to_model_range
 from fmjax.methods.base import ScoringProgram
 from fmjax.methods.batches import ImageBatches, check_images
+from fmjax.methods.flow_mismatch import features as feat
 from fmjax.methods.flow_mismatch import normalize as norm
 from fmjax.methods.flow_mismatch.chunking import chunk_size_for_budget, even_chunk
 from fmjax.methods.flow_mismatch.order import sort_axis
@@ -173,6 +176,8 @@ def heat_maps(delta, times, aggregate: str, time_weight: str, smooth_sigma: floa
 
 # ----------------------------------------------------------------------------- scorer
 
+_FEATURE_BATCH = 16  # images per device per call of `Scorer.features` (one network call each)
+
 class Scorer:
     """The one jitted scoring path used by evaluate, predict, bench and the experiments.
 
@@ -184,12 +189,17 @@ class Scorer:
     `config.chunk_size` is the most network inputs per call, evened out over each device's
     calls (`chunk_for`); 0 picks it from `config.memory_budget_mb` on the first call
     (`chunk_size_for_budget`) and `self.config` then holds the chosen size.
+    features_fn(params, images_u8, class_ids) -> [n, D] (`features.build_features_fn`):
+    the network's features, needed when config.feature_knn > 0.
     """
 
-    def __init__(self, apply_fn, config, image_shape, devices=None):
+    def __init__(self, apply_fn, config, image_shape, devices=None, features_fn=None):
         self.config = config
         self.image_shape = tuple(image_shape)
         self.apply_fn = apply_fn
+        self.features_fn = features_fn
+        if config.feature_knn and features_fn is None:
+            raise ScoreRuleError("score.feature_knn needs the network's features: build the scorer through its method")
         parse_aggregate(config.aggregate, config.num_paths)
         parse_image_score(config.image_score)
         time_weights(jnp.zeros(1), config.time_weight)
@@ -199,6 +209,7 @@ class Scorer:
         self.devices = list(devices if devices is not None else jax.local_devices())
         self.mesh = data_mesh(self.devices)
         self._batches = None
+        self._feature_batches = None
         self._grids = {}
 
     def _build(self, params):
@@ -215,14 +226,14 @@ class Scorer:
         chunk = self.chunk_for(cfg.image_batch * len(self.devices))
 
         def local(mode):
-            def fn(params, images_u8, class_ids, noise, times, stats):
+            def fn(params, images_u8, class_ids, noise, times, stats, bank):
                 velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
                 delta = mismatch_delta(velocity, to_model_range(images_u8), noise, times, chunk, class_ids)
-                return self._finish(mode, delta, times, stats)
+                return self._finish(mode, delta, times, stats, self._knn(mode, params, images_u8, class_ids, bank))
             return fn
 
         self._local = {mode: local(mode) for mode in self._OUTPUTS}
-        self._batches = {mode: ImageBatches(self._local[mode], self.image_shape, cfg.image_batch, 3, outputs,
+        self._batches = {mode: ImageBatches(self._local[mode], self.image_shape, cfg.image_batch, 4, outputs,
                                             self.devices) for mode, outputs in self._OUTPUTS.items()}
 
     def program(self, params, fitted=None) -> ScoringProgram:
@@ -230,11 +241,13 @@ class Scorer:
         (`fmjax.methods.base.ScoringProgram`; settles chunk_size = 0 first); the
         normalisation statistics the settings need travel among its constants."""
         self._build(params)
-        local, stats = self._local["maps"], self.stats(fitted)
+        local, stats, bank = self._local["maps"], self.stats(fitted), self.bank(fitted)
         stats = norm.neutral_stats(self.config.num_times) if stats is None else stats
         return ScoringProgram(fn=lambda params, consts, images_u8, class_ids: local(
-            params, images_u8, class_ids, consts["noise"], consts["times"], norm.Stats(*consts["stats"])),
-            consts={"noise": self.noise, "times": self.times, "stats": tuple(np.asarray(a) for a in stats)},
+            params, images_u8, class_ids, consts["noise"], consts["times"], norm.Stats(*consts["stats"]),
+            feat.Bank(*consts["bank"])),
+            consts={"noise": self.noise, "times": self.times, "stats": tuple(np.asarray(a) for a in stats),
+                    "bank": tuple(np.asarray(a) for a in bank)},
             batch=self.config.image_batch)
 
     def chunk_for(self, num_images: int) -> int:
@@ -250,9 +263,16 @@ class Scorer:
 
     _OUTPUTS = {"maps": 2, "delta": 1, "per_time": 1}
 
-    def _finish(self, mode: str, delta, times, stats):
-        """delta [B,T,K,H,W] -> maps: (maps [B,H,W], scores [B]); delta: (delta,);
-        per_time: (the smoothed path-aggregated maps [B,T,H,W],)."""
+    def _knn(self, mode: str, params, images_u8, class_ids, bank):
+        """The feature image scores [B] when the maps mode needs them, else None."""
+        if mode != "maps" or not self.config.feature_knn:
+            return None
+        return feat.knn_scores(self.features_fn(params, images_u8, class_ids), bank, self.config.feature_knn)
+
+    def _finish(self, mode: str, delta, times, stats, knn=None):
+        """delta [B,T,K,H,W] -> maps: (maps [B,H,W], scores [B]: `knn` when given, else the
+        map's image_score); delta: (delta,); per_time: (the smoothed path-aggregated maps
+        [B,T,H,W],)."""
         cfg = self.config
         if mode == "delta":
             return (delta,)
@@ -260,7 +280,7 @@ class Scorer:
             return (per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma),)
         maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma, cfg.normalize,
                          cfg.map_rule, stats)
-        return maps, image_score(maps, cfg.image_score)
+        return maps, image_score(maps, cfg.image_score) if knn is None else knn
 
     def _grid(self, mode: str, num_images: int):
         """(jitted fn, sharded index) scoring `num_images` images in one call with their
@@ -277,23 +297,24 @@ class Scorer:
             spread = jax.shard_map(local, mesh=self.mesh, in_specs=(P(),) * 5 + (P(DATA_AXIS),),
                                    out_specs=P(DATA_AXIS), check_vma=False)
 
-            def full(params, images_u8, class_ids, noise, times, stats, index):
+            def full(params, images_u8, class_ids, noise, times, stats, bank, index):
                 delta = grid_to_delta(spread(params, images_u8, class_ids, noise, times, index),
                                       num_images, cfg.num_times, cfg.num_paths)
-                return self._finish(mode, delta, times, stats)
+                return self._finish(mode, delta, times, stats, self._knn(mode, params, images_u8, class_ids, bank))
 
             self._grids[key] = (xla_options.jit(full), jax.device_put(index, rows(self.mesh)))
         return self._grids[key]
 
-    def _run(self, mode: str, params, images, class_ids, stats=None):
+    def _run(self, mode: str, params, images, class_ids, stats=None, bank=None):
         images, class_ids = check_images(images, class_ids, self.image_shape)
         self._build(params)
         stats = norm.neutral_stats(self.config.num_times) if stats is None else stats
+        bank = feat.empty_bank() if bank is None else bank
         if not 0 < len(images) < self.mesh.devices.size:
-            return self._batches[mode](params, images, class_ids, self.noise, self.times, stats)
+            return self._batches[mode](params, images, class_ids, self.noise, self.times, stats, bank)
         fn, index = self._grid(mode, len(images))
         params = jax.device_put(params, replicated(self.mesh))
-        outs = fn(params, images, class_ids, self.noise, self.times, stats, index)
+        outs = fn(params, images, class_ids, self.noise, self.times, stats, bank, index)
         return tuple(np.asarray(out) for out in outs)
 
     def stats(self, fitted) -> norm.Stats | None:
@@ -303,11 +324,28 @@ class Scorer:
         arrays = {} if fitted is None else fitted.arrays
         return norm.from_arrays(arrays, self.config.num_times, self.image_shape[:2])
 
+    def bank(self, fitted) -> feat.Bank:
+        """The training normals' features the settings need, from the run's fitted arrays
+        (a one-row placeholder when feature_knn is 0)."""
+        if not self.config.feature_knn:
+            return feat.empty_bank()
+        return feat.from_arrays({} if fitted is None else fitted.arrays)
+
     def score(self, params, images, class_ids=None, fitted=None):
         """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy;
         `fitted` (the run's Fitted) holds the normalisation statistics when normalize is
-        global or pixel."""
-        return self._run("maps", params, images, class_ids, self.stats(fitted))
+        global or pixel, and the feature bank when feature_knn > 0."""
+        return self._run("maps", params, images, class_ids, self.stats(fitted), self.bank(fitted))
+
+    def features(self, params, images, class_ids=None):
+        """images uint8 [N,H,W,C] -> the network's features float32 [N, D] as numpy
+        (`features.build_features_fn`), one network call per image."""
+        if self.features_fn is None:
+            raise ScoreRuleError("this scorer was built without the network's features")
+        if self._feature_batches is None:
+            self._feature_batches = ImageBatches(lambda p, x, y: (self.features_fn(p, x, y),), self.image_shape,
+                                                 _FEATURE_BATCH, 0, 1, self.devices)
+        return self._feature_batches(params, images, class_ids)[0]
 
     def delta(self, params, images, class_ids=None):
         """images uint8 [N,H,W,C] -> raw mismatch float32 [N, T, K, H, W] as numpy."""

@@ -30,6 +30,10 @@ class FlowMismatchSettings:
     # time) | pixel (per time and pixel)
     normalize: str = "none"
     map_rule: str = "weighted"  # weighted | two_sided | combined (normalize.py)
+    # k > 0: the image score is the distance of the network's own features to the k nearest
+    # training normals' (features.py), not a rule of the map; 0: image_score of the map
+    feature_knn: int = 0
+    feature_bank: int = 4096  # most training normals in the feature memory bank (a seeded draw)
     chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
     memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
     image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
@@ -52,7 +56,7 @@ PRESETS = {
 NEUTRAL = ("chunk_size", "memory_budget_mb", "image_batch")  # change how scores are computed, never their values
 TRAINING = ()  # the flow model does not depend on any scoring setting
 RANGES = {"num_paths": Range(1, 4096), "num_times": Range(1, 4096), "smooth_sigma": SIGMA,
-          "chunk_size": Range(0, 1 << 20), "memory_budget_mb": Range(1, 1 << 24), "image_batch": IMAGE_BATCH,
+          "feature_knn": Range(0, 1 << 16), "feature_bank": Range(1, 1 << 20), "chunk_size": Range(0, 1 << 20), "memory_budget_mb": Range(1, 1 << 24), "image_batch": IMAGE_BATCH,
           "seed": SEED}
 
 

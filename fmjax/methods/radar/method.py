@@ -47,7 +47,7 @@ class Radar(Method):
     def scorer(self, config, apply_fn, image_shape, devices=None) -> RadarScorer:
         return RadarScorer(apply_fn, config.score, image_shape, devices)
 
-    def fit(self, run, train_images, holdout) -> Fitted:
+    def fit(self, run, trained, holdout) -> Fitted:
         """The Isolation Forest on the features of the held-out normal images, which the
         network never trained on, then the pixel threshold from the same images' maps; the
         image decision is the forest's (image_threshold 0: anomalous where the score
@@ -61,7 +61,7 @@ class Radar(Method):
         if held_out:
             maps, feats = run.scorer.maps_and_features(run.params, holdout.images, holdout.class_ids)
         else:
-            _, feats = run.scorer.maps_and_features(run.params, train_images)
+            _, feats = run.scorer.maps_and_features(run.params, trained.images, trained.class_ids)
         forest = forest_lib.fit(feats, run.config.score)
         values, arrays = forest_lib.to_fitted(forest)
         num_forest_images = len(feats)

@@ -1,0 +1,82 @@
+"""Test image AUROC of the `features` image score (score.feature_knn) of trained runs,
+without scoring maps: for image-level sets (one-class Fashion-MNIST) where the maps'
+scoring would cost all the time and no metric reads them.
+
+    python experiments/feature_image_scores.py --out OUT RUN [RUN ...] [--knn 5]
+
+Each run's feature bank is drawn from the images its network trained on (the held-out
+normals left out), exactly as `fmjax calibrate --set score.feature_knn=K` fits it, and
+its test split is scored with the scorer's own feature path (tests/unit/test_features.py
+checks that this equals the image scores `fmjax evaluate` reports). The image AUROC
+beside the run's map-based one, when OUT_PREVIOUS/rows.json (--previous) has it.
+Writes OUT/rows.json and OUT/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="trained run folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--knn", type=int, default=5, help="score.feature_knn (default 5)")
+    p.add_argument("--previous", help="a rows.json of the same runs' map-based evaluation, for comparison")
+    args = p.parse_args()
+    from fmjax import data as data_lib
+    from fmjax import runs
+    from fmjax.app import launch
+    from fmjax.eval import metrics
+    from fmjax.methods.flow_mismatch import features as feat
+    from fmjax.methods.flow_mismatch.method import feature_bank
+
+    launch.start()
+    os.makedirs(args.out, exist_ok=True)
+    previous = {}
+    if args.previous:
+        with open(args.previous) as f:
+            previous = {r["category"]: r["image_auroc"] for r in json.load(f)}
+    rows = []
+    for path in args.runs:
+        start = time.perf_counter()
+        run = runs.load_run(path)
+        config = run.config.replace(score=dataclasses.replace(run.config.score, feature_knn=args.knn))
+        run = dataclasses.replace(run, config=config, _scorer=None)
+        train = runs.training_split(config, run.data_info)
+        trained, _ = runs.holdout_split(config, train)
+        bank = feature_bank(run, trained)
+        spec, category = run.data_info["spec"], run.data_info.get("category")
+        test = data_lib.load(spec, None if spec.startswith("fashion_mnist:") else category, config.data,
+                             config.textures).test
+        scores = np.asarray(feat.knn_scores(run.scorer.features(run.params, test.images, test.class_ids), bank,
+                                            args.knn))
+        name = os.path.basename(os.path.normpath(path))
+        row = {"category": name, "image_auroc": metrics.image_metrics(scores, test.labels)["image_auroc"],
+               "map_image_auroc": previous.get(name, float("nan")), "num_test": len(test),
+               "bank": len(bank.features), "seconds": time.perf_counter() - start}
+        rows.append(row)
+        print(f"{name}: features {row['image_auroc']:.3f} (map-based {row['map_image_auroc']:.3f}), "
+              f"{row['seconds']:.0f} s", flush=True)
+    mean = {"category": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in ("image_auroc", "map_image_auroc")}}
+    with open(os.path.join(args.out, "rows.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    lines = [f"# Image AUROC of the features image score (feature_knn = {args.knn})", "",
+             f"Command: `{' '.join(sys.argv)}`", "", "| run | features | map-based | test images | bank | seconds |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['category']} | {r['image_auroc']:.3f} | {r['map_image_auroc']:.3f} | {r['num_test']} | "
+              f"{r['bank']} | {r['seconds']:.0f} |" for r in rows]
+    lines.append(f"| mean | {mean['image_auroc']:.3f} | {mean['map_image_auroc']:.3f} | | | |")
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Flow Mismatching's image score from the network's own features (score.feature_knn,
+fmjax/methods/flow_mismatch/features.py), checked against numpy."""
+import dataclasses
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from fmjax import config as config_lib
+from fmjax.data import Split
+from fmjax.errors import ScoreRuleError
+from fmjax.methods.base import Fitted
+from fmjax.methods.flow_mismatch import features as feat
+from fmjax.methods.flow_mismatch import method as fm_method
+from fmjax.methods.flow_mismatch.settings import Settings
+from fmjax.nets import unet
+
+SHAPE = (16, 16, 1)
+CONFIG = config_lib.preset("tiny")
+SETTINGS = Settings(num_paths=2, num_times=2, aggregate="mean", feature_knn=3, feature_bank=6, chunk_size=4,
+                    image_batch=1)
+
+
+@pytest.fixture(scope="module")
+def network():
+    module, params = unet.create(CONFIG.net, SHAPE, jax.random.PRNGKey(0))
+    _, apply_fn = unet.build_model(CONFIG.net, SHAPE)
+    return module, params, apply_fn
+
+
+def images(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n,) + SHAPE, dtype=np.uint8)
+
+
+def numpy_knn(features, bank_features, k):
+    mean, std = bank_features.mean(0), np.maximum(bank_features.std(0), 1e-6)
+    z, b = (features - mean) / std, (bank_features - mean) / std
+    d2 = ((z[:, None, :] - b[None]) ** 2).sum(-1)
+    return np.sort(d2, axis=1)[:, :k].mean(1)
+
+
+def test_knn_scores_are_the_mean_of_the_k_smallest_standardised_squared_distances():
+    rng = np.random.default_rng(0)
+    bank_features = rng.normal(2.0, 3.0, (50, 6))
+    queries = rng.normal(2.0, 3.0, (7, 6))
+    bank = feat.bank_from_features(bank_features)
+    np.testing.assert_allclose(bank.features.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(feat.knn_scores(queries.astype(np.float32), bank, 3), numpy_knn(queries, bank_features, 3),
+                               rtol=1e-4)
+    # a bank row scores (about) zero with k = 1; k is capped at the bank's size
+    assert float(feat.knn_scores(bank_features[:1].astype(np.float32), bank, 1)[0]) < 1e-3
+    np.testing.assert_allclose(feat.knn_scores(queries.astype(np.float32), bank, 500),
+                               numpy_knn(queries, bank_features, 50), rtol=1e-4)
+
+
+def test_features_are_the_middle_block_statistics_of_the_clean_image(network):
+    module, params, _ = network
+    features_fn = jax.jit(feat.build_features_fn(module, conditional=False))
+    x = images(3, 1)
+    f = np.asarray(features_fn(params, x, np.zeros(3, np.int32)))
+    assert f.shape == (3, 2 * CONFIG.net.base_channels * CONFIG.net.channel_mult[-1])
+    # the decoder's output conv does not reach the features; the middle block does
+    out_conv = jax.tree_util.tree_map(lambda a: a + 1.0, params["params"]["out_conv"])
+    changed = {"params": {**params["params"], "out_conv": out_conv}}
+    np.testing.assert_array_equal(np.asarray(features_fn(changed, x, np.zeros(3, np.int32))), f)
+    mid = jax.tree_util.tree_map(lambda a: a + 0.1, params["params"]["mid_res_1"])
+    changed = {"params": {**params["params"], "mid_res_1": mid}}
+    assert np.abs(np.asarray(features_fn(changed, x, np.zeros(3, np.int32))) - f).max() > 1e-3
+
+
+def test_scorer_scores_images_by_feature_distance_and_keeps_its_maps(network):
+    _, params, apply_fn = network
+    config = CONFIG.replace(score=SETTINGS)
+    scorer = fm_method.METHOD.scorer(config, apply_fn, SHAPE)
+    bank_features = scorer.features(params, images(9, 2))
+    fitted = Fitted(arrays=feat.to_arrays(feat.bank_from_features(bank_features)))
+    for test in (images(3, 3), images(1, 4)):  # one image: fewer than devices, the grid path
+        maps, scores = scorer.score(params, test, fitted=fitted)
+        expected = numpy_knn(scorer.features(params, test).astype(np.float64), bank_features.astype(np.float64), 3)
+        np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    plain = fm_method.METHOD.scorer(config.replace(score=dataclasses.replace(SETTINGS, feature_knn=0)), apply_fn,
+                                    SHAPE)
+    plain_maps, plain_scores = plain.score(params, test)
+    np.testing.assert_allclose(maps, plain_maps, rtol=1e-6)
+    assert not np.allclose(scores, plain_scores)
+    with pytest.raises(ScoreRuleError, match="fmjax calibrate"):
+        scorer.score(params, test, fitted=Fitted())
+
+
+def normals(x, prefix):
+    n = len(x)
+    return Split(images=x, masks=np.zeros((n,) + SHAPE[:2], np.uint8), labels=np.zeros(n, np.int32),
+                 names=tuple(f"{prefix}{i}" for i in range(n)), defect_types=("good",) * n,
+                 original_sizes=np.full((n, 2), SHAPE[0], np.int32))
+
+
+def test_fit_banks_a_draw_of_the_trained_images_and_thresholds_the_held_out_ones(network):
+    _, params, apply_fn = network
+    settings = SETTINGS
+    config = CONFIG.replace(score=settings)
+    scorer = fm_method.METHOD.scorer(config, apply_fn, SHAPE)
+    run = types.SimpleNamespace(scorer=scorer, params=params, config=config,
+                                score=lambda x, y, fitted: scorer.score(params, x, y, fitted))
+    trained, holdout = normals(images(10, 4), "t"), normals(images(5, 5), "h")
+    fitted = fm_method.METHOD.fit(run, trained, holdout)
+    picked = np.sort(np.random.default_rng([settings.seed, 13]).permutation(10)[:6])
+    bank = feat.from_arrays(fitted.arrays)
+    expected = feat.bank_from_features(scorer.features(params, trained.images[picked]))
+    np.testing.assert_allclose(bank.features, expected.features, rtol=1e-5, atol=1e-6)
+    held_scores = scorer.score(params, holdout.images, fitted=fitted)[1]
+    assert fitted.values["num_normal_images"] == 5
+    assert fitted.values["image_threshold"] == pytest.approx(
+        np.quantile(held_scores, config.calibration.image_threshold_quantile), rel=1e-5)
