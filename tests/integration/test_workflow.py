@@ -231,9 +231,9 @@ def test_python_api_scores_images_of_any_size_as_predict_does(trained_run, tmp_p
 
 
 @pytest.mark.parametrize("settings,platforms", [
-    (["score.normalize=pixel", "score.map_rule=two_sided", "score.smooth_sigma=1"], "cpu"),
+    (["score.normalize=pixel", "score.map_rule=two_sided", "score.smooth_sigma=1", "score.feature_knn=2"], "cpu"),
     (["score.normalize=global", "score.map_rule=combined"], "cpu,cuda,tpu")])
-def test_exported_scorer_carries_the_normalisation_statistics(trained_run, data_root, tmp_path, capsys, settings,
+def test_exported_scorer_carries_the_normalisation_statistics_and_feature_bank(trained_run, data_root, tmp_path, capsys, settings,
                                                               platforms):
     from helpers import load_test_split
 
@@ -246,6 +246,7 @@ def test_exported_scorer_carries_the_normalisation_statistics(trained_run, data_
     assert f"scorer for {platforms.replace(',', ', ')}" in out
     run = runs.load_run(str(trained_run), settings)
     assert "normalize_mean" in run.fitted.arrays
+    assert ("features_features" in run.fitted.arrays) == ("score.feature_knn=2" in settings)
     test = load_test_split(trained_run, data_root)
     maps, scores = run.score(test.images)
     got = serving.load(str(export_dir))(test.images)
