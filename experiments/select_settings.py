@@ -49,8 +49,8 @@ FEATURE_KNN = 5  # neighbours of the `features` image score (score.feature_knn)
 def rule_of(settings) -> dict:
     """A Flow Mismatching Settings as a grid rule (image_score `features` when feature_knn > 0)."""
     rule = {f: getattr(settings, f) for f in RULE_FIELDS}
-    if settings.feature_knn:
-        rule["image_score"] = "features"
+    if settings.feature_knn:  # another k is not the rule the grid scored
+        rule["image_score"] = "features" if settings.feature_knn == FEATURE_KNN else f"features:{settings.feature_knn}"
     return rule
 
 

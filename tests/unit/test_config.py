@@ -209,6 +209,8 @@ def test_cost_per_method():
     flow = build("tiny", "flow_mismatch", ["score.num_paths=3", "score.num_times=5"])
     assert registry.get("flow_mismatch").cost(flow, image) == {"network_calls_per_image": 15,
                                                                "sequential_calls_per_image": 1}
+    features = apply_overrides(flow, ["score.feature_knn=5"])  # one more call: the features of the clean image
+    assert registry.get("flow_mismatch").cost(features, image)["network_calls_per_image"] == 16
     assert registry.get("recon").cost(build("tiny", "recon", ["score.steps=3", "score.method=heun"]), image) == {
         "network_calls_per_image": 6, "sequential_calls_per_image": 6}
     # 16x16 image, 8x8 patches at stride 4: a 3x3 grid, one batched call

@@ -86,8 +86,10 @@ class FlowMismatch(Method):
         return Fitted(values={**thresholds(run.config.calibration, maps, scores), **values}, arrays=arrays)
 
     def cost(self, config, image_shape) -> dict:
-        """K * T network calls per image, all independent (one batched program)."""
-        return {"network_calls_per_image": config.score.num_paths * config.score.num_times,
+        """K * T network calls per image (one more for feature image scores), all
+        independent (one batched program)."""
+        s = config.score
+        return {"network_calls_per_image": s.num_paths * s.num_times + (1 if s.feature_knn else 0),
                 "sequential_calls_per_image": 1}
 
 

@@ -50,8 +50,10 @@ PRESETS = {
     # chosen by experiments/select_settings.py on validation data (README, "Presets")
     "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=3.0, normalize="pixel",
                         map_rule="combined", chunk_size=16, image_batch=1),
-    "aligned": Settings(num_paths=4, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="pixel",
-                        map_rule="two_sided", image_score="mean", chunk_size=32, image_batch=4),
+    # its image score: the network's features against the 5 nearest training normals'
+    # (image_score applies when score.feature_knn=0)
+    "aligned": Settings(num_paths=4, num_times=8, aggregate="rank:2", smooth_sigma=1.0, normalize="pixel",
+                        map_rule="two_sided", image_score="mean", feature_knn=5, chunk_size=32, image_batch=4),
 }
 NEUTRAL = ("chunk_size", "memory_budget_mb", "image_batch")  # change how scores are computed, never their values
 TRAINING = ()  # the flow model does not depend on any scoring setting
