@@ -178,6 +178,7 @@ def heat_maps(delta, times, aggregate: str, time_weight: str, smooth_sigma: floa
 
 _FEATURE_BATCH = 16  # images per device per call of `Scorer.features` (one network call each)
 
+
 class Scorer:
     """The one jitted scoring path used by evaluate, predict, bench and the experiments.
 
@@ -239,7 +240,8 @@ class Scorer:
     def program(self, params, fitted=None) -> ScoringProgram:
         """The per-device function `score` runs on every device, for export
         (`fmjax.methods.base.ScoringProgram`; settles chunk_size = 0 first); the
-        normalisation statistics the settings need travel among its constants."""
+        normalisation statistics and the feature bank the settings need travel among its
+        constants."""
         self._build(params)
         local, stats, bank = self._local["maps"], self.stats(fitted), self.bank(fitted)
         stats = norm.neutral_stats(self.config.num_times) if stats is None else stats
