@@ -14,13 +14,14 @@ Writes OUT/rows.json and OUT/table.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
@@ -34,8 +35,7 @@ def main() -> None:
     from fmjax import runs
     from fmjax.app import launch
     from fmjax.eval import metrics
-    from fmjax.methods.flow_mismatch import features as feat
-    from fmjax.methods.flow_mismatch.method import feature_bank
+    from select_settings import feature_scores
 
     launch.start()
     os.makedirs(args.out, exist_ok=True)
@@ -47,20 +47,15 @@ def main() -> None:
     for path in args.runs:
         start = time.perf_counter()
         run = runs.load_run(path)
-        config = run.config.replace(score=dataclasses.replace(run.config.score, feature_knn=args.knn))
-        run = dataclasses.replace(run, config=config, _scorer=None)
-        train = runs.training_split(config, run.data_info)
-        trained, _ = runs.holdout_split(config, train)
-        bank = feature_bank(run, trained)
+        trained, _ = runs.holdout_split(run.config, runs.training_split(run.config, run.data_info))
         spec, category = run.data_info["spec"], run.data_info.get("category")
-        test = data_lib.load(spec, None if spec.startswith("fashion_mnist:") else category, config.data,
-                             config.textures).test
-        scores = np.asarray(feat.knn_scores(run.scorer.features(run.params, test.images, test.class_ids), bank,
-                                            args.knn))
+        test = data_lib.load(spec, None if spec.startswith("fashion_mnist:") else category, run.config.data,
+                             run.config.textures).test
+        scores = feature_scores(run, trained, {"test": test.images}, args.knn)["test"]
         name = os.path.basename(os.path.normpath(path))
         row = {"category": name, "image_auroc": metrics.image_metrics(scores, test.labels)["image_auroc"],
                "map_image_auroc": previous.get(name, float("nan")), "num_test": len(test),
-               "bank": len(bank.features), "seconds": time.perf_counter() - start}
+               "bank": min(len(trained), run.config.score.feature_bank), "seconds": time.perf_counter() - start}
         rows.append(row)
         print(f"{name}: features {row['image_auroc']:.3f} (map-based {row['map_image_auroc']:.3f}), "
               f"{row['seconds']:.0f} s", flush=True)

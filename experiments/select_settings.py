@@ -129,24 +129,24 @@ def stored_mismatch(run, sets: dict, num_paths: int, num_times: int, seed: int =
     return out, np.asarray(scorer.times)
 
 
-def stored_feature_scores(run, trained, sets: dict) -> dict:
-    """{name: float32 [N]} the `features` image score of B and V (score.feature_knn =
-    FEATURE_KNN, the bank drawn from `trained`, the images the network trained on), as
-    the run would score them."""
+def feature_scores(run, trained, sets: dict, knn: int = FEATURE_KNN) -> dict:
+    """{name: float32 [N]} the `features` image score (score.feature_knn = knn) of each
+    image set {name: uint8 [N, H, W, C]}, the bank drawn from `trained` (the Split the
+    network trained on) as the run's fit draws it; no maps are scored."""
     from fmjax.methods.flow_mismatch import features as feat
     from fmjax.methods.flow_mismatch.method import feature_bank
 
-    config = run.config.replace(score=dataclasses.replace(run.config.score, feature_knn=FEATURE_KNN))
+    config = run.config.replace(score=dataclasses.replace(run.config.score, feature_knn=knn))
     probe = dataclasses.replace(run, config=config, _scorer=None)
     bank = feature_bank(probe, trained)
-    return {name: np.asarray(feat.knn_scores(probe.scorer.features(run.params, sets[name]), bank, FEATURE_KNN))
-            for name in ("B", "V")}
+    return {name: np.asarray(feat.knn_scores(probe.scorer.features(run.params, images), bank, knn))
+            for name, images in sets.items()}
 
 
 def rule_rows(delta: dict, times, masks, pixel_level: bool, feature_scores: dict | None = None) -> list[dict]:
     """Validation figures of every rule in GRID from the stored mismatch of A (statistics),
     B (normals) and V (anomalies, `masks` uint8 [M, H, W]); the image score `features`
-    from `feature_scores` (`stored_feature_scores`; without them it is left out)."""
+    from `feature_scores` (without them it is left out)."""
     import jax.numpy as jnp
 
     from fmjax.eval import metrics
@@ -222,7 +222,7 @@ def validation_set(name: str, spec: str, category, kind_wanted: str, args) -> di
     run, sets, masks, kind, reason, trained = validation_data(name, spec, category, kind_wanted, args)
     delta, times = stored_mismatch(run, sets, max(GRID["num_paths"]), args.num_times)
     rows = rule_rows(delta, times, masks, pixel_level=kind == "texture",
-                     feature_scores=stored_feature_scores(run, trained, sets))
+                     feature_scores=feature_scores(run, trained, {n: sets[n] for n in ("B", "V")}))
     result = {"set": name, "kind": kind, "expected_kind": kind_wanted, "reason": reason,
               "sizes": {n: len(x) for n, x in sets.items()}, "seconds": time.perf_counter() - start, "rows": rows}
     with open(path, "w") as f:
