@@ -8,9 +8,11 @@ statistics, B are the validation normals. Validation anomalies:
   texture sets: B with self-supervised defects (experiments/synthetic_anomalies.py),
     three per image (mean of image and pixel AUROC).
 Every rule of a grid (paths K, path aggregate, smoothing, normalisation x map rule,
-image score) is read from the same stored mismatch of A, B and the anomalies (the image
-score `features`: the network's own features against a bank of the images it trained
-on, score.feature_knn = FEATURE_KNN); the rule
+the feature map's weight, image score) is read from the same stored mismatch of A, B and
+the anomalies and the same feature maps (score.feature_map: the encoder's features per
+position against a bank of the images the network trained on; their scale fitted on A;
+the image score `features`: the network's own features against a bank of those images,
+score.feature_knn = FEATURE_KNN); the rule
 with the best mean criterion over the sets of a kind is chosen (criteria within 0.001:
 the wider median separation of anomaly and normal image scores).
 
@@ -37,12 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_anomalies import anomaly_set  # noqa: E402
 
 PAPER = {"aggregate": "rank:2", "smooth_sigma": 0.0, "normalize": "none", "map_rule": "weighted",
-         "image_score": "max_plus_top1"}
+         "feature_map": 0.0, "image_score": "max_plus_top1"}
 GRID = {"num_paths": (4, 8), "aggregate": ("rank:2", "mean"), "smooth_sigma": (0.0, 1.0, 2.0, 3.0, 4.0),
         "rule": (("none", "weighted"), ("global", "weighted"), ("global", "two_sided"), ("global", "combined"),
                  ("pixel", "weighted"), ("pixel", "two_sided"), ("pixel", "combined")),
-        "image_score": ("max_plus_top1", "mean", "features")}
-RULE_FIELDS = ("num_paths", "aggregate", "smooth_sigma", "normalize", "map_rule", "image_score")
+        "feature_map": (0.0, 0.5, 1.0), "image_score": ("max_plus_top1", "mean", "features")}
+RULE_FIELDS = ("num_paths", "aggregate", "smooth_sigma", "normalize", "map_rule", "feature_map", "image_score")
+# rows of sets scored before a field was in the grid were scored with its default
+FIELD_DEFAULTS = {"feature_map": 0.0}
 FEATURE_KNN = 5  # neighbours of the `features` image score (score.feature_knn)
 
 
@@ -143,19 +147,39 @@ def feature_scores(run, trained, sets: dict, knn: int = FEATURE_KNN) -> dict:
             for name, images in sets.items()}
 
 
-def rule_rows(delta: dict, times, masks, pixel_level: bool, feature_scores: dict | None = None) -> list[dict]:
+def feature_maps(run, trained, sets: dict) -> dict:
+    """{name: float32 [N, H, W]} the unsmoothed feature maps (score.feature_map) of each
+    image set {name: uint8 [N, H, W, C]}, the bank drawn from `trained` (the Split the
+    network trained on) as the run's fit draws it."""
+    import jax.numpy as jnp
+
+    from fmjax.methods.flow_mismatch import features as feat
+    from fmjax.methods.flow_mismatch.method import patch_bank
+
+    config = run.config.replace(score=dataclasses.replace(run.config.score, feature_map=1.0))
+    probe = dataclasses.replace(run, config=config, _scorer=None)
+    bank = patch_bank(probe, trained)
+    return {name: np.asarray(feat.nearest_maps(jnp.asarray(probe.scorer.patch_features(run.params, images)), bank,
+                                               run.image_shape[:2])) for name, images in sets.items()}
+
+
+def rule_rows(delta: dict, times, masks, pixel_level: bool, feature_scores: dict | None = None,
+              feature_maps: dict | None = None) -> list[dict]:
     """Validation figures of every rule in GRID from the stored mismatch of A (statistics),
     B (normals) and V (anomalies, `masks` uint8 [M, H, W]); the image score `features`
-    from `feature_scores` (without them it is left out)."""
+    from `feature_scores`, the feature map from the unsmoothed `feature_maps` of A, B and
+    V (without them, they are left out)."""
     import jax.numpy as jnp
 
     from fmjax.eval import metrics
+    from fmjax.methods.flow_mismatch import features as feat
     from fmjax.methods.flow_mismatch import normalize as norm
     from fmjax.methods.flow_mismatch.scorer import heat_maps, per_time_maps, time_weights
-    from fmjax.methods.maps import image_score
+    from fmjax.methods.maps import gaussian_smooth, image_score
 
     weights = time_weights(jnp.asarray(times), "t2")
     labels = np.r_[np.zeros(len(delta["B"])), np.ones(len(delta["V"]))]
+    mixes = GRID["feature_map"] if feature_maps is not None else (0.0,)
     rows = []
     for k, aggregate, sigma, (normalize, rule) in itertools.product(
             GRID["num_paths"], GRID["aggregate"], GRID["smooth_sigma"], GRID["rule"]):
@@ -163,26 +187,32 @@ def rule_rows(delta: dict, times, masks, pixel_level: bool, feature_scores: dict
         stats = None
         if normalize != "none":
             stats = norm.fit_stats(per_time_maps(sliced["A"], aggregate, sigma), weights, normalize)
-        maps = np.concatenate([np.asarray(heat_maps(sliced[n], jnp.asarray(times), aggregate, "t2", sigma, normalize,
-                                                    rule, stats)) for n in ("B", "V")])
-        pixel = {}
-        if pixel_level:
-            all_masks = np.concatenate([np.zeros((len(delta["B"]),) + masks.shape[1:], np.uint8), masks])
-            pixel = {"pixel_auroc": metrics.pixel_metrics(maps, all_masks)["pixel_auroc"]}
-        for spec in GRID["image_score"]:
-            if spec == "features":
-                if feature_scores is None:
-                    continue
-                scores = np.concatenate([feature_scores["B"], feature_scores["V"]])
-            else:
-                scores = np.asarray(image_score(jnp.asarray(maps), spec))
-            normal, anomalous = scores[labels == 0], scores[labels == 1]
-            row = {"num_paths": k, "aggregate": aggregate, "smooth_sigma": sigma, "normalize": normalize,
-                   "map_rule": rule, "image_score": spec,
-                   "image_auroc": metrics.image_metrics(scores, labels)["image_auroc"], **pixel,
-                   "separation": float((np.median(anomalous) - np.median(normal)) / (normal.std() + 1e-12))}
-            row["criterion"] = float(np.mean([row["image_auroc"]] + list(pixel.values())))
-            rows.append(row)
+        parts = {n: np.asarray(heat_maps(sliced[n], jnp.asarray(times), aggregate, "t2", sigma, normalize, rule,
+                                         stats)) for n in ("A", "B", "V") if n != "A" or feature_maps is not None}
+        if feature_maps is not None:
+            smooth = {n: np.asarray(gaussian_smooth(jnp.asarray(f), sigma)) for n, f in feature_maps.items()}
+            scale = feat.map_scale(parts["A"], smooth["A"])
+        for mix in mixes:
+            maps = np.concatenate([parts[n] if not mix else np.asarray(
+                feat.combine_maps(parts[n], smooth[n], scale, mix)) for n in ("B", "V")])
+            pixel = {}
+            if pixel_level:
+                all_masks = np.concatenate([np.zeros((len(delta["B"]),) + masks.shape[1:], np.uint8), masks])
+                pixel = {"pixel_auroc": metrics.pixel_metrics(maps, all_masks)["pixel_auroc"]}
+            for spec in GRID["image_score"]:
+                if spec == "features":
+                    if feature_scores is None:
+                        continue
+                    scores = np.concatenate([feature_scores["B"], feature_scores["V"]])
+                else:
+                    scores = np.asarray(image_score(jnp.asarray(maps), spec))
+                normal, anomalous = scores[labels == 0], scores[labels == 1]
+                row = {"num_paths": k, "aggregate": aggregate, "smooth_sigma": sigma, "normalize": normalize,
+                       "map_rule": rule, "feature_map": mix, "image_score": spec,
+                       "image_auroc": metrics.image_metrics(scores, labels)["image_auroc"], **pixel,
+                       "separation": float((np.median(anomalous) - np.median(normal)) / (normal.std() + 1e-12))}
+                row["criterion"] = float(np.mean([row["image_auroc"]] + list(pixel.values())))
+                rows.append(row)
     return rows
 
 
@@ -222,7 +252,8 @@ def validation_set(name: str, spec: str, category, kind_wanted: str, args) -> di
     run, sets, masks, kind, reason, trained = validation_data(name, spec, category, kind_wanted, args)
     delta, times = stored_mismatch(run, sets, max(GRID["num_paths"]), args.num_times)
     rows = rule_rows(delta, times, masks, pixel_level=kind == "texture",
-                     feature_scores=feature_scores(run, trained, {n: sets[n] for n in ("B", "V")}))
+                     feature_scores=feature_scores(run, trained, {n: sets[n] for n in ("B", "V")}),
+                     feature_maps=feature_maps(run, trained, sets))
     result = {"set": name, "kind": kind, "expected_kind": kind_wanted, "reason": reason,
               "sizes": {n: len(x) for n, x in sets.items()}, "seconds": time.perf_counter() - start, "rows": rows}
     with open(path, "w") as f:
@@ -261,7 +292,7 @@ def choose(results: list[dict]) -> dict:
         sets = [r for r in results if r["kind"] == kind]
         if not sets:
             continue
-        key = lambda row: tuple(row[f] for f in RULE_FIELDS)
+        key = lambda row: tuple(row.get(f, FIELD_DEFAULTS.get(f)) for f in RULE_FIELDS)
         table, separation = {}, {}
         for result in sets:
             for row in result["rows"]:
@@ -281,7 +312,7 @@ def choose(results: list[dict]) -> dict:
         best_rule = dict(zip(RULE_FIELDS, best))
         paper = dict(PAPER, num_paths=best_rule["num_paths"])
         ablation = [("paper rule", mean[tuple(paper[f] for f in RULE_FIELDS)])]
-        for field in ("aggregate", "smooth_sigma", ("normalize", "map_rule"), "image_score"):
+        for field in ("aggregate", "smooth_sigma", ("normalize", "map_rule"), "feature_map", "image_score"):
             fields = field if isinstance(field, tuple) else (field,)
             one = dict(paper, **{f: best_rule[f] for f in fields})
             ablation.append((" + ".join(f"{f}={best_rule[f]}" for f in fields) + " alone",

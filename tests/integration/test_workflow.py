@@ -231,7 +231,8 @@ def test_python_api_scores_images_of_any_size_as_predict_does(trained_run, tmp_p
 
 
 @pytest.mark.parametrize("settings,platforms", [
-    (["score.normalize=pixel", "score.map_rule=two_sided", "score.smooth_sigma=1", "score.feature_knn=2"], "cpu"),
+    (["score.normalize=pixel", "score.map_rule=two_sided", "score.smooth_sigma=1", "score.feature_knn=2",
+      "score.feature_map=0.5"], "cpu"),
     (["score.normalize=global", "score.map_rule=combined"], "cpu,cuda,tpu")])
 def test_exported_scorer_carries_the_normalisation_statistics_and_feature_bank(trained_run, data_root, tmp_path, capsys, settings,
                                                               platforms):
@@ -247,6 +248,7 @@ def test_exported_scorer_carries_the_normalisation_statistics_and_feature_bank(t
     run = runs.load_run(str(trained_run), settings)
     assert "normalize_mean" in run.fitted.arrays
     assert ("features_features" in run.fitted.arrays) == ("score.feature_knn=2" in settings)
+    assert ("patches_features" in run.fitted.arrays) == ("score.feature_map=0.5" in settings)
     test = load_test_split(trained_run, data_root)
     maps, scores = run.score(test.images)
     got = serving.load(str(export_dir))(test.images)

@@ -112,3 +112,73 @@ def test_fit_banks_a_draw_of_the_trained_images_and_thresholds_the_held_out_ones
     assert fitted.values["num_normal_images"] == 5
     assert fitted.values["image_threshold"] == pytest.approx(
         np.quantile(held_scores, config.calibration.image_threshold_quantile), rel=1e-5)
+
+
+NET3 = dataclasses.replace(CONFIG.net, channel_mult=(1, 2, 2))  # three resolutions: 16, 8 and 4 pixels
+MAP_SETTINGS = Settings(num_paths=2, num_times=2, aggregate="mean", smooth_sigma=1.0, feature_map=0.5, patch_bank=40,
+                        chunk_size=4, image_batch=1)
+
+
+@pytest.fixture(scope="module")
+def network3():
+    module, params = unet.create(NET3, SHAPE, jax.random.PRNGKey(1))
+    _, apply_fn = unet.build_model(NET3, SHAPE)
+    return module, params, apply_fn
+
+
+def test_patch_features_are_the_encoders_second_and_third_resolution_pooled_to_the_coarser_grid(network3):
+    module, params, _ = network3
+    layers = feat.patch_layers(NET3)
+    assert layers == ("down_1_res_0", "down_2_res_0")
+    assert feat.patch_layers(CONFIG.net) == ("down_1_res_0",)
+    assert feat.patch_layers(dataclasses.replace(CONFIG.net, channel_mult=(1,))) == ("down_0_res_0",)
+    patch_fn = jax.jit(feat.build_patch_features_fn(module, False, layers))
+    x, ids = images(2, 6), np.zeros(2, np.int32)
+    f = np.asarray(patch_fn(params, x, ids))
+    assert f.shape == (2, 4, 4, 2 * NET3.base_channels + 2 * NET3.base_channels)
+    # nothing after the encoder reaches them, the listed blocks do
+    for name, changes in (("mid_res_1", False), ("out_conv", False), ("down_2_res_0", True)):
+        moved = jax.tree_util.tree_map(lambda a: a + 0.1, params["params"][name])
+        g = np.asarray(patch_fn({"params": {**params["params"], name: moved}}, x, ids))
+        assert (np.abs(g - f).max() > 1e-3) == changes, name
+
+
+def test_nearest_maps_are_the_squared_distance_to_the_nearest_bank_row_resized():
+    rng = np.random.default_rng(1)
+    rows = rng.normal(1.0, 2.0, (30, 5))
+    queries = rng.normal(1.0, 2.0, (2, 3, 3, 5)).astype(np.float32)
+    bank = feat.bank_from_features(rows)
+    mean, std = rows.mean(0), rows.std(0)
+    z, b = (queries - mean) / std, (rows - mean) / std
+    nearest = ((z[..., None, :] - b) ** 2).sum(-1).min(-1)
+    got = feat.nearest_maps(queries, bank, (6, 6), chunk=4)  # 18 positions in chunks of 4: padding
+    np.testing.assert_allclose(got, jax.image.resize(nearest, (2, 6, 6), "bilinear"), rtol=1e-4, atol=1e-4)
+    # a bank row is at distance zero from itself
+    assert float(feat.nearest_maps(rows[None, None, :1].astype(np.float32), bank, (1, 1)).max()) < 1e-3
+
+
+def test_fit_and_score_mix_the_feature_map_into_the_standardised_mismatch_map(network3):
+    _, params, apply_fn = network3
+    config = CONFIG.replace(net=NET3, score=MAP_SETTINGS)
+    scorer = fm_method.METHOD.scorer(config, apply_fn, SHAPE)
+    run = types.SimpleNamespace(scorer=scorer, params=params, config=config,
+                                score=lambda x, y, fitted: scorer.score(params, x, y, fitted))
+    trained, holdout = normals(images(6, 7), "t"), normals(images(4, 8), "h")
+    assert fm_method.METHOD.min_holdout(config) == 2
+    fitted = fm_method.METHOD.fit(run, trained, holdout)
+    bank = feat.from_arrays(fitted.arrays, feat.PATCH_PREFIX)
+    assert bank.features.shape == (40, 4 * NET3.base_channels)  # 40 of the 6 x 16 positions
+    # the scale comes from the first half of the held-out normals, the thresholds from the other
+    parts = scorer.map_parts(params, holdout.images[:2], fitted=fitted)
+    np.testing.assert_allclose(feat.scale_from_arrays(fitted.arrays), feat.map_scale(*parts), rtol=1e-5)
+    assert fitted.values["num_normal_images"] == 2 and fitted.values["num_normalization_images"] == 2
+    scale = feat.scale_from_arrays(fitted.arrays)
+    test = images(3, 9)
+    mismatch, feature = scorer.map_parts(params, test, fitted=fitted)
+    assert feature.min() >= 0 and feature.max() > 0
+    maps, _ = scorer.score(params, test, fitted=fitted)
+    np.testing.assert_allclose(maps, 0.5 * (mismatch - scale[0]) / scale[1] + 0.5 * (feature - scale[2]) / scale[3],
+                               rtol=1e-4, atol=1e-4)
+    assert fm_method.METHOD.cost(config, SHAPE)["network_calls_per_image"] == 2 * 2 + 1
+    with pytest.raises(ScoreRuleError, match="score.feature_map"):
+        scorer.score(params, test, fitted=Fitted())

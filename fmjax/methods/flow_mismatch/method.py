@@ -14,7 +14,7 @@ from fmjax.methods.flow_mismatch import normalize as norm
 from fmjax.methods.flow_mismatch.scorer import Scorer, interior_times, time_weights
 from fmjax.training.step import Augment, Objective
 
-__all__ = ["METHOD", "FlowMismatch", "feature_bank", "flow_objective"]
+__all__ = ["METHOD", "FlowMismatch", "feature_bank", "flow_objective", "patch_bank"]
 
 
 def flow_objective(config) -> Objective:
@@ -39,6 +39,23 @@ def feature_bank(run, trained) -> feat.Bank:
                                                        trained.class_ids[picked]))
 
 
+def patch_bank(run, trained) -> feat.Bank:
+    """The feature map's bank (`features.Bank`): at most score.patch_bank feature rows
+    (image positions) of the training images `trained` (a Split), read from enough images
+    for four times that many rows; images and rows are seeded draws (score.seed)."""
+    settings = run.config.score
+    rng = np.random.default_rng([settings.seed, 17])
+    probe = run.scorer.patch_features(run.params, trained.images[:1], trained.class_ids[:1])
+    per_image = probe.shape[1] * probe.shape[2]
+    count = min(len(trained), -(-4 * settings.patch_bank // per_image))
+    picked = np.sort(rng.permutation(len(trained))[:count])
+    rows = run.scorer.patch_features(run.params, trained.images[picked], trained.class_ids[picked])
+    rows = rows.reshape(-1, rows.shape[-1])
+    if len(rows) > settings.patch_bank:
+        rows = rows[np.sort(rng.permutation(len(rows))[:settings.patch_bank])]
+    return feat.bank_from_features(rows)
+
+
 class FlowMismatch(Method):
     name = "flow_mismatch"
     model = "flow"
@@ -47,49 +64,62 @@ class FlowMismatch(Method):
         return flow_objective(config)
 
     def scorer(self, config, apply_fn, image_shape, devices=None) -> Scorer:
-        features_fn = None
-        if config.score.feature_knn:
+        features_fn = patch_fn = None
+        if config.score.feature_knn or config.score.feature_map:
             from fmjax.nets import unet
 
             module, _ = unet.build_model(config.net, image_shape)
-            features_fn = feat.build_features_fn(module, config.net.num_classes > 0)
-        return Scorer(apply_fn, config.score, image_shape, devices, features_fn)
+            conditional = config.net.num_classes > 0
+            if config.score.feature_knn:
+                features_fn = feat.build_features_fn(module, conditional)
+            if config.score.feature_map:
+                patch_fn = feat.build_patch_features_fn(module, conditional, feat.patch_layers(config.net))
+        return Scorer(apply_fn, config.score, image_shape, devices, features_fn, patch_fn)
 
     def min_holdout(self, config) -> int:
-        """Normalisation statistics need two held-out normals (four to fit them and the
-        thresholds on different images)."""
-        return 0 if config.score.normalize == "none" else 2
+        """Normalisation statistics and the feature map's scale need two held-out normals
+        (four to fit them and the thresholds on different images)."""
+        return 0 if config.score.normalize == "none" and not config.score.feature_map else 2
 
     def fit(self, run, trained, holdout) -> Fitted:
-        """With score.feature_knn > 0, first the feature bank: the features of at most
-        score.feature_bank of the images the network trained on (`trained`). With
-        score.normalize global or pixel, the normalisation statistics from one half of the
-        held-out normals (`normalize.fit_stats`). Then the thresholds from the other half
-        (a slice of fewer than 4 images serves both), scored with what was fitted."""
+        """First the feature banks, from the images the network trained on (`trained`):
+        with score.feature_knn > 0 the features of at most score.feature_bank of them, with
+        score.feature_map > 0 at most score.patch_bank of their positions' features. Then,
+        from one half of the held-out normals, the normalisation statistics (score.normalize
+        global or pixel, `normalize.fit_stats`) and the feature map's scale
+        (`features.map_scale`). Then the thresholds from the other half (a slice of fewer
+        than 4 images serves both), scored with what was fitted."""
         settings = run.config.score
         arrays = {}
         if settings.feature_knn:
             arrays.update(feat.to_arrays(feature_bank(run, trained)))
+        if settings.feature_map:
+            arrays.update(feat.to_arrays(patch_bank(run, trained), feat.PATCH_PREFIX))
         if holdout is None:
             return Fitted(arrays=arrays)
         values, for_thresholds = {}, holdout
-        if settings.normalize != "none":
+        if settings.normalize != "none" or settings.feature_map:
             for_stats = holdout
             if len(holdout) >= 4:
                 half = len(holdout) // 2
                 for_stats, for_thresholds = holdout.subset(slice(0, half)), holdout.subset(slice(half, None))
+            values["num_normalization_images"] = len(for_stats)
+        if settings.normalize != "none":
             per_time = run.scorer.per_time(run.params, for_stats.images, for_stats.class_ids)
             weights = time_weights(interior_times(settings.num_times), settings.time_weight)
             arrays.update(norm.to_arrays(norm.fit_stats(per_time, weights, settings.normalize)))
-            values["num_normalization_images"] = len(for_stats)
+        if settings.feature_map:
+            parts = run.scorer.map_parts(run.params, for_stats.images, for_stats.class_ids, Fitted(arrays=arrays))
+            arrays.update(feat.scale_to_arrays(feat.map_scale(*parts)))
         maps, scores = run.score(for_thresholds.images, for_thresholds.class_ids, Fitted(arrays=arrays))
         return Fitted(values={**thresholds(run.config.calibration, maps, scores), **values}, arrays=arrays)
 
     def cost(self, config, image_shape) -> dict:
-        """K * T network calls per image (one more for feature image scores), all
-        independent (one batched program)."""
+        """K * T network calls per image (one more each for feature image scores and the
+        feature map), all independent (one batched program)."""
         s = config.score
-        return {"network_calls_per_image": s.num_paths * s.num_times + (1 if s.feature_knn else 0),
+        extra = (1 if s.feature_knn else 0) + (1 if s.feature_map else 0)
+        return {"network_calls_per_image": s.num_paths * s.num_times + extra,
                 "sequential_calls_per_image": 1}
 
 

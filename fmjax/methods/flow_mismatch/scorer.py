@@ -5,7 +5,8 @@ For a test image y, K noise images eps_k and T interior times t_j = j / (T + 1):
   a_j(p) = Agg_k delta_{j,k}(p) (smoothed),   H = map rule of the a_j (normalize.py; the
   paper's: (1/T) sum_j w(t_j) a_j(p)),         image score = rule(H), or with
   score.feature_knn > 0 the distance of the network's features to the training normals'
-  (features.py).
+  (features.py); with score.feature_map > 0, H mixes in the map of the encoder's features
+  against the training normals' (features.py).
 All B*T*K network calls of a batch of images run inside one jitted function, in chunks of
 a fixed number of network inputs, so memory stays bounded and nothing recompiles.
 """
@@ -191,16 +192,21 @@ class Scorer:
     calls (`chunk_for`); 0 picks it from `config.memory_budget_mb` on the first call
     (`chunk_size_for_budget`) and `self.config` then holds the chosen size.
     features_fn(params, images_u8, class_ids) -> [n, D] (`features.build_features_fn`):
-    the network's features, needed when config.feature_knn > 0.
+    the network's features, needed when config.feature_knn > 0; patch_fn(params,
+    images_u8, class_ids) -> [n, h, w, D] (`features.build_patch_features_fn`): its
+    features per position, needed when config.feature_map > 0.
     """
 
-    def __init__(self, apply_fn, config, image_shape, devices=None, features_fn=None):
+    def __init__(self, apply_fn, config, image_shape, devices=None, features_fn=None, patch_fn=None):
         self.config = config
         self.image_shape = tuple(image_shape)
         self.apply_fn = apply_fn
         self.features_fn = features_fn
+        self.patch_fn = patch_fn
         if config.feature_knn and features_fn is None:
             raise ScoreRuleError("score.feature_knn needs the network's features: build the scorer through its method")
+        if config.feature_map and patch_fn is None:
+            raise ScoreRuleError("score.feature_map needs the network's features: build the scorer through its method")
         parse_aggregate(config.aggregate, config.num_paths)
         parse_image_score(config.image_score)
         time_weights(jnp.zeros(1), config.time_weight)
@@ -210,7 +216,7 @@ class Scorer:
         self.devices = list(devices if devices is not None else jax.local_devices())
         self.mesh = data_mesh(self.devices)
         self._batches = None
-        self._feature_batches = None
+        self._feature_batches = {}
         self._grids = {}
 
     def _build(self, params):
@@ -227,10 +233,10 @@ class Scorer:
         chunk = self.chunk_for(cfg.image_batch * len(self.devices))
 
         def local(mode):
-            def fn(params, images_u8, class_ids, noise, times, stats, bank):
+            def fn(params, images_u8, class_ids, noise, times, stats, banks):
                 velocity = lambda x, t, y: self.apply_fn(params, x, t, y)
                 delta = mismatch_delta(velocity, to_model_range(images_u8), noise, times, chunk, class_ids)
-                return self._finish(mode, delta, times, stats, self._knn(mode, params, images_u8, class_ids, bank))
+                return self._finish(mode, delta, times, stats, banks, params, images_u8, class_ids)
             return fn
 
         self._local = {mode: local(mode) for mode in self._OUTPUTS}
@@ -240,16 +246,15 @@ class Scorer:
     def program(self, params, fitted=None) -> ScoringProgram:
         """The per-device function `score` runs on every device, for export
         (`fmjax.methods.base.ScoringProgram`; settles chunk_size = 0 first); the
-        normalisation statistics and the feature bank the settings need travel among its
+        normalisation statistics and the feature banks the settings need travel among its
         constants."""
         self._build(params)
-        local, stats, bank = self._local["maps"], self.stats(fitted), self.bank(fitted)
+        local, stats, banks = self._local["maps"], self.stats(fitted), self.banks(fitted)
         stats = norm.neutral_stats(self.config.num_times) if stats is None else stats
         return ScoringProgram(fn=lambda params, consts, images_u8, class_ids: local(
-            params, images_u8, class_ids, consts["noise"], consts["times"], norm.Stats(*consts["stats"]),
-            feat.Bank(*consts["bank"])),
-            consts={"noise": self.noise, "times": self.times, "stats": tuple(np.asarray(a) for a in stats),
-                    "bank": tuple(np.asarray(a) for a in bank)},
+            params, images_u8, class_ids, consts["noise"], consts["times"], consts["stats"], consts["banks"]),
+            consts={"noise": self.noise, "times": self.times, "stats": jax.tree.map(np.asarray, stats),
+                    "banks": jax.tree.map(np.asarray, banks)},
             batch=self.config.image_batch)
 
     def chunk_for(self, num_images: int) -> int:
@@ -263,18 +268,13 @@ class Scorer:
             return even_chunk(cfg.image_batch * cfg.num_times * cfg.num_paths, cfg.chunk_size)
         return even_chunk(-(-num_images * cfg.num_times * cfg.num_paths // shards), cfg.chunk_size)
 
-    _OUTPUTS = {"maps": 2, "delta": 1, "per_time": 1}
+    _OUTPUTS = {"maps": 2, "delta": 1, "per_time": 1, "map_parts": 2}
 
-    def _knn(self, mode: str, params, images_u8, class_ids, bank):
-        """The feature image scores [B] when the maps mode needs them, else None."""
-        if mode != "maps" or not self.config.feature_knn:
-            return None
-        return feat.knn_scores(self.features_fn(params, images_u8, class_ids), bank, self.config.feature_knn)
-
-    def _finish(self, mode: str, delta, times, stats, knn=None):
-        """delta [B,T,K,H,W] -> maps: (maps [B,H,W], scores [B]: `knn` when given, else the
-        map's image_score); delta: (delta,); per_time: (the smoothed path-aggregated maps
-        [B,T,H,W],)."""
+    def _finish(self, mode: str, delta, times, stats, banks, params, images_u8, class_ids):
+        """delta [B,T,K,H,W] -> maps: (maps [B,H,W], scores [B]: the feature image scores
+        with feature_knn > 0, else the map's image_score); delta: (delta,); per_time: (the
+        smoothed path-aggregated maps [B,T,H,W],); map_parts: (mismatch maps, feature maps
+        [B,H,W]) before they are mixed (zeros without feature_map)."""
         cfg = self.config
         if mode == "delta":
             return (delta,)
@@ -282,7 +282,18 @@ class Scorer:
             return (per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma),)
         maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma, cfg.normalize,
                          cfg.map_rule, stats)
-        return maps, image_score(maps, cfg.image_score) if knn is None else knn
+        feature_maps = None
+        if cfg.feature_map:
+            feature_maps = gaussian_smooth(feat.nearest_maps(self.patch_fn(params, images_u8, class_ids),
+                                                             banks.patches, self.image_shape[:2]), cfg.smooth_sigma)
+        if mode == "map_parts":
+            return maps, jnp.zeros_like(maps) if feature_maps is None else feature_maps
+        if feature_maps is not None:
+            maps = feat.combine_maps(maps, feature_maps, banks.scale, cfg.feature_map)
+        if cfg.feature_knn:
+            return maps, feat.knn_scores(self.features_fn(params, images_u8, class_ids), banks.images,
+                                         cfg.feature_knn)
+        return maps, image_score(maps, cfg.image_score)
 
     def _grid(self, mode: str, num_images: int):
         """(jitted fn, sharded index) scoring `num_images` images in one call with their
@@ -299,24 +310,24 @@ class Scorer:
             spread = jax.shard_map(local, mesh=self.mesh, in_specs=(P(),) * 5 + (P(DATA_AXIS),),
                                    out_specs=P(DATA_AXIS), check_vma=False)
 
-            def full(params, images_u8, class_ids, noise, times, stats, bank, index):
+            def full(params, images_u8, class_ids, noise, times, stats, banks, index):
                 delta = grid_to_delta(spread(params, images_u8, class_ids, noise, times, index),
                                       num_images, cfg.num_times, cfg.num_paths)
-                return self._finish(mode, delta, times, stats, self._knn(mode, params, images_u8, class_ids, bank))
+                return self._finish(mode, delta, times, stats, banks, params, images_u8, class_ids)
 
             self._grids[key] = (xla_options.jit(full), jax.device_put(index, rows(self.mesh)))
         return self._grids[key]
 
-    def _run(self, mode: str, params, images, class_ids, stats=None, bank=None):
+    def _run(self, mode: str, params, images, class_ids, stats=None, banks=None):
         images, class_ids = check_images(images, class_ids, self.image_shape)
         self._build(params)
         stats = norm.neutral_stats(self.config.num_times) if stats is None else stats
-        bank = feat.empty_bank() if bank is None else bank
+        banks = feat.neutral_banks() if banks is None else banks
         if not 0 < len(images) < self.mesh.devices.size:
-            return self._batches[mode](params, images, class_ids, self.noise, self.times, stats, bank)
+            return self._batches[mode](params, images, class_ids, self.noise, self.times, stats, banks)
         fn, index = self._grid(mode, len(images))
         params = jax.device_put(params, replicated(self.mesh))
-        outs = fn(params, images, class_ids, self.noise, self.times, stats, bank, index)
+        outs = fn(params, images, class_ids, self.noise, self.times, stats, banks, index)
         return tuple(np.asarray(out) for out in outs)
 
     def stats(self, fitted) -> norm.Stats | None:
@@ -326,28 +337,46 @@ class Scorer:
         arrays = {} if fitted is None else fitted.arrays
         return norm.from_arrays(arrays, self.config.num_times, self.image_shape[:2])
 
-    def bank(self, fitted) -> feat.Bank:
+    def banks(self, fitted, with_scale: bool = True) -> feat.Banks:
         """The training normals' features the settings need, from the run's fitted arrays
-        (a one-row placeholder when feature_knn is 0)."""
-        if not self.config.feature_knn:
-            return feat.empty_bank()
-        return feat.from_arrays({} if fitted is None else fitted.arrays)
+        (placeholders for what they do not use; the map scale too when `with_scale` is off,
+        as while it is being fitted)."""
+        cfg, arrays = self.config, {} if fitted is None else fitted.arrays
+        neutral = feat.neutral_banks()
+        return feat.Banks(feat.from_arrays(arrays) if cfg.feature_knn else neutral.images,
+                          feat.from_arrays(arrays, feat.PATCH_PREFIX) if cfg.feature_map else neutral.patches,
+                          feat.scale_from_arrays(arrays) if cfg.feature_map and with_scale else neutral.scale)
 
     def score(self, params, images, class_ids=None, fitted=None):
         """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy;
         `fitted` (the run's Fitted) holds the normalisation statistics when normalize is
-        global or pixel, and the feature bank when feature_knn > 0."""
-        return self._run("maps", params, images, class_ids, self.stats(fitted), self.bank(fitted))
+        global or pixel, and the feature banks when feature_knn or feature_map > 0."""
+        return self._run("maps", params, images, class_ids, self.stats(fitted), self.banks(fitted))
+
+    def map_parts(self, params, images, class_ids=None, fitted=None):
+        """images uint8 [N,H,W,C] -> (mismatch maps, feature maps) float32 [N,H,W] before
+        score.feature_map mixes them (what fits the map scale); `fitted` as in `score`,
+        less the scale."""
+        return self._run("map_parts", params, images, class_ids, self.stats(fitted), self.banks(fitted, False))
 
     def features(self, params, images, class_ids=None):
         """images uint8 [N,H,W,C] -> the network's features float32 [N, D] as numpy
         (`features.build_features_fn`), one network call per image."""
-        if self.features_fn is None:
+        return self._per_image("features_fn", params, images, class_ids)
+
+    def patch_features(self, params, images, class_ids=None):
+        """images uint8 [N,H,W,C] -> the network's features per position float32 [N, h, w, D]
+        as numpy (`features.build_patch_features_fn`), one network call per image."""
+        return self._per_image("patch_fn", params, images, class_ids)
+
+    def _per_image(self, name: str, params, images, class_ids):
+        fn = getattr(self, name)
+        if fn is None:
             raise ScoreRuleError("this scorer was built without the network's features")
-        if self._feature_batches is None:
-            self._feature_batches = ImageBatches(lambda p, x, y: (self.features_fn(p, x, y),), self.image_shape,
-                                                 _FEATURE_BATCH, 0, 1, self.devices)
-        return self._feature_batches(params, images, class_ids)[0]
+        if name not in self._feature_batches:
+            self._feature_batches[name] = ImageBatches(lambda p, x, y: (fn(p, x, y),), self.image_shape,
+                                                       _FEATURE_BATCH, 0, 1, self.devices)
+        return self._feature_batches[name](params, images, class_ids)[0]
 
     def delta(self, params, images, class_ids=None):
         """images uint8 [N,H,W,C] -> raw mismatch float32 [N, T, K, H, W] as numpy."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from fmjax.ranges import IMAGE_BATCH, SEED, SIGMA, Range
+from fmjax.ranges import IMAGE_BATCH, PROBABILITY, SEED, SIGMA, Range
 from fmjax.errors import ScoreRuleError
 from fmjax.methods.rules import parse_image_score
 
@@ -34,6 +34,10 @@ class FlowMismatchSettings:
     # training normals' (features.py), not a rule of the map; 0: image_score of the map
     feature_knn: int = 0
     feature_bank: int = 4096  # most training normals in the feature memory bank (a seeded draw)
+    # w in [0, 1]: the map mixes the standardised mismatch map (1 - w) with the map of the
+    # network's encoder features against the training normals' (w, features.py); 0 = off
+    feature_map: float = 0.0
+    patch_bank: int = 16384  # most feature rows (image positions) in the feature map's bank (a seeded draw)
     chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
     memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
     image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
@@ -48,8 +52,10 @@ PRESETS = {
     "small": Settings(num_paths=16, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16, image_batch=1),
     "paper": Settings(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=0, image_batch=1),
     # chosen by experiments/select_settings.py on validation data (README, "Presets")
-    "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=3.0, normalize="pixel",
-                        map_rule="combined", chunk_size=16, image_batch=1),
+    # its map: the mismatch mixed half and half with the encoder's features against the
+    # training normals'
+    "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="global",
+                        map_rule="combined", feature_map=0.5, chunk_size=16, image_batch=1),
     # its image score: the network's features against the 5 nearest training normals'
     # (image_score applies when score.feature_knn=0)
     "aligned": Settings(num_paths=4, num_times=8, aggregate="rank:2", smooth_sigma=1.0, normalize="pixel",
@@ -58,8 +64,9 @@ PRESETS = {
 NEUTRAL = ("chunk_size", "memory_budget_mb", "image_batch")  # change how scores are computed, never their values
 TRAINING = ()  # the flow model does not depend on any scoring setting
 RANGES = {"num_paths": Range(1, 4096), "num_times": Range(1, 4096), "smooth_sigma": SIGMA,
-          "feature_knn": Range(0, 1 << 16), "feature_bank": Range(1, 1 << 20), "chunk_size": Range(0, 1 << 20), "memory_budget_mb": Range(1, 1 << 24), "image_batch": IMAGE_BATCH,
-          "seed": SEED}
+          "feature_knn": Range(0, 1 << 16), "feature_bank": Range(1, 1 << 20), "feature_map": PROBABILITY,
+          "patch_bank": Range(1, 1 << 24), "chunk_size": Range(0, 1 << 20), "memory_budget_mb": Range(1, 1 << 24),
+          "image_batch": IMAGE_BATCH, "seed": SEED}
 
 
 def parse_aggregate(spec: str, num_paths: int):
