@@ -151,16 +151,12 @@ def feature_maps(run, trained, sets: dict) -> dict:
     """{name: float32 [N, H, W]} the unsmoothed feature maps (score.feature_map) of each
     image set {name: uint8 [N, H, W, C]}, the bank drawn from `trained` (the Split the
     network trained on) as the run's fit draws it."""
-    import jax.numpy as jnp
-
-    from fmjax.methods.flow_mismatch import features as feat
     from fmjax.methods.flow_mismatch.method import patch_bank
 
-    config = run.config.replace(score=dataclasses.replace(run.config.score, feature_map=1.0))
+    config = run.config.replace(score=dataclasses.replace(run.config.score, feature_map=1.0, smooth_sigma=0.0))
     probe = dataclasses.replace(run, config=config, _scorer=None)
     bank = patch_bank(probe, trained)
-    return {name: np.asarray(feat.nearest_maps(jnp.asarray(probe.scorer.patch_features(run.params, images)), bank,
-                                               run.image_shape[:2])) for name, images in sets.items()}
+    return {name: probe.scorer.feature_maps(run.params, images, patches=bank) for name, images in sets.items()}
 
 
 def rule_rows(delta: dict, times, masks, pixel_level: bool, feature_scores: dict | None = None,

@@ -168,13 +168,17 @@ def test_fit_and_score_mix_the_feature_map_into_the_standardised_mismatch_map(ne
     fitted = fm_method.METHOD.fit(run, trained, holdout)
     bank = feat.from_arrays(fitted.arrays, feat.PATCH_PREFIX)
     assert bank.features.shape == (40, 4 * NET3.base_channels)  # 40 of the 6 x 16 positions
-    # the scale comes from the first half of the held-out normals, the thresholds from the other
-    parts = scorer.map_parts(params, holdout.images[:2], fitted=fitted)
-    np.testing.assert_allclose(feat.scale_from_arrays(fitted.arrays), feat.map_scale(*parts), rtol=1e-5)
+    # the mismatch map M as the scorer without the feature map reads it, F against the bank;
+    # their scale comes from the first half of the held-out normals, the thresholds from the other
+    plain = fm_method.METHOD.scorer(config.replace(score=dataclasses.replace(MAP_SETTINGS, feature_map=0.0)),
+                                    apply_fn, SHAPE)
+    first = holdout.images[:2]
+    np.testing.assert_allclose(feat.scale_from_arrays(fitted.arrays), feat.map_scale(
+        plain.score(params, first)[0], scorer.feature_maps(params, first, patches=bank)), rtol=1e-4)
     assert fitted.values["num_normal_images"] == 2 and fitted.values["num_normalization_images"] == 2
     scale = feat.scale_from_arrays(fitted.arrays)
     test = images(3, 9)
-    mismatch, feature = scorer.map_parts(params, test, fitted=fitted)
+    mismatch, feature = plain.score(params, test)[0], scorer.feature_maps(params, test, patches=bank)
     assert feature.min() >= 0 and feature.max() > 0
     maps, _ = scorer.score(params, test, fitted=fitted)
     np.testing.assert_allclose(maps, 0.5 * (mismatch - scale[0]) / scale[1] + 0.5 * (feature - scale[2]) / scale[3],

@@ -104,13 +104,17 @@ class FlowMismatch(Method):
                 half = len(holdout) // 2
                 for_stats, for_thresholds = holdout.subset(slice(0, half)), holdout.subset(slice(half, None))
             values["num_normalization_images"] = len(for_stats)
-        if settings.normalize != "none":
             per_time = run.scorer.per_time(run.params, for_stats.images, for_stats.class_ids)
             weights = time_weights(interior_times(settings.num_times), settings.time_weight)
-            arrays.update(norm.to_arrays(norm.fit_stats(per_time, weights, settings.normalize)))
-        if settings.feature_map:
-            parts = run.scorer.map_parts(run.params, for_stats.images, for_stats.class_ids, Fitted(arrays=arrays))
-            arrays.update(feat.scale_to_arrays(feat.map_scale(*parts)))
+            stats = norm.neutral_stats(settings.num_times)
+            if settings.normalize != "none":
+                stats = norm.fit_stats(per_time, weights, settings.normalize)
+                arrays.update(norm.to_arrays(stats))
+            if settings.feature_map:
+                mismatch = norm.mismatch_map(per_time, weights, settings.normalize, settings.map_rule, stats)
+                feature = run.scorer.feature_maps(run.params, for_stats.images, for_stats.class_ids,
+                                                  feat.from_arrays(arrays, feat.PATCH_PREFIX))
+                arrays.update(feat.scale_to_arrays(feat.map_scale(mismatch, feature)))
         maps, scores = run.score(for_thresholds.images, for_thresholds.class_ids, Fitted(arrays=arrays))
         return Fitted(values={**thresholds(run.config.calibration, maps, scores), **values}, arrays=arrays)
 

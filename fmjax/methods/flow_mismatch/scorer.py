@@ -217,6 +217,7 @@ class Scorer:
         self.mesh = data_mesh(self.devices)
         self._batches = None
         self._feature_batches = {}
+        self._feature_map_fn = None
         self._grids = {}
 
     def _build(self, params):
@@ -268,13 +269,12 @@ class Scorer:
             return even_chunk(cfg.image_batch * cfg.num_times * cfg.num_paths, cfg.chunk_size)
         return even_chunk(-(-num_images * cfg.num_times * cfg.num_paths // shards), cfg.chunk_size)
 
-    _OUTPUTS = {"maps": 2, "delta": 1, "per_time": 1, "map_parts": 2}
+    _OUTPUTS = {"maps": 2, "delta": 1, "per_time": 1}
 
     def _finish(self, mode: str, delta, times, stats, banks, params, images_u8, class_ids):
         """delta [B,T,K,H,W] -> maps: (maps [B,H,W], scores [B]: the feature image scores
         with feature_knn > 0, else the map's image_score); delta: (delta,); per_time: (the
-        smoothed path-aggregated maps [B,T,H,W],); map_parts: (mismatch maps, feature maps
-        [B,H,W]) before they are mixed (zeros without feature_map)."""
+        smoothed path-aggregated maps [B,T,H,W],)."""
         cfg = self.config
         if mode == "delta":
             return (delta,)
@@ -282,13 +282,8 @@ class Scorer:
             return (per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma),)
         maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma, cfg.normalize,
                          cfg.map_rule, stats)
-        feature_maps = None
         if cfg.feature_map:
-            feature_maps = gaussian_smooth(feat.nearest_maps(self.patch_fn(params, images_u8, class_ids),
-                                                             banks.patches, self.image_shape[:2]), cfg.smooth_sigma)
-        if mode == "map_parts":
-            return maps, jnp.zeros_like(maps) if feature_maps is None else feature_maps
-        if feature_maps is not None:
+            feature_maps = self._feature_maps(self.patch_fn(params, images_u8, class_ids), banks.patches)
             maps = feat.combine_maps(maps, feature_maps, banks.scale, cfg.feature_map)
         if cfg.feature_knn:
             return maps, feat.knn_scores(self.features_fn(params, images_u8, class_ids), banks.images,
@@ -337,15 +332,14 @@ class Scorer:
         arrays = {} if fitted is None else fitted.arrays
         return norm.from_arrays(arrays, self.config.num_times, self.image_shape[:2])
 
-    def banks(self, fitted, with_scale: bool = True) -> feat.Banks:
+    def banks(self, fitted) -> feat.Banks:
         """The training normals' features the settings need, from the run's fitted arrays
-        (placeholders for what they do not use; the map scale too when `with_scale` is off,
-        as while it is being fitted)."""
+        (placeholders for what they do not use)."""
         cfg, arrays = self.config, {} if fitted is None else fitted.arrays
         neutral = feat.neutral_banks()
         return feat.Banks(feat.from_arrays(arrays) if cfg.feature_knn else neutral.images,
                           feat.from_arrays(arrays, feat.PATCH_PREFIX) if cfg.feature_map else neutral.patches,
-                          feat.scale_from_arrays(arrays) if cfg.feature_map and with_scale else neutral.scale)
+                          feat.scale_from_arrays(arrays) if cfg.feature_map else neutral.scale)
 
     def score(self, params, images, class_ids=None, fitted=None):
         """images uint8 [N,H,W,C] -> (maps float32 [N,H,W], scores float32 [N]) as numpy;
@@ -353,11 +347,20 @@ class Scorer:
         global or pixel, and the feature banks when feature_knn or feature_map > 0."""
         return self._run("maps", params, images, class_ids, self.stats(fitted), self.banks(fitted))
 
-    def map_parts(self, params, images, class_ids=None, fitted=None):
-        """images uint8 [N,H,W,C] -> (mismatch maps, feature maps) float32 [N,H,W] before
-        score.feature_map mixes them (what fits the map scale); `fitted` as in `score`,
-        less the scale."""
-        return self._run("map_parts", params, images, class_ids, self.stats(fitted), self.banks(fitted, False))
+    def _feature_maps(self, patch_features, patches: feat.Bank):
+        """The feature map F [B,H,W] of positions' features [B,h,w,D] against the bank
+        `patches`, smoothed as the mismatch maps are."""
+        return gaussian_smooth(feat.nearest_maps(patch_features, patches, self.image_shape[:2]),
+                               self.config.smooth_sigma)
+
+    def feature_maps(self, params, images, class_ids=None, patches: feat.Bank | None = None):
+        """images uint8 [N,H,W,C] -> the feature maps F float32 [N,H,W] (smoothed by
+        score.smooth_sigma) against the bank `patches`, before score.feature_map mixes them
+        into the map (what fits the map's scale)."""
+        positions = self.patch_features(params, images, class_ids)
+        if self._feature_map_fn is None:
+            self._feature_map_fn = jax.jit(self._feature_maps)
+        return np.asarray(self._feature_map_fn(positions, patches))
 
     def features(self, params, images, class_ids=None):
         """images uint8 [N,H,W,C] -> the network's features float32 [N, D] as numpy
