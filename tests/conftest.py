@@ -4,6 +4,10 @@ import os
 # run in every test session.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    from helpers import FAST_COMPILE_FLAGS  # noqa: E402
+
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402

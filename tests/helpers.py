@@ -179,6 +179,11 @@ DISTRIBUTED_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "JAX_NUM_P
                     "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
+# XLA:CPU flags that only make compiling several times quicker; tests compare paths under
+# the same flags, and a tiny model's test is mostly compilation
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false --xla_cpu_use_xnnpack=false"
+
+
 def subprocess_env(num_devices, fast_compile=True, **extra):
     """Environment for a child python with `num_devices` host devices, whatever this session
     forced, importing this checkout's fmjax; `fast_compile` adds flags that only make the
@@ -186,8 +191,7 @@ def subprocess_env(num_devices, fast_compile=True, **extra):
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARS}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     if fast_compile:
-        env["XLA_FLAGS"] += (" --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
-                             "--xla_cpu_use_xnnpack=false")
+        env["XLA_FLAGS"] += " " + FAST_COMPILE_FLAGS
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     env.update(extra)
