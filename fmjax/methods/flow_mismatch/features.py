@@ -24,7 +24,7 @@ feature map F. The map is then
   (1 - w) (M - c_M) / s_M + w (F - c_F) / s_F
 
 with M the mismatch map and c, s the mean and std of each map's pixels on held-out
-normals (`MapScale`): busy normal texture the flow predicts poorly is still near some
+normals (`map_scale`): busy normal texture the flow predicts poorly is still near some
 training patch, a flat defect it predicts well is not.
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ import numpy as np
 from fmjax.errors import ScoreRuleError
 from fmjax.flow import to_model_range
 
-__all__ = ["Bank", "Banks", "LAYER", "bank_from_features", "build_features_fn", "build_patch_features_fn",
-           "combine_maps", "empty_bank", "from_arrays", "knn_scores", "map_scale", "nearest_maps", "neutral_banks",
-           "patch_layers", "scale_from_arrays", "scale_to_arrays", "to_arrays", "PATCH_PREFIX"]
+__all__ = ["Bank", "Banks", "LAYER", "PATCH_PREFIX", "bank_from_features", "build_features_fn",
+           "build_patch_features_fn", "combine_maps", "empty_bank", "from_arrays", "knn_scores", "map_scale",
+           "nearest_maps", "neutral_banks", "patch_layers", "scale_from_arrays", "scale_to_arrays", "to_arrays"]
 
 LAYER = "mid_res_1"
 _STD_FLOOR = 1e-6
@@ -189,6 +189,7 @@ def to_arrays(bank: Bank, prefix: str = _PREFIX) -> dict:
 
 
 def scale_to_arrays(scale) -> dict:
+    """The map scale (`map_scale`) as a named array for the run's fitted state."""
     return {_SCALE: np.asarray(scale, np.float32)}
 
 
