@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import numpy as np
 
 from fmjax import flow
@@ -45,8 +46,8 @@ def patch_bank(run, trained) -> feat.Bank:
     for four times that many rows; images and rows are seeded draws (score.seed)."""
     settings = run.config.score
     rng = np.random.default_rng([settings.seed, 17])
-    probe = run.scorer.patch_features(run.params, trained.images[:1], trained.class_ids[:1])
-    per_image = probe.shape[1] * probe.shape[2]
+    grid = jax.eval_shape(run.scorer.patch_fn, run.params, trained.images[:1], trained.class_ids[:1]).shape
+    per_image = grid[1] * grid[2]
     count = min(len(trained), -(-4 * settings.patch_bank // per_image))
     picked = np.sort(rng.permutation(len(trained))[:count])
     rows = run.scorer.patch_features(run.params, trained.images[picked], trained.class_ids[picked])
