@@ -157,6 +157,31 @@ def test_nearest_maps_are_the_squared_distance_to_the_nearest_bank_row_resized()
     assert float(feat.nearest_maps(rows[None, None, :1].astype(np.float32), bank, (1, 1)).max()) < 1e-3
 
 
+def numpy_k_center(points, first, size):
+    picked, nearest = [first], ((points - points[first]) ** 2).sum(-1)
+    while len(picked) < size:
+        picked.append(int(np.argmax(nearest)))
+        nearest = np.minimum(nearest, ((points - points[picked[-1]]) ** 2).sum(-1))
+    return picked
+
+
+def test_coreset_picks_the_farthest_row_from_those_picked_so_far():
+    points = np.random.default_rng(3).normal(size=(200, 6)).astype(np.float32)
+    got = feat.coreset(points, 25, jax.random.PRNGKey(4))
+    assert got.dtype == np.int32 and got.shape == (25,)
+    assert list(got) == numpy_k_center(points.astype(np.float64), int(got[0]), 25)
+    assert list(feat.coreset(points, 25, jax.random.PRNGKey(4))) == list(got)  # seeded
+    # projected to fewer dimensions: still distinct rows, and all of them when size = M
+    projected = feat.coreset(points, 200, jax.random.PRNGKey(4), dim=2)
+    assert sorted(projected) == list(range(200))
+    # the picked rows cover the cloud better than a random draw of as many
+    def radius(index):
+        return ((points[:, None] - points[index][None]) ** 2).sum(-1).min(1).max()
+    assert radius(got) < radius(np.random.default_rng(0).permutation(200)[:25])
+    with pytest.raises(ScoreRuleError, match="coreset of 201 rows"):
+        feat.coreset(points, 201, jax.random.PRNGKey(4))
+
+
 def test_fit_and_score_mix_the_feature_map_into_the_standardised_mismatch_map(network3):
     _, params, apply_fn = network3
     config = CONFIG.replace(net=NET3, score=MAP_SETTINGS)
@@ -168,6 +193,12 @@ def test_fit_and_score_mix_the_feature_map_into_the_standardised_mismatch_map(ne
     fitted = fm_method.METHOD.fit(run, trained, holdout)
     bank = feat.from_arrays(fitted.arrays, feat.PATCH_PREFIX)
     assert bank.features.shape == (40, 4 * NET3.base_channels)  # 40 of the 6 x 16 positions
+    # standardised by all the positions' statistics, the rows of their coreset
+    every = scorer.patch_features(params, trained.images)
+    every = feat.bank_from_features(every.reshape(-1, every.shape[-1]))
+    keep = np.sort(feat.coreset(every.features, 40, jax.random.PRNGKey(MAP_SETTINGS.seed)))
+    np.testing.assert_allclose(bank.features, every.features[keep], rtol=1e-6)
+    np.testing.assert_allclose(bank.mean, every.mean, rtol=1e-6)
     # the mismatch map M as the scorer without the feature map reads it, F against the bank;
     # their scale comes from the first half of the held-out normals, the thresholds from the other
     plain = fm_method.METHOD.scorer(config.replace(score=dataclasses.replace(MAP_SETTINGS, feature_map=0.0)),

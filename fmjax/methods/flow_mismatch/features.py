@@ -17,9 +17,12 @@ the mismatch maps.
 Maps from the same features (score.feature_map = w > 0): the encoder's outputs at its
 second and third resolution (`patch_layers`), pooled to the coarser grid and averaged
 over 3x3 neighbourhoods, give each position of the clean image a feature vector; its
-squared distance to the nearest row of a bank of such vectors from the training normals
-(at most score.patch_bank, a seeded draw), resized to the image and smoothed, is the
-feature map F. The map is then
+squared distance to the nearest row of a bank of such vectors from the training normals,
+resized to the image and smoothed, is the feature map F. When the training normals give
+more than score.patch_bank rows, the bank keeps a greedy k-center coreset of them
+(`coreset`, as PatchCore does): every position of the training images stays close to
+some bank row, where a random draw leaves gaps that make normal texture look new. The
+map is then
 
   (1 - w) (M - c_M) / s_M + w (F - c_F) / s_F
 
@@ -29,6 +32,7 @@ training patch, a flat defect it predicts well is not.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -39,7 +43,7 @@ from fmjax.errors import ScoreRuleError
 from fmjax.flow import to_model_range
 
 __all__ = ["Bank", "Banks", "LAYER", "PATCH_PREFIX", "bank_from_features", "build_features_fn",
-           "build_patch_features_fn", "combine_maps", "empty_bank", "from_arrays", "knn_scores", "map_scale",
+           "build_patch_features_fn", "combine_maps", "coreset", "empty_bank", "from_arrays", "knn_scores", "map_scale",
            "nearest_maps", "neutral_banks", "patch_layers", "scale_from_arrays", "scale_to_arrays", "to_arrays"]
 
 LAYER = "mid_res_1"
@@ -161,6 +165,36 @@ def map_scale(mismatch, feature) -> np.ndarray:
     mismatch maps and feature maps [N, H, W]."""
     parts = [np.asarray(m, np.float64) for m in (mismatch, feature)]
     return np.array([v for m in parts for v in (m.mean(), max(m.std(), _STD_FLOOR))], np.float32)
+
+
+def coreset(rows, size: int, key, dim: int | None = None) -> np.ndarray:
+    """Greedy k-center coreset of rows float32 [M, D]: int32 [size] indices (size <= M),
+    each pick the row farthest from the rows picked before it, the first drawn from `key`.
+    Distances are Euclidean; with `dim` < D, after a Gaussian random projection to `dim`
+    dimensions drawn from `key` (quicker, and on validation data no better:
+    experiments/patch_bank.py)."""
+    rows = jnp.asarray(rows, jnp.float32)
+    count, width = rows.shape
+    if not 1 <= size <= count:
+        raise ScoreRuleError(f"a coreset of {size} rows needs 1 <= size <= {count} (the rows it picks from)")
+    start_key, projection_key = jax.random.split(key)
+    if dim is not None and dim < width:
+        rows = rows @ (jax.random.normal(projection_key, (width, dim), jnp.float32) / np.sqrt(dim))
+    first = jax.random.randint(start_key, (), 0, count, jnp.int32)
+    return np.asarray(_greedy_k_center(rows, first, size))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _greedy_k_center(points, first, size: int):
+    def pick(i, state):
+        nearest, index = state
+        farthest = jnp.argmax(nearest).astype(jnp.int32)
+        nearest = jnp.minimum(nearest, jnp.sum(jnp.square(points - points[farthest]), -1))
+        return nearest, index.at[i].set(farthest)
+
+    index = jnp.zeros((size,), jnp.int32).at[0].set(first)
+    nearest = jnp.sum(jnp.square(points - points[first]), -1)
+    return jax.lax.fori_loop(1, size, pick, (nearest, index))[1]
 
 
 def knn_scores(features, bank: Bank, k: int):

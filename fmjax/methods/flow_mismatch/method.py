@@ -41,9 +41,11 @@ def feature_bank(run, trained) -> feat.Bank:
 
 
 def patch_bank(run, trained) -> feat.Bank:
-    """The feature map's bank (`features.Bank`): at most score.patch_bank feature rows
-    (image positions) of the training images `trained` (a Split), read from enough images
-    for four times that many rows; images and rows are seeded draws (score.seed)."""
+    """The feature map's bank (`features.Bank`): the feature rows (image positions) of the
+    training images `trained` (a Split), read from enough of them (a seeded draw) for four
+    times score.patch_bank rows, standardised by their own statistics; of more than
+    score.patch_bank rows, a greedy k-center coreset (`features.coreset`, seeded by
+    score.seed) stays."""
     settings = run.config.score
     rng = np.random.default_rng([settings.seed, 17])
     grid = jax.eval_shape(run.scorer.patch_fn, run.params, trained.images[:1], trained.class_ids[:1]).shape
@@ -51,10 +53,11 @@ def patch_bank(run, trained) -> feat.Bank:
     count = min(len(trained), -(-4 * settings.patch_bank // per_image))
     picked = np.sort(rng.permutation(len(trained))[:count])
     rows = run.scorer.patch_features(run.params, trained.images[picked], trained.class_ids[picked])
-    rows = rows.reshape(-1, rows.shape[-1])
-    if len(rows) > settings.patch_bank:
-        rows = rows[np.sort(rng.permutation(len(rows))[:settings.patch_bank])]
-    return feat.bank_from_features(rows)
+    bank = feat.bank_from_features(rows.reshape(-1, rows.shape[-1]))
+    if len(bank.features) > settings.patch_bank:
+        keep = feat.coreset(bank.features, settings.patch_bank, jax.random.PRNGKey(settings.seed))
+        bank = bank._replace(features=bank.features[np.sort(keep)])
+    return bank
 
 
 class FlowMismatch(Method):

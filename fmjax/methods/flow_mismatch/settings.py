@@ -37,7 +37,7 @@ class FlowMismatchSettings:
     # w in [0, 1]: the map mixes the standardised mismatch map (1 - w) with the map of the
     # network's encoder features against the training normals' (w, features.py); 0 = off
     feature_map: float = 0.0
-    patch_bank: int = 16384  # most feature rows (image positions) in the feature map's bank (a seeded draw)
+    patch_bank: int = 16384  # most feature rows (image positions) in the feature map's bank (a coreset of more)
     chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
     memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
     image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
