@@ -18,6 +18,9 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from table import command_line  # noqa: E402
+
 
 def _parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +55,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "bench.json"), result)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(f"Command: `{' '.join(sys.argv)}`\n\n{text}\n\nWall time {result['wall_s']:.0f} s.\n")
+        f.write(f"Command: `{command_line()}`\n\n{text}\n\nWall time {result['wall_s']:.0f} s.\n")
 
 
 if __name__ == "__main__":

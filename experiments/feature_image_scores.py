@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from table import command_line  # noqa: E402
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
     with open(os.path.join(args.out, "rows.json"), "w") as f:
         json.dump(rows, f, indent=1)
     lines = [f"# Image AUROC of the features image score (feature_knn = {args.knn})", "",
-             f"Command: `{' '.join(sys.argv)}`", "", "| run | features | map-based | test images | bank | seconds |",
+             f"Command: `{command_line()}`", "", "| run | features | map-based | test images | bank | seconds |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['category']} | {r['image_auroc']:.3f} | {r['map_image_auroc']:.3f} | {r['num_test']} | "
               f"{r['bank']} | {r['seconds']:.0f} |" for r in rows]

@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from select_settings import digits_folder, stored_mismatch, validation_data  # noqa: E402
+from table import command_line  # noqa: E402
 
 SHRINKAGE = 0.1  # of the per-pixel covariance towards its diagonal
 
@@ -194,7 +195,7 @@ def main() -> None:
             delta, times = stored_mismatch(run, sets, args.path_study, args.num_times, seed=5)
             study = path_study(delta, times, PRESETS["aligned"], args.path_study)
             lines = [f"# More paths? {name}, validation image AUROC of the aligned rule", "",
-                     f"Command: `{' '.join(sys.argv)}`", "", "| aggregate | K | each disjoint group | mean |",
+                     f"Command: `{command_line()}`", "", "| aggregate | K | each disjoint group | mean |",
                      "|---|---|---|---|"]
             lines += [f"| {a} | {k} | " + ", ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |"
                       for (a, k), values in study.items()]
@@ -216,7 +217,7 @@ def main() -> None:
     if args.path_study:
         return
     names = list(correlations)
-    lines = ["# Image scores for one-class sets, on validation data", "", f"Command: `{' '.join(sys.argv)}`", "",
+    lines = ["# Image scores for one-class sets, on validation data", "", f"Command: `{command_line()}`", "",
              "Validation image AUROC (B: held-out normals, V: other classes' training images; A fits every "
              f"statistic): mean over {args.path_seeds} draws of the noise paths [lowest - highest].", "",
              "| variant | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_anomalies import anomaly_set  # noqa: E402
+from table import command_line  # noqa: E402
 
 SIZES = (4096, 8192, 16384)
 DIMS = (16, 32, None)  # None: no projection
@@ -146,7 +147,7 @@ def main() -> None:
         results[name] = study(run)
     with open(os.path.join(args.out, "patch_bank.json"), "w") as f:
         json.dump(results, f, indent=1)
-    write_report(results, args.out, " ".join(["python experiments/patch_bank.py"] + sys.argv[1:]))
+    write_report(results, args.out, command_line())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_anomalies import anomaly_set  # noqa: E402
+from table import command_line  # noqa: E402
 
 GRID = {"t_score": (10, 25, 50, 100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0, 4.0, 8.0)}
 FIELDS = tuple(GRID)
@@ -129,7 +130,7 @@ def write_report(chosen: dict, results: list[dict], out: str) -> None:
     default = Settings()
     paper = (250, 0.0)
     agrees = all(getattr(default, f) == v for f, v in chosen["setting"].items())
-    lines = ["# RADAR scoring settings chosen on validation data", "", f"Command: `{' '.join(sys.argv)}`", "",
+    lines = ["# RADAR scoring settings chosen on validation data", "", f"Command: `{command_line()}`", "",
              "Criterion: mean over textures and the two folds of (image AUROC + pixel AUROC) / 2, on held-out "
              "normal training crops and self-supervised defects made from them.", "",
              "Chosen: " + ", ".join(f"{f}={v}" for f, v in chosen["setting"].items())

@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_anomalies import anomaly_set  # noqa: E402
+from table import command_line  # noqa: E402
 
 PAPER = {"aggregate": "rank:2", "smooth_sigma": 0.0, "normalize": "none", "map_rule": "weighted",
          "feature_map": 0.0, "image_score": "max_plus_top1"}
@@ -326,7 +327,7 @@ def choose(results: list[dict]) -> dict:
 def write_report(chosen: dict, results: list[dict], out: str) -> None:
     from fmjax.methods.flow_mismatch.settings import PRESETS
 
-    lines = ["# Scoring rules chosen on validation data", "", f"Command: `{' '.join(sys.argv)}`", ""]
+    lines = ["# Scoring rules chosen on validation data", "", f"Command: `{command_line()}`", ""]
     for kind, c in chosen.items():
         agrees = rule_of(PRESETS[kind]) == c["rule"]
         c["preset_agrees"] = agrees

@@ -16,6 +16,23 @@ COLUMNS = ["category", "preset", "image_auroc", "image_ap", "image_f1_max", "pix
            "aupro", "image_f1_at_threshold", "train_seconds", "eval_seconds"]
 
 
+def command_line(argv=None) -> str:
+    """The command that ran this script, as a results file records it: `python
+    experiments/NAME.py ARGS`, paths under the working folder relative to it and other
+    absolute paths by their last component (a results file names no machine's folders)."""
+    argv = sys.argv if argv is None else argv
+
+    def shown(arg: str) -> str:
+        key, eq, value = arg.rpartition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+        if os.path.isabs(value):
+            relative = os.path.relpath(value)
+            value = relative if not relative.startswith("..") else os.path.basename(value.rstrip("/"))
+        return f"{key}{eq}{value}"
+
+    script = "experiments/" + os.path.basename(argv[0])
+    return " ".join(["python", script] + [shown(a) for a in argv[1:]])
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", default="auto", help="auto (default: chosen per category from its training "
@@ -77,7 +94,7 @@ def write_table(rows, out: str, title: str, config) -> str:
         if values or key != "preset":
             mean[key] = float(np.mean(values)) if values else float("nan")  # nan: no row has it (image-level sets)
     table = markdown_table(rows + [mean], COLUMNS)
-    text = f"# {title}\n\nCommand: `{' '.join(sys.argv)}`\n\n{table}\n"
+    text = f"# {title}\n\nCommand: `{command_line()}`\n\n{table}\n"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
