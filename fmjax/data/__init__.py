@@ -89,14 +89,28 @@ def holdout_count(num_images: int, fraction: float, minimum: int = 0) -> int:
 def split_holdout(train: Split, fraction: float, seed: int, minimum: int = 0):
     """(fit, holdout): `holdout_count(len(train), fraction, minimum)` normal training images
     drawn at random (from `seed`) and held out for fitting thresholds on normal images only.
-    holdout is None when fraction is 0."""
+    holdout is None when fraction is 0. A split with `groups` holds out whole groups (in a
+    random order from `seed`) until it has at least that many images: no held-out image
+    shares source pixels with an image trained on."""
     n_hold = holdout_count(len(train), fraction, minimum)
     if n_hold == 0:
         return train, None
     if n_hold >= len(train):
         raise DataError(f"calibration.holdout_fraction {fraction} leaves no training images out of {len(train)}")
-    order = np.random.default_rng([seed, 7]).permutation(len(train))
-    return train.subset(np.sort(order[n_hold:])), train.subset(np.sort(order[:n_hold]))
+    rng = np.random.default_rng([seed, 7])
+    if train.groups is None:
+        held = rng.permutation(len(train))[:n_hold]
+    else:
+        names = rng.permutation(np.unique(train.groups))
+        counts = np.array([np.sum(train.groups == g) for g in names])
+        taken = int(np.searchsorted(np.cumsum(counts), n_hold)) + 1
+        if taken >= len(names):
+            raise DataError(f"calibration.holdout_fraction {fraction} holds out {n_hold} of {len(train)} training "
+                            f"images, which takes all {len(names)} groups of images that share no source pixels: "
+                            f"lower it")
+        held = np.flatnonzero(np.isin(train.groups, names[:taken]))
+    kept = np.setdiff1d(np.arange(len(train)), held)
+    return train.subset(kept), train.subset(np.sort(held))
 
 
 def stratified_subset(split: Split, limit: int, seed: int = 0) -> Split:
@@ -150,8 +164,13 @@ def load_all(spec: str, config, categories=None) -> list[Dataset]:
 
 def unified_train(datasets) -> Split:
     """All categories' training images in one split whose `class_ids` are the category
-    indices (the class ids a class-conditional model is trained with)."""
+    indices (the class ids a class-conditional model is trained with); groups stay apart
+    across categories."""
     parts = [d.train for d in datasets]
+    groups = None
+    if all(p.groups is not None for p in parts):
+        offsets = np.cumsum([0] + [int(p.groups.max()) + 1 if len(p) else 0 for p in parts])
+        groups = np.concatenate([p.groups + o for p, o in zip(parts, offsets)])
     return Split(
         images=np.concatenate([p.images for p in parts]),
         masks=np.concatenate([p.masks for p in parts]),
@@ -160,4 +179,5 @@ def unified_train(datasets) -> Split:
         names=tuple(f"{d.category}/{n}" for d, p in zip(datasets, parts) for n in p.names),
         defect_types=tuple(t for p in parts for t in p.defect_types),
         original_sizes=np.concatenate([p.original_sizes for p in parts]),
+        groups=groups,
     )

@@ -24,6 +24,10 @@ class Split:
     defect_types: N strings, "good" for normal images.
     original_sizes: int32 [N, 2] (height, width) of each source image.
     full_masks: optional list of N uint8 {0, 1} masks at original size.
+    groups: optional int32 [N]: images of one group may share source pixels (crops of one
+      region of a photo), images of different groups share none. A hold-out
+      (`fmjax.data.split_holdout`) takes whole groups, so the normals it keeps out are
+      unseen by the network trained on the rest.
     """
 
     images: np.ndarray
@@ -34,6 +38,7 @@ class Split:
     original_sizes: np.ndarray
     full_masks: list | None = None
     class_ids: np.ndarray | None = None
+    groups: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -44,6 +49,8 @@ class Split:
         for field in ("masks", "labels", "class_ids", "names", "defect_types", "original_sizes"):
             if len(getattr(self, field)) != n:
                 raise DataError(f"split field {field!r} has {len(getattr(self, field))} entries for {n} images")
+        if self.groups is not None and len(self.groups) != n:
+            raise DataError(f"split field 'groups' has {len(self.groups)} entries for {n} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -61,6 +68,7 @@ class Split:
             original_sizes=self.original_sizes[index],
             full_masks=None if self.full_masks is None else [self.full_masks[i] for i in index],
             class_ids=self.class_ids[index],
+            groups=None if self.groups is None else self.groups[index],
         )
 
 
@@ -74,8 +82,8 @@ class Dataset:
     test: Split
 
 
-def normal_split(images: np.ndarray, names, original_sizes=None) -> Split:
-    """A split of normal images only (zero masks, label 0)."""
+def normal_split(images: np.ndarray, names, original_sizes=None, groups=None) -> Split:
+    """A split of normal images only (zero masks, label 0); groups as in `Split`."""
     images = np.asarray(images)
     n, h, w = images.shape[:3]
     if original_sizes is None:
@@ -87,4 +95,5 @@ def normal_split(images: np.ndarray, names, original_sizes=None) -> Split:
         names=tuple(names),
         defect_types=("good",) * n,
         original_sizes=np.asarray(original_sizes, np.int32),
+        groups=None if groups is None else np.asarray(groups, np.int32),
     )

@@ -2,7 +2,10 @@
 
 scikit-image ships 512x512 grey photos of brick, grass and gravel. Training
 crops come from the top half of a photo (rows 0..255) and test crops from the
-bottom half (rows 256..511), so the two splits never share source pixels. A
+bottom half (rows 256..511), so the two splits never share source pixels. The
+training crops lie in three side-by-side strips of the top half (170 columns each, for
+crops of up to 170 pixels; the split's `groups`): the normals a run holds out to
+calibrate are whole strips, as new to the network as the test crops. A
 fraction of the test crops gets one synthetic defect each, drawn at the working
 resolution, with a mask of exactly the region it changed:
 
@@ -42,6 +45,7 @@ DEFECT_KINDS = ("cutpaste", "scratch", "blob", "noise")
 PHOTO_SIZE = 512
 HALF = PHOTO_SIZE // 2  # rows [0, HALF) feed training crops, rows [HALF, PHOTO_SIZE) test crops
 MIN_IMAGE_SIZE = 16
+STRIPS = 3  # training crops of at most PHOTO_SIZE // STRIPS pixels come from this many strips (`strips`)
 
 
 
@@ -124,23 +128,41 @@ def _rng(config: TexturesConfig, name: str, *stream: int) -> np.random.Generator
     return np.random.default_rng([config.seed, TEXTURES.index(name), *stream])
 
 
+def strips(config: TexturesConfig) -> int:
+    """How many side-by-side strips of the top half the training crops come from: 3 of 170
+    columns when a crop fits in one, so a hold-out of whole strips shares no source pixel
+    with the crops trained on; 1 (the whole half) for larger crops. Within a strip a crop
+    still moves both ways (a 128-pixel crop over 129 rows and 43 columns): the crops keep
+    no common position, and their mean image stays flat (`fmjax.data.profile`)."""
+    return STRIPS if config.crop_size <= PHOTO_SIZE // STRIPS else 1
+
+
 def crop_boxes(name: str, config: TexturesConfig, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Source boxes of the training and test crops.
 
     Returns (train, test): int64 [num_train, 4] and [num_test, 4] boxes
     (top, left, bottom, right), bottom/right exclusive, in photo pixels. Training
-    boxes lie in rows [0, 256), test boxes in rows [256, 512).
+    boxes lie in rows [0, 256), test boxes in rows [256, 512). Training box i lies in
+    strip i % strips(config) of the top half (`train_groups`).
     """
     _check(name, config, image_size)
     c = config.crop_size
 
-    def boxes(rng, n, row_lo, row_hi):
+    def boxes(rng, n, row_lo, row_hi, col_lo, col_hi):
         top = rng.integers(row_lo, row_hi - c, n, endpoint=True)
-        left = rng.integers(0, PHOTO_SIZE - c, n, endpoint=True)
+        left = col_lo + rng.integers(0, col_hi - col_lo - c, n, endpoint=True)
         return np.stack([top, left, top + c, left + c], axis=1).astype(np.int64).reshape(n, 4)
 
-    return (boxes(_rng(config, name, 0), config.num_train, 0, HALF),
-            boxes(_rng(config, name, 1), config.num_test, HALF, PHOTO_SIZE))
+    width = PHOTO_SIZE // strips(config)
+    strip = train_groups(config)
+    train = boxes(_rng(config, name, 0), config.num_train, 0, HALF, 0, width)
+    train[:, 1::2] += (strip * width)[:, None]
+    return train, boxes(_rng(config, name, 1), config.num_test, HALF, PHOTO_SIZE, 0, PHOTO_SIZE)
+
+
+def train_groups(config: TexturesConfig) -> np.ndarray:
+    """int32 [num_train]: the strip of the top half each training crop comes from."""
+    return (np.arange(config.num_train) % strips(config)).astype(np.int32)
 
 
 def resize(crop: np.ndarray, size: int) -> np.ndarray:
@@ -453,5 +475,6 @@ def load_textures(name: str, image_size: int, config: TexturesConfig = TexturesC
         defect_types=types,
         original_sizes=sizes,
     )
-    train_split = normal_split(train[..., None], [f"train/good/{i:03d}" for i in range(len(train))])
+    train_split = normal_split(train[..., None], [f"train/good/{i:03d}" for i in range(len(train))],
+                               groups=train_groups(config))
     return Dataset(name="textures", category=name, train=train_split, test=test_split)

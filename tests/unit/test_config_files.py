@@ -2,6 +2,7 @@
 the held-out slice's minimum size."""
 import json
 
+import numpy as np
 import pytest
 from helpers import assert_one_line_error, cli
 
@@ -54,6 +55,28 @@ def test_held_out_slice_has_a_minimum():
     assert holdout_count(100, 0.1, 20) == 20  # 20 of them
     assert holdout_count(256, 0.1, 20) == 26  # the fraction when it gives more
     assert holdout_count(100, 0.0, 20) == 0 and holdout_count(100, 0.1, 0) == 10
+
+
+def test_a_hold_out_of_grouped_images_takes_whole_groups():
+    from fmjax.data import split_holdout
+    from fmjax.data.base import DataError, normal_split
+
+    images = np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1)
+    plain = normal_split(images, [str(i) for i in range(12)])
+    fit, held = split_holdout(plain, 0.25, 5)
+    order = np.random.default_rng([5, 7]).permutation(12)  # ungrouped: any 3 images, as always
+    assert list(held.images.ravel()) == sorted(order[:3]) and list(fit.images.ravel()) == sorted(order[3:])
+    groups = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    grouped = normal_split(images, [str(i) for i in range(12)], groups=groups)
+    for seed in range(6):
+        fit, held = split_holdout(grouped, 0.25, seed)
+        assert len(held) >= 3 and len(fit) + len(held) == 12
+        assert not set(held.groups.tolist()) & set(fit.groups.tolist())
+        for g in set(held.groups.tolist()):
+            assert (held.groups == g).sum() == (groups == g).sum()  # whole groups only
+        assert (held.images.ravel() == np.flatnonzero(np.isin(groups, held.groups))).all()
+    with pytest.raises(DataError, match="all 3 groups"):
+        split_holdout(grouped, 0.9, 0)
 
 
 def test_serving_preprocessing_follows_the_command_line_reader():

@@ -134,6 +134,30 @@ def test_crop_boxes_respect_halves():
     assert len({tuple(b) for b in train}) > 1  # random positions, not one fixed crop
 
 
+def test_training_strips_share_no_pixels_and_a_hold_out_takes_whole_strips():
+    from fmjax.data import split_holdout
+
+    config = TexturesConfig(num_train=40, num_test=4)
+    train, _ = textures.crop_boxes("grass", config, SIZE)
+    groups = textures.train_groups(config)
+    assert sorted(set(groups.tolist())) == [0, 1, 2]
+    assert len(set(train[:, 1].tolist())) > 3  # crops move across their strip too
+    for i in range(len(train)):
+        for j in range(len(train)):
+            overlap = (min(train[i, 2], train[j, 2]) > max(train[i, 0], train[j, 0])
+                       and min(train[i, 3], train[j, 3]) > max(train[i, 1], train[j, 1]))
+            if groups[i] != groups[j]:
+                assert not overlap, (i, j)
+    split = textures.load_textures("grass", SIZE, config).train
+    assert (split.groups == groups).all()
+    fit, held = split_holdout(split, 0.1, 0, 0)  # 4 images asked, one strip of 13 or 14 held out
+    assert len(held) in (13, 14) and len(fit) + len(held) == 40 and len(set(held.groups.tolist())) == 1
+    assert not set(held.groups.tolist()) & set(fit.groups.tolist())
+    # crops larger than a strip: one region, any image may be held out
+    big = TexturesConfig(crop_size=171, num_train=8, num_test=4)
+    assert textures.strips(big) == 1 and (textures.train_groups(big) == 0).all()
+
+
 def test_crops_come_from_boxes():
     train_boxes, test_boxes = textures.crop_boxes("gravel", CONFIG, SIZE)
     train, test = textures.clean_crops("gravel", CONFIG, SIZE)
