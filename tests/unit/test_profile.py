@@ -80,7 +80,7 @@ def test_auto_picks_texture_with_flips_for_a_folder_of_patterns(tmp_path):
     assert reason.startswith("texture") and config.preset == "texture"
     assert config.data.image_size == 64 and config.train.patch_size == 0 and train.images.shape[1] == 64
     assert config.train.hflip and config.train.vflip
-    assert (config.score.normalize, config.score.map_rule, config.score.feature_map) == ("global", "combined", 0.5)
+    assert (config.score.normalize, config.score.map_rule, config.score.feature_map) == ("pixel", "two_sided", 0.5)
 
 
 def test_auto_for_another_method_keeps_that_method(tmp_path):

@@ -15,7 +15,9 @@ from fmjax.methods.flow_mismatch import normalize as norm
 from fmjax.methods.flow_mismatch.scorer import Scorer, interior_times, time_weights
 from fmjax.training.step import Augment, Objective
 
-__all__ = ["METHOD", "FlowMismatch", "feature_bank", "flow_objective", "patch_bank"]
+__all__ = ["CANDIDATE_ROWS", "METHOD", "FlowMismatch", "feature_bank", "flow_objective", "patch_bank"]
+
+CANDIDATE_ROWS = 1 << 16  # the feature map's bank is a coreset of at most this many training positions
 
 
 def flow_objective(config) -> Objective:
@@ -42,15 +44,15 @@ def feature_bank(run, trained) -> feat.Bank:
 
 def patch_bank(run, trained) -> feat.Bank:
     """The feature map's bank (`features.Bank`): the feature rows (image positions) of the
-    training images `trained` (a Split), read from enough of them (a seeded draw) for four
-    times score.patch_bank rows, standardised by their own statistics; of more than
-    score.patch_bank rows, a greedy k-center coreset (`features.coreset`, seeded by
-    score.seed) stays."""
+    training images `trained` (a Split), read from enough of them (a seeded draw) for
+    CANDIDATE_ROWS rows (or score.patch_bank, if larger), standardised by their own
+    statistics; of more than score.patch_bank rows, a greedy k-center coreset
+    (`features.coreset`, seeded by score.seed) stays."""
     settings = run.config.score
     rng = np.random.default_rng([settings.seed, 17])
     grid = jax.eval_shape(run.scorer.patch_fn, run.params, trained.images[:1], trained.class_ids[:1]).shape
     per_image = grid[1] * grid[2]
-    count = min(len(trained), -(-4 * settings.patch_bank // per_image))
+    count = min(len(trained), -(-max(CANDIDATE_ROWS, settings.patch_bank) // per_image))
     picked = np.sort(rng.permutation(len(trained))[:count])
     rows = run.scorer.patch_features(run.params, trained.images[picked], trained.class_ids[picked])
     bank = feat.bank_from_features(rows.reshape(-1, rows.shape[-1]))

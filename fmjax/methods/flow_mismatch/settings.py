@@ -37,7 +37,7 @@ class FlowMismatchSettings:
     # w in [0, 1]: the map mixes the standardised mismatch map (1 - w) with the map of the
     # network's encoder features against the training normals' (w, features.py); 0 = off
     feature_map: float = 0.0
-    patch_bank: int = 16384  # most feature rows (image positions) in the feature map's bank (a coreset of more)
+    patch_bank: int = 8192  # most feature rows (image positions) in the feature map's bank (a coreset of more)
     chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
     memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
     image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
@@ -52,10 +52,10 @@ PRESETS = {
     "small": Settings(num_paths=16, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16, image_batch=1),
     "paper": Settings(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=0, image_batch=1),
     # chosen by experiments/select_settings.py on validation data (README, "Presets")
-    # its map: the mismatch mixed half and half with the encoder's features against the
-    # training normals'
-    "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="global",
-                        map_rule="combined", feature_map=0.5, chunk_size=16, image_batch=1),
+    # its map: the mismatch (per-pixel statistics, both tails) mixed half and half with
+    # the encoder's features against the training normals'
+    "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=4.0, normalize="pixel",
+                        map_rule="two_sided", feature_map=0.5, chunk_size=16, image_batch=1),
     # its image score: the network's features against the 5 nearest training normals'
     # (image_score applies when score.feature_knn=0)
     "aligned": Settings(num_paths=4, num_times=8, aggregate="rank:2", smooth_sigma=1.0, normalize="pixel",
