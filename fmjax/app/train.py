@@ -53,6 +53,19 @@ def preset_name(args) -> str:
     return (read_config_file(args.config).get("preset") if args.config else None) or AUTO
 
 
+# per-pixel statistics of the texture preset need this many held-out normals to fit them;
+# with fewer, per-time statistics read better (experiments/pixel_statistics.py)
+PIXEL_STATISTICS_MIN = 21
+
+
+def _statistics_images(config: Config, train) -> int:
+    """How many held-out normals fit the normalisation statistics (`method.fit`: half of
+    the hold-out when it has at least 4 images)."""
+    _, holdout = runs.holdout_split(config, train)
+    held = 0 if holdout is None else len(holdout)
+    return held // 2 if held >= 4 else held
+
+
 def resolve_auto(spec: str, category: str | None, method: str | None = None, overrides=(),
                  config_file: str | None = None):
     """The `auto` preset: 'aligned' or 'texture' (fmjax.data.profile.kind) chosen from the
@@ -74,8 +87,13 @@ def resolve_auto(spec: str, category: str | None, method: str | None = None, ove
         size = profile.aligned_size(train.original_sizes)
         config = config.replace(data=dataclasses.replace(config.data, image_size=size))
         reason += f", image size {size}"
-    elif data_lib.parse_spec(spec)[0] == "folder":
-        config = config.replace(train=dataclasses.replace(config.train, hflip=True, vflip=True))
+    else:
+        if data_lib.parse_spec(spec)[0] == "folder":
+            config = config.replace(train=dataclasses.replace(config.train, hflip=True, vflip=True))
+        statistics = _statistics_images(config, train)
+        if config.method == "flow_mismatch" and config.score.normalize == "pixel" and statistics < PIXEL_STATISTICS_MIN:
+            config = config.replace(score=dataclasses.replace(config.score, normalize="global"))
+            reason += f"; {statistics} normals fit the statistics: per time, not per pixel"
     if values:
         config = layer(config, {**values, "method": method, "preset": chosen})
     config = apply_overrides(config, overrides)
