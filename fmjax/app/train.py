@@ -91,7 +91,7 @@ def resolve_auto(spec: str, category: str | None, method: str | None = None, ove
         if data_lib.parse_spec(spec)[0] == "folder":
             config = config.replace(train=dataclasses.replace(config.train, hflip=True, vflip=True))
         statistics = _statistics_images(config, train)
-        if config.method == "flow_mismatch" and config.score.normalize == "pixel" and statistics < PIXEL_STATISTICS_MIN:
+        if getattr(config.score, "normalize", None) == "pixel" and statistics < PIXEL_STATISTICS_MIN:
             config = config.replace(score=dataclasses.replace(config.score, normalize="global"))
             reason += f"; {statistics} normals fit the statistics: per time, not per pixel"
     if values:
