@@ -39,12 +39,12 @@ DIMS = (16, 32, None)  # None: no projection
 
 def validation_images(run):
     """(A, B, V uint8 [N, H, W, C], masks of V uint8 [M, H, W], the trained Split)."""
+    from fmjax import data as data_lib
     from fmjax import runs
 
     train = runs.training_split(run.config, run.data_info)
     trained, holdout = runs.holdout_split(run.config, train)
-    half = len(holdout) // 2
-    a, b = holdout.images[:half], holdout.images[half:]
+    a, b = (half.images for half in data_lib.split_halves(holdout))
     v, masks = anomaly_set(np.concatenate([b] * 3), a, seed=2)
     return a, b, v, masks, trained
 

@@ -102,8 +102,9 @@ def validation_set(name: str, args) -> dict:
     run, train = radar_run(name, f"textures:{name}", args.runs)
     cal = run.config.calibration
     _, holdout = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed, cal.min_holdout)
-    half = len(holdout) // 2
-    halves = {"A": holdout.images[:half], "B": holdout.images[half:2 * half]}
+    a, b = data_lib.split_halves(holdout)
+    n = min(len(a), len(b))
+    halves = {"A": a.images[:n], "B": b.images[:n]}
     defects = {k: anomaly_set(np.concatenate([halves[k]] * args.repeats), halves["B" if k == "A" else "A"], seed=i + 2)
                for i, k in enumerate("AB")}
     result = {"set": name, "sizes": {k: len(v) for k, v in halves.items()}, "rows": fold_rows(run, halves, defects),

@@ -107,8 +107,9 @@ def trained_run(name: str, spec: str, category, runs_dir: str, overrides=()):
     if os.path.isdir(run_dir):
         run = runs.load_run(run_dir)
         saved = run.config.train
-        # what shapes the network: logging and checkpoints do not, auto flips (None) match what they chose
-        trained = lambda c: (c.method, c.net, c.data.image_size, dataclasses.replace(
+        # what shapes the network and the images it trained on (the textures' layout and so the
+        # hold-out): logging and checkpoints do not, auto flips (None) match what they chose
+        trained = lambda c: (c.method, c.net, c.data.image_size, c.textures, c.calibration, dataclasses.replace(
             c.train, log_every=1, checkpoint_every=1, keep_checkpoints=1,
             hflip=saved.hflip if c.train.hflip is None else c.train.hflip,
             vflip=saved.vflip if c.train.vflip is None else c.train.vflip))
@@ -226,8 +227,8 @@ def validation_data(name: str, spec: str, category, kind_wanted: str, args):
     kind = reason
     cal = run.config.calibration
     trained, holdout = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed)
-    half = len(holdout) // 2
-    sets = {"A": holdout.images[:half], "B": holdout.images[half:]}
+    a, b = data_lib.split_halves(holdout)
+    sets = {"A": a.images, "B": b.images}
     masks = None
     if kind == "aligned":
         sets["V"] = other_class_images(spec if spec.startswith("fashion") else f"digits:{category.split('_')[1]}",

@@ -54,6 +54,10 @@ class TexturesConfig:
     anomaly_fraction: float = 0.5
     seed: int = 0
     defects: str = "visible"  # visible | subtle (the generator before 0.2: most blobs and grain invisible)
+    # tiles: train and test crops from alternate tiles of a 3 x 3 grid, each split over the
+    # whole photo; halves: train from the top half, test from the bottom (before 0.3; the
+    # halves differ in perspective, so their normals differ too)
+    layout: str = "tiles"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +136,12 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
         """A Config from nested dicts (config.json); unknown keys are errors. A `textures`
-        section without `defects` was written before the levels: its data are the subtle ones."""
+        section without `defects` was written before the levels: its data are the subtle ones;
+        one without `layout`, before the tiles: its crops come from the photo's halves."""
         values = _upgrade(values)
-        if isinstance(values, dict) and isinstance(values.get("textures"), dict) and "defects" not in values["textures"]:
-            values = {**values, "textures": {**values["textures"], "defects": "subtle"}}
+        if isinstance(values, dict) and isinstance(values.get("textures"), dict):
+            written = values["textures"]
+            values = {**values, "textures": {"defects": "subtle", "layout": "halves", **written}}
         method = values.get("method", "flow_mismatch")
         if not isinstance(method, str):
             raise ConfigError(f"config key 'method' must be a method name, got {method!r}")

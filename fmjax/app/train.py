@@ -60,10 +60,10 @@ PIXEL_STATISTICS_MIN = 21
 
 def _statistics_images(config: Config, train) -> int:
     """How many held-out normals fit the normalisation statistics (`method.fit`: half of
-    the hold-out when it has at least 4 images)."""
+    the hold-out, `data.split_halves`, when it has at least 4 images)."""
     _, holdout = runs.holdout_split(config, train)
     held = 0 if holdout is None else len(holdout)
-    return held // 2 if held >= 4 else held
+    return len(data_lib.split_halves(holdout)[0]) if held >= 4 else held
 
 
 def resolve_auto(spec: str, category: str | None, method: str | None = None, overrides=(),

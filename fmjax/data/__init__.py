@@ -14,7 +14,7 @@ import numpy as np
 from fmjax.data.base import DataError, Dataset, Split, normal_split
 
 __all__ = ["DataError", "Dataset", "Split", "categories_of", "holdout_count", "load", "load_all", "normal_split",
-           "orientation_free", "parse_spec", "split_holdout", "stratified_subset", "unified_train"]
+           "orientation_free", "parse_spec", "split_halves", "split_holdout", "stratified_subset", "unified_train"]
 
 KINDS = ("textures", "folder", "mvtec", "visa", "fashion_mnist", "tfds")
 
@@ -90,8 +90,9 @@ def split_holdout(train: Split, fraction: float, seed: int, minimum: int = 0):
     """(fit, holdout): `holdout_count(len(train), fraction, minimum)` normal training images
     drawn at random (from `seed`) and held out for fitting thresholds on normal images only.
     holdout is None when fraction is 0. A split with `groups` holds out whole groups (in a
-    random order from `seed`) until it has at least that many images: no held-out image
-    shares source pixels with an image trained on."""
+    random order from `seed`) until it has at least that many images, and at least two of
+    three or more: no held-out image shares source pixels with an image trained on, and
+    `split_halves` can cut the hold-out into halves that share none either."""
     n_hold = holdout_count(len(train), fraction, minimum)
     if n_hold == 0:
         return train, None
@@ -104,6 +105,7 @@ def split_holdout(train: Split, fraction: float, seed: int, minimum: int = 0):
         names = rng.permutation(np.unique(train.groups))
         counts = np.array([np.sum(train.groups == g) for g in names])
         taken = int(np.searchsorted(np.cumsum(counts), n_hold)) + 1
+        taken = max(taken, 2) if len(names) >= 3 else taken
         if taken >= len(names):
             raise DataError(f"calibration.holdout_fraction {fraction} holds out {n_hold} of {len(train)} training "
                             f"images, which takes all {len(names)} groups of images that share no source pixels: "
@@ -111,6 +113,24 @@ def split_holdout(train: Split, fraction: float, seed: int, minimum: int = 0):
         held = np.flatnonzero(np.isin(train.groups, names[:taken]))
     kept = np.setdiff1d(np.arange(len(train)), held)
     return train.subset(kept), train.subset(np.sort(held))
+
+
+def split_halves(holdout: Split) -> tuple[Split, Split]:
+    """(A, B): a hold-out cut in two, A to fit statistics, B to set thresholds or to
+    validate on. Without groups, the first len // 2 images and the rest. With two or more
+    groups, whole groups (in the order they first appear) until A has at least len // 2
+    images, so that no image of B shares source pixels with one of A: crops of one region
+    that fitted per-pixel statistics would otherwise read as more normal than new ones."""
+    half = len(holdout) // 2
+    if holdout.groups is not None:
+        _, first = np.unique(holdout.groups, return_index=True)
+        order = holdout.groups[np.sort(first)]
+        if len(order) >= 2:
+            counts = np.array([np.sum(holdout.groups == g) for g in order])
+            taken = min(int(np.searchsorted(np.cumsum(counts), half)) + 1, len(order) - 1)
+            in_a = np.isin(holdout.groups, order[:taken])
+            return holdout.subset(np.flatnonzero(in_a)), holdout.subset(np.flatnonzero(~in_a))
+    return holdout.subset(slice(0, half)), holdout.subset(slice(half, None))
 
 
 def stratified_subset(split: Split, limit: int, seed: int = 0) -> Split:

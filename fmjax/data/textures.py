@@ -1,13 +1,16 @@
 """Embedded default data: synthetic defects on real texture photos.
 
-scikit-image ships 512x512 grey photos of brick, grass and gravel. Training
-crops come from the top half of a photo (rows 0..255) and test crops from the
-bottom half (rows 256..511), so the two splits never share source pixels. The
-training crops lie in three side-by-side strips of the top half (170 columns each, for
-crops of up to 170 pixels; the split's `groups`): the normals a run holds out to
-calibrate are whole strips, as new to the network as the test crops. A
-fraction of the test crops gets one synthetic defect each, drawn at the working
-resolution, with a mask of exactly the region it changed:
+scikit-image ships 512x512 grey photos of brick, grass and gravel. Each photo is cut
+into a 3 x 3 grid of tiles of 170 pixels (layout "tiles", for crops of up to 170
+pixels): training crops come from the four corner tiles and the centre one, test crops
+from the other four, so the splits never share source pixels and both cover every row
+and column of the photo (its perspective shrinks stones and bricks towards the top, and
+its lighting and grain drift across it). The training tiles are the split's `groups`:
+a run holds out whole tiles, as new to the network as the test crops. Layout "halves"
+(runs written before 0.3, and crops of more than 170 pixels): training crops from three
+strips of the top half, test crops from the bottom half. A fraction of the test crops
+gets one synthetic defect each, drawn at the working resolution, with a mask of exactly
+the region it changed:
 
   cutpaste  an irregular patch of ANOTHER texture, matched to the local
             brightness, pasted with a feathered edge (foreign material);
@@ -43,10 +46,11 @@ TEXTURES = ("brick", "grass", "gravel")
 DEFECT_KINDS = ("cutpaste", "scratch", "blob", "noise")
 
 PHOTO_SIZE = 512
-HALF = PHOTO_SIZE // 2  # rows [0, HALF) feed training crops, rows [HALF, PHOTO_SIZE) test crops
+HALF = PHOTO_SIZE // 2
 MIN_IMAGE_SIZE = 16
-STRIPS = 3  # training crops of at most PHOTO_SIZE // STRIPS pixels come from this many strips (`strips`)
-
+STRIPS = 3  # tiles per side (layout "tiles") or strips of the top half ("halves")
+STRIP = PHOTO_SIZE // STRIPS  # 170 pixels
+LAYOUTS = ("tiles", "halves")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +126,8 @@ def _check(name: str, config: TexturesConfig, image_size: int) -> None:
         raise DataError(f"textures.anomaly_fraction must be in [0, 1], got {config.anomaly_fraction}")
     if config.defects not in LEVELS:
         raise DataError(f"textures.defects must be one of {', '.join(LEVELS)}, got {config.defects!r}")
+    if config.layout not in LAYOUTS:
+        raise DataError(f"textures.layout must be one of {', '.join(LAYOUTS)}, got {config.layout!r}")
 
 
 def _rng(config: TexturesConfig, name: str, *stream: int) -> np.random.Generator:
@@ -129,39 +135,51 @@ def _rng(config: TexturesConfig, name: str, *stream: int) -> np.random.Generator
 
 
 def strips(config: TexturesConfig) -> int:
-    """How many side-by-side strips of the top half the training crops come from: 3 of 170
-    columns when a crop fits in one, so a hold-out of whole strips shares no source pixel
-    with the crops trained on; 1 (the whole half) for larger crops. Within a strip a crop
-    still moves both ways (a 128-pixel crop over 129 rows and 43 columns): the crops keep
-    no common position, and their mean image stays flat (`fmjax.data.profile`)."""
-    return STRIPS if config.crop_size <= PHOTO_SIZE // STRIPS else 1
+    """How many groups of training crops share no source pixel (`regions`): 5 tiles or 3
+    strips, 1 for crops larger than 170 pixels. A crop still moves both ways in its region
+    (a 128-pixel one over 43 x 43 positions of a tile): the crops keep no common position,
+    and their mean image stays flat (`fmjax.data.profile`)."""
+    return len(regions(config)[0])
+
+
+def regions(config: TexturesConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The source regions crops are drawn from, rows (top, left, bottom, right), bottom/right
+    exclusive: int64 [strips(config), 4] for the training groups, int64 [R, 4] for the test
+    crops (test crop i lies in region i % R)."""
+    if config.crop_size > STRIP:
+        return np.array([[0, 0, HALF, PHOTO_SIZE]]), np.array([[HALF, 0, PHOTO_SIZE, PHOTO_SIZE]])
+    if config.layout == "tiles":
+        tiles = [(r * STRIP, c * STRIP, (r + 1) * STRIP, (c + 1) * STRIP) for r in range(STRIPS) for c in range(STRIPS)]
+        return np.array(tiles[0::2]), np.array(tiles[1::2])  # a checkerboard: corners and centre train
+    train = [(0, k * STRIP, HALF, (k + 1) * STRIP) for k in range(STRIPS)]
+    return np.array(train), np.array([[HALF, 0, PHOTO_SIZE, PHOTO_SIZE]])
 
 
 def crop_boxes(name: str, config: TexturesConfig, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Source boxes of the training and test crops.
 
     Returns (train, test): int64 [num_train, 4] and [num_test, 4] boxes
-    (top, left, bottom, right), bottom/right exclusive, in photo pixels. Training
-    boxes lie in rows [0, 256), test boxes in rows [256, 512). Training box i lies in
-    strip i % strips(config) of the top half (`train_groups`).
+    (top, left, bottom, right), bottom/right exclusive, in photo pixels, uniform over
+    their regions (`regions`). Training box i lies in region i % strips(config)
+    (`train_groups`).
     """
     _check(name, config, image_size)
     c = config.crop_size
 
-    def boxes(rng, n, row_lo, row_hi, col_lo, col_hi):
-        top = rng.integers(row_lo, row_hi - c, n, endpoint=True)
-        left = col_lo + rng.integers(0, col_hi - col_lo - c, n, endpoint=True)
+    def boxes(rng, n, region):
+        region = np.asarray(region).reshape(-1, 4)
+        top = region[:, 0] + rng.integers(0, region[:, 2] - region[:, 0] - c, n, endpoint=True)
+        left = region[:, 1] + rng.integers(0, region[:, 3] - region[:, 1] - c, n, endpoint=True)
         return np.stack([top, left, top + c, left + c], axis=1).astype(np.int64).reshape(n, 4)
 
-    width = PHOTO_SIZE // strips(config)
-    strip = train_groups(config)
-    train = boxes(_rng(config, name, 0), config.num_train, 0, HALF, 0, width)
-    train[:, 1::2] += (strip * width)[:, None]
-    return train, boxes(_rng(config, name, 1), config.num_test, HALF, PHOTO_SIZE, 0, PHOTO_SIZE)
+    train_regions, test_regions = regions(config)
+    test_of = np.arange(config.num_test) % len(test_regions)
+    train = boxes(_rng(config, name, 0), config.num_train, train_regions[train_groups(config)])
+    return train, boxes(_rng(config, name, 1), config.num_test, test_regions[test_of])
 
 
 def train_groups(config: TexturesConfig) -> np.ndarray:
-    """int32 [num_train]: the strip of the top half each training crop comes from."""
+    """int32 [num_train]: the region (`regions`) each training crop comes from."""
     return (np.arange(config.num_train) % strips(config)).astype(np.int32)
 
 

@@ -75,8 +75,27 @@ def test_a_hold_out_of_grouped_images_takes_whole_groups():
         for g in set(held.groups.tolist()):
             assert (held.groups == g).sum() == (groups == g).sum()  # whole groups only
         assert (held.images.ravel() == np.flatnonzero(np.isin(groups, held.groups))).all()
+        assert len(set(held.groups.tolist())) == 2  # one group would do; two let its halves be disjoint
     with pytest.raises(DataError, match="all 3 groups"):
         split_holdout(grouped, 0.9, 0)
+
+
+def test_the_halves_of_a_grouped_hold_out_share_no_group():
+    from fmjax.data import split_halves
+    from fmjax.data.base import normal_split
+
+    images = np.arange(9, dtype=np.uint8).reshape(9, 1, 1, 1)
+    plain = normal_split(images, [str(i) for i in range(9)])
+    a, b = split_halves(plain)
+    assert list(a.images.ravel()) == [0, 1, 2, 3] and list(b.images.ravel()) == [4, 5, 6, 7, 8]
+    groups = np.array([3, 1, 3, 1, 3, 1, 3, 7, 7])  # interleaved, as a sorted hold-out of crops is
+    a, b = split_halves(normal_split(images, [str(i) for i in range(9)], groups=groups))
+    assert list(a.images.ravel()) == [0, 2, 4, 6] and list(b.images.ravel()) == [1, 3, 5, 7, 8]
+    assert not set(a.groups.tolist()) & set(b.groups.tolist())
+    a, b = split_halves(normal_split(images, [str(i) for i in range(9)], groups=np.array([2] * 8 + [5])))
+    assert len(a) == 8 and len(b) == 1  # B keeps at least one group
+    a, b = split_halves(normal_split(images, [str(i) for i in range(9)], groups=np.zeros(9, np.int32)))
+    assert len(a) == 4 and len(b) == 5  # one group: cut in the middle
 
 
 def test_serving_preprocessing_follows_the_command_line_reader():

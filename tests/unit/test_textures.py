@@ -121,8 +121,11 @@ def test_deterministic_and_seeded():
     assert a.test.defect_types == b.test.defect_types
 
 
-def test_crop_boxes_respect_halves():
-    for config, size in ((CONFIG, SIZE), (TexturesConfig(crop_size=256, num_train=20, num_test=20), 64)):
+def test_crop_boxes_respect_their_regions():
+    """tiles: training crops in the corner and centre tiles of a 3 x 3 grid, test crops in the
+    other four; halves (and crops wider than a tile): top half and bottom half."""
+    halves = dataclasses.replace(CONFIG, layout="halves")
+    for config, size in ((halves, SIZE), (TexturesConfig(crop_size=256, num_train=20, num_test=20), 64)):
         train, test = textures.crop_boxes("brick", config, size)
         c = config.crop_size
         assert train.shape == (config.num_train, 4) and test.shape == (config.num_test, 4)
@@ -130,18 +133,40 @@ def test_crop_boxes_respect_halves():
         assert (test[:, 0] >= 256).all() and (test[:, 2] <= 512).all()
         assert (train[:, 2] - train[:, 0] == c).all() and (test[:, 3] - test[:, 1] == c).all()
         assert (train[:, 1] >= 0).all() and (test[:, 3] <= 512).all()
-    train, test = textures.crop_boxes("brick", CONFIG, SIZE)
+    config = TexturesConfig(num_train=200, num_test=200)
+    assert config.layout == "tiles"
+    train, test = textures.crop_boxes("brick", config, SIZE)
+
+    def tiles(boxes):  # the 3 x 3 grid's (row, column) of each box, which lies inside it
+        row, col = boxes[:, 0] // 170, boxes[:, 1] // 170
+        assert ((boxes[:, 2] - 1) // 170 == row).all() and ((boxes[:, 3] - 1) // 170 == col).all()
+        return set(zip(row.tolist(), col.tolist()))
+
+    assert tiles(train) == {(0, 0), (0, 2), (1, 1), (2, 0), (2, 2)}
+    assert tiles(test) == {(0, 1), (1, 0), (1, 2), (2, 1)}
+    for boxes in (train, test):
+        assert (boxes[:, 2] - boxes[:, 0] == 128).all() and (boxes[:, 3] - boxes[:, 1] == 128).all()
     assert len({tuple(b) for b in train}) > 1  # random positions, not one fixed crop
+    with pytest.raises(DataError, match="textures.layout"):
+        textures.crop_boxes("brick", dataclasses.replace(CONFIG, layout="rows"), SIZE)
 
 
-def test_training_strips_share_no_pixels_and_a_hold_out_takes_whole_strips():
+def test_a_config_written_before_the_tiles_keeps_its_halves():
+    written = json.loads(Config().to_json())
+    assert written["textures"]["layout"] == "tiles"
+    del written["textures"]["layout"]
+    assert Config.from_dict(written).textures.layout == "halves"
+
+
+@pytest.mark.parametrize("layout, count", [("tiles", 5), ("halves", 3)])
+def test_training_regions_share_no_pixels_and_a_hold_out_takes_whole_regions(layout, count):
     from fmjax.data import split_holdout
 
-    config = TexturesConfig(num_train=40, num_test=4)
+    config = TexturesConfig(num_train=40, num_test=4, layout=layout)
     train, _ = textures.crop_boxes("grass", config, SIZE)
     groups = textures.train_groups(config)
-    assert sorted(set(groups.tolist())) == [0, 1, 2]
-    assert len(set(train[:, 1].tolist())) > 3  # crops move across their strip too
+    assert sorted(set(groups.tolist())) == list(range(count))
+    assert len(set(train[:, 1].tolist())) > count  # crops move across their region too
     for i in range(len(train)):
         for j in range(len(train)):
             overlap = (min(train[i, 2], train[j, 2]) > max(train[i, 0], train[j, 0])
@@ -150,11 +175,11 @@ def test_training_strips_share_no_pixels_and_a_hold_out_takes_whole_strips():
                 assert not overlap, (i, j)
     split = textures.load_textures("grass", SIZE, config).train
     assert (split.groups == groups).all()
-    fit, held = split_holdout(split, 0.1, 0, 0)  # 4 images asked, one strip of 13 or 14 held out
-    assert len(held) in (13, 14) and len(fit) + len(held) == 40 and len(set(held.groups.tolist())) == 1
-    assert not set(held.groups.tolist()) & set(fit.groups.tolist())
-    # crops larger than a strip: one region, any image may be held out
-    big = TexturesConfig(crop_size=171, num_train=8, num_test=4)
+    fit, held = split_holdout(split, 0.1, 0, 0)  # 4 images asked: two whole regions held out
+    assert len(fit) + len(held) == 40 and len(set(held.groups.tolist())) == 2
+    assert len(held) == np.isin(groups, held.groups).sum() and not set(held.groups.tolist()) & set(fit.groups.tolist())
+    # crops larger than a region: one region, any image may be held out
+    big = TexturesConfig(crop_size=171, num_train=8, num_test=4, layout=layout)
     assert textures.strips(big) == 1 and (textures.train_groups(big) == 0).all()
 
 
@@ -186,7 +211,7 @@ def test_levels_visible_by_default_subtle_as_before():
     digest = hashlib.sha256()
     for name in textures.TEXTURES:
         ds = textures.load_textures(name, 32, TexturesConfig(crop_size=64, num_train=2, num_test=12, seed=5,
-                                                             defects="subtle"))
+                                                             defects="subtle", layout="halves"))
         digest.update(ds.test.images.tobytes())
         digest.update(ds.test.masks.tobytes())
     assert digest.hexdigest() == "342fd4b07bc7d23cf3c441fe285db3a7fd435cd94038e2a1c9d9faf58a3bb68e"

@@ -7,7 +7,7 @@ import functools
 import jax
 import numpy as np
 
-from fmjax import flow
+from fmjax import data, flow
 from fmjax.eval.calibration import thresholds
 from fmjax.methods.base import Fitted, Method
 from fmjax.methods.flow_mismatch import features as feat
@@ -91,7 +91,7 @@ class FlowMismatch(Method):
         """First the feature banks, from the images the network trained on (`trained`):
         with score.feature_knn > 0 the features of at most score.feature_bank of them, with
         score.feature_map > 0 at most score.patch_bank of their positions' features. Then,
-        from one half of the held-out normals, the normalisation statistics (score.normalize
+        from one half of the held-out normals (`data.split_halves`), the normalisation statistics (score.normalize
         global or pixel, `normalize.fit_stats`) and the feature map's scale
         (`features.map_scale`). Then the thresholds from the other half (a slice of fewer
         than 4 images serves both), scored with what was fitted."""
@@ -107,8 +107,7 @@ class FlowMismatch(Method):
         if settings.normalize != "none" or settings.feature_map:
             for_stats = holdout
             if len(holdout) >= 4:
-                half = len(holdout) // 2
-                for_stats, for_thresholds = holdout.subset(slice(0, half)), holdout.subset(slice(half, None))
+                for_stats, for_thresholds = data.split_halves(holdout)
             values["num_normalization_images"] = len(for_stats)
             per_time = run.scorer.per_time(run.params, for_stats.images, for_stats.class_ids)
             weights = time_weights(interior_times(settings.num_times), settings.time_weight)
