@@ -9,7 +9,10 @@ also reports the share of clean test crops above the run's image threshold (the 
 quantile of the held-out normals: about 0.01 without a shift). No anomaly and no test
 label is read.
 
-    python experiments/texture_shift.py --out OUT RUN [RUN ...]
+    python experiments/texture_shift.py --out OUT RUN [RUN ...] [--set score.KEY=VALUE ...]
+
+--set scores with other settings (fitted again on the run's held-out normals), e.g.
+score.normalize=global or score.feature_map=0 to see which part of the map shifts.
 
 Writes OUT/texture_shift.{json,md}.
 """
@@ -26,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from table import command_line  # noqa: E402
 
 
-def shift(run) -> dict:
+def shift(run, overrides=()) -> dict:
     from fmjax import data as data_lib
     from fmjax import runs
     from fmjax.data import textures
@@ -47,7 +50,7 @@ def shift(run) -> dict:
     separation = metrics.image_metrics(np.r_[held_scores, test_scores],
                                        np.r_[np.zeros(len(held_scores)), np.ones(len(test_scores))])
     threshold = run.calibration["image_threshold"]
-    return {"texture": name, "layout": run.config.textures.layout,
+    return {"texture": name, "layout": run.config.textures.layout, "settings": " ".join(overrides) or "the run's",
             "held_out_normals": len(held_scores), "clean_test_crops": len(test_scores),
             "separation_auroc": separation["image_auroc"],
             "held_out_median": float(np.median(held_scores)), "clean_test_median": float(np.median(test_scores)),
@@ -58,21 +61,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="trained run folders on textures:NAME")
     p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="score.KEY=VALUE")
     args = p.parse_args()
     from fmjax import runs
     from fmjax.app import launch
 
     launch.start()
     os.makedirs(args.out, exist_ok=True)
-    rows = [shift(runs.load_run(path)) for path in args.runs]
+    rows = [shift(runs.load_run(path, args.set), args.set) for path in args.runs]
     lines = ["# Held-out normals against clean test crops, by image score", "",
              f"Command: `{command_line()}`", "",
              "Separation AUROC: 0.5 when the two come from one distribution.", "",
-             "| texture | layout | held-out normals | clean test crops | separation AUROC | median score "
+             "| texture | layout | settings | held-out normals | clean test crops | separation AUROC | median score "
              "(held-out / test) | clean test crops above the image threshold |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['texture']} | {r['layout']} | {r['held_out_normals']} | {r['clean_test_crops']} | "
+        lines.append(f"| {r['texture']} | {r['layout']} | {r['settings']} | {r['held_out_normals']} | {r['clean_test_crops']} | "
                      f"{r['separation_auroc']:.3f} | {r['held_out_median']:.2f} / {r['clean_test_median']:.2f} | "
                      f"{r['clean_test_above_threshold']:.3f} |")
     with open(os.path.join(args.out, "texture_shift.json"), "w") as f:

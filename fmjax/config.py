@@ -55,8 +55,8 @@ class TexturesConfig:
     seed: int = 0
     defects: str = "visible"  # visible | subtle (the generator before 0.2: most blobs and grain invisible)
     # tiles: train and test crops from alternate tiles of a 3 x 3 grid, each split over the
-    # whole photo; halves: train from the top half, test from the bottom (before 0.3; the
-    # halves differ in perspective, so their normals differ too)
+    # whole photo; halves: train from the top half, test from the bottom (runs written
+    # before the tiles; the halves differ in perspective, so their normals differ too)
     layout: str = "tiles"
 
 

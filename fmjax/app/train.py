@@ -53,19 +53,6 @@ def preset_name(args) -> str:
     return (read_config_file(args.config).get("preset") if args.config else None) or AUTO
 
 
-# per-pixel statistics of the texture preset need this many held-out normals to fit them;
-# with fewer, per-time statistics read better (experiments/pixel_statistics.py)
-PIXEL_STATISTICS_MIN = 21
-
-
-def _statistics_images(config: Config, train) -> int:
-    """How many held-out normals fit the normalisation statistics (`method.fit`: half of
-    the hold-out, `data.split_halves`, when it has at least 4 images)."""
-    _, holdout = runs.holdout_split(config, train)
-    held = 0 if holdout is None else len(holdout)
-    return len(data_lib.split_halves(holdout)[0]) if held >= 4 else held
-
-
 def resolve_auto(spec: str, category: str | None, method: str | None = None, overrides=(),
                  config_file: str | None = None):
     """The `auto` preset: 'aligned' or 'texture' (fmjax.data.profile.kind) chosen from the
@@ -90,10 +77,6 @@ def resolve_auto(spec: str, category: str | None, method: str | None = None, ove
     else:
         if data_lib.parse_spec(spec)[0] == "folder":
             config = config.replace(train=dataclasses.replace(config.train, hflip=True, vflip=True))
-        statistics = _statistics_images(config, train)
-        if getattr(config.score, "normalize", None) == "pixel" and statistics < PIXEL_STATISTICS_MIN:
-            config = config.replace(score=dataclasses.replace(config.score, normalize="global"))
-            reason += f"; {statistics} normals fit the statistics: per time, not per pixel"
     if values:
         config = layer(config, {**values, "method": method, "preset": chosen})
     config = apply_overrides(config, overrides)

@@ -4,10 +4,10 @@ scikit-image ships 512x512 grey photos of brick, grass and gravel. Each photo is
 into a 3 x 3 grid of tiles of 170 pixels (layout "tiles", for crops of up to 170
 pixels): training crops come from the four corner tiles and the centre one, test crops
 from the other four, so the splits never share source pixels and both cover every row
-and column of the photo (its perspective shrinks stones and bricks towards the top, and
-its lighting and grain drift across it). The training tiles are the split's `groups`:
+and column of the photo (whose perspective, lighting and grain change across it). The
+training tiles are the split's `groups`:
 a run holds out whole tiles, as new to the network as the test crops. Layout "halves"
-(runs written before 0.3, and crops of more than 170 pixels): training crops from three
+(runs written before the tiles, and crops over 170 pixels): training crops from three
 strips of the top half, test crops from the bottom half. A fraction of the test crops
 gets one synthetic defect each, drawn at the working resolution, with a mask of exactly
 the region it changed:

@@ -74,29 +74,15 @@ def test_auto_picks_aligned_for_objects_and_applies_overrides_after(tmp_path):
     assert config.score.num_paths == 2 and config.score.normalize == "pixel"
 
 
-def textures_train():
-    from fmjax import data as data_lib
-    from fmjax.config import preset
-
-    config = preset("texture")
-    return data_lib.load("textures:grass", None, config.data, config.textures).train
-
-
 def test_auto_picks_texture_with_flips_for_a_folder_of_patterns(tmp_path):
     root = write_class_folder(tmp_path, stationary_texture(24))
     config, (train, _), reason = train_app.resolve_auto(f"folder:{root}", "digits")
     assert reason.startswith("texture") and config.preset == "texture"
     assert config.data.image_size == 64 and config.train.patch_size == 0 and train.images.shape[1] == 64
     assert config.train.hflip and config.train.vflip
-    # 24 images hold out 4, of which 2 fit the statistics: too few for per-pixel ones
-    assert (config.score.normalize, config.score.map_rule, config.score.feature_map) == ("global", "two_sided", 0.5)
-    assert "2 normals fit the statistics" in reason
+    assert (config.score.normalize, config.score.map_rule, config.score.feature_map) == ("global", "combined", 0.5)
     config, _, _ = train_app.resolve_auto(f"folder:{root}", "digits", overrides=["score.normalize=pixel"])
-    assert config.score.normalize == "pixel"  # an override still wins
-    # the embedded textures hold out two tiles of about 51 crops: one tile fits per-pixel statistics
-    config, _, reason = train_app.resolve_auto("textures:grass", None)
-    assert config.score.normalize == "pixel" and "statistics" not in reason
-    assert train_app._statistics_images(config, textures_train()) == 52 >= train_app.PIXEL_STATISTICS_MIN
+    assert config.score.normalize == "pixel"  # an override wins
 
 
 def test_auto_for_another_method_keeps_that_method(tmp_path):

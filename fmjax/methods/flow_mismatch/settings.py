@@ -52,10 +52,10 @@ PRESETS = {
     "small": Settings(num_paths=16, num_times=4, aggregate="rank:2", smooth_sigma=2.0, chunk_size=16, image_batch=1),
     "paper": Settings(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=0, image_batch=1),
     # chosen by experiments/select_settings.py on validation data (README, "Presets")
-    # its map: the mismatch (per-pixel statistics, both tails) mixed half and half with
-    # the encoder's features against the training normals'
-    "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=4.0, normalize="pixel",
-                        map_rule="two_sided", feature_map=0.5, chunk_size=16, image_batch=1),
+    # its map: the mismatch (per-time statistics, both tails and the t^2-weighted mean)
+    # mixed half and half with the encoder's features against the training normals'
+    "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="global",
+                        map_rule="combined", feature_map=0.5, chunk_size=16, image_batch=1),
     # its image score: the network's features against the 5 nearest training normals'
     # (image_score applies when score.feature_knn=0)
     "aligned": Settings(num_paths=4, num_times=8, aggregate="rank:2", smooth_sigma=1.0, normalize="pixel",
