@@ -14,7 +14,6 @@ Writes OUT/pixel_statistics.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from patch_bank import validation_images  # noqa: E402
-from table import command_line  # noqa: E402
+from table import command_line, write_report  # noqa: E402
 
 COUNTS = (8, 13, 21)  # and all of A
 
@@ -92,11 +91,7 @@ def main() -> None:
         lines.append(f"| {count} | {normalize} | " + " | ".join(
             f"{c['criterion']:.3f} ({c['image_auroc']:.3f} / {c['pixel_auroc']:.3f})" for c in cells)
             + f" | {np.mean([c['criterion'] for c in cells]):.3f} |")
-    with open(os.path.join(args.out, "pixel_statistics.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "pixel_statistics.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "pixel_statistics", results, lines)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,16 @@ def run_table(spec_of, categories, args, title: str) -> list[dict]:
     return rows
 
 
+def write_report(out: str, stem: str, results, lines: list[str]) -> None:
+    """An experiment's results as OUT/<stem>.json and its report `lines` as OUT/<stem>.md
+    (also printed)."""
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write_table(rows, out: str, title: str, config) -> str:
     from fmjax.eval.viz import markdown_table
 

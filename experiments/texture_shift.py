@@ -19,14 +19,13 @@ Writes OUT/texture_shift.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from table import command_line  # noqa: E402
+from table import command_line, write_report  # noqa: E402
 
 
 def shift(run, overrides=()) -> dict:
@@ -76,14 +75,11 @@ def main() -> None:
              "(held-out / test) | clean test crops above the image threshold |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['texture']} | {r['layout']} | {r['settings']} | {r['held_out_normals']} | {r['clean_test_crops']} | "
+        lines.append(f"| {r['texture']} | {r['layout']} | {r['settings']} | {r['held_out_normals']} | "
+                     f"{r['clean_test_crops']} | "
                      f"{r['separation_auroc']:.3f} | {r['held_out_median']:.2f} / {r['clean_test_median']:.2f} | "
                      f"{r['clean_test_above_threshold']:.3f} |")
-    with open(os.path.join(args.out, "texture_shift.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(args.out, "texture_shift.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "texture_shift", rows, lines)
 
 
 if __name__ == "__main__":

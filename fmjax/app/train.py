@@ -74,9 +74,8 @@ def resolve_auto(spec: str, category: str | None, method: str | None = None, ove
         size = profile.aligned_size(train.original_sizes)
         config = config.replace(data=dataclasses.replace(config.data, image_size=size))
         reason += f", image size {size}"
-    else:
-        if data_lib.parse_spec(spec)[0] == "folder":
-            config = config.replace(train=dataclasses.replace(config.train, hflip=True, vflip=True))
+    elif data_lib.parse_spec(spec)[0] == "folder":
+        config = config.replace(train=dataclasses.replace(config.train, hflip=True, vflip=True))
     if values:
         config = layer(config, {**values, "method": method, "preset": chosen})
     config = apply_overrides(config, overrides)

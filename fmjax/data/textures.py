@@ -134,7 +134,7 @@ def _rng(config: TexturesConfig, name: str, *stream: int) -> np.random.Generator
     return np.random.default_rng([config.seed, TEXTURES.index(name), *stream])
 
 
-def strips(config: TexturesConfig) -> int:
+def region_count(config: TexturesConfig) -> int:
     """How many groups of training crops share no source pixel (`regions`): 5 tiles or 3
     strips, 1 for crops larger than 170 pixels. A crop still moves both ways in its region
     (a 128-pixel one over 43 x 43 positions of a tile): the crops keep no common position,
@@ -144,8 +144,8 @@ def strips(config: TexturesConfig) -> int:
 
 def regions(config: TexturesConfig) -> tuple[np.ndarray, np.ndarray]:
     """The source regions crops are drawn from, rows (top, left, bottom, right), bottom/right
-    exclusive: int64 [strips(config), 4] for the training groups, int64 [R, 4] for the test
-    crops (test crop i lies in region i % R)."""
+    exclusive: int64 [region_count(config), 4] for the training groups, int64 [R, 4] for
+    the test crops (test crop i lies in region i % R)."""
     if config.crop_size > STRIP:
         return np.array([[0, 0, HALF, PHOTO_SIZE]]), np.array([[HALF, 0, PHOTO_SIZE, PHOTO_SIZE]])
     if config.layout == "tiles":
@@ -160,7 +160,7 @@ def crop_boxes(name: str, config: TexturesConfig, image_size: int) -> tuple[np.n
 
     Returns (train, test): int64 [num_train, 4] and [num_test, 4] boxes
     (top, left, bottom, right), bottom/right exclusive, in photo pixels, uniform over
-    their regions (`regions`). Training box i lies in region i % strips(config)
+    their regions (`regions`). Training box i lies in region i % region_count(config)
     (`train_groups`).
     """
     _check(name, config, image_size)
@@ -180,7 +180,7 @@ def crop_boxes(name: str, config: TexturesConfig, image_size: int) -> tuple[np.n
 
 def train_groups(config: TexturesConfig) -> np.ndarray:
     """int32 [num_train]: the region (`regions`) each training crop comes from."""
-    return (np.arange(config.num_train) % strips(config)).astype(np.int32)
+    return (np.arange(config.num_train) % region_count(config)).astype(np.int32)
 
 
 def resize(crop: np.ndarray, size: int) -> np.ndarray:

@@ -180,7 +180,7 @@ def test_training_regions_share_no_pixels_and_a_hold_out_takes_whole_regions(lay
     assert len(held) == np.isin(groups, held.groups).sum() and not set(held.groups.tolist()) & set(fit.groups.tolist())
     # crops larger than a region: one region, any image may be held out
     big = TexturesConfig(crop_size=171, num_train=8, num_test=4, layout=layout)
-    assert textures.strips(big) == 1 and (textures.train_groups(big) == 0).all()
+    assert textures.region_count(big) == 1 and (textures.train_groups(big) == 0).all()
 
 
 def test_crops_come_from_boxes():

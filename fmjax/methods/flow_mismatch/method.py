@@ -91,10 +91,10 @@ class FlowMismatch(Method):
         """First the feature banks, from the images the network trained on (`trained`):
         with score.feature_knn > 0 the features of at most score.feature_bank of them, with
         score.feature_map > 0 at most score.patch_bank of their positions' features. Then,
-        from one half of the held-out normals (`data.split_halves`), the normalisation statistics (score.normalize
-        global or pixel, `normalize.fit_stats`) and the feature map's scale
-        (`features.map_scale`). Then the thresholds from the other half (a slice of fewer
-        than 4 images serves both), scored with what was fitted."""
+        from one half of the held-out normals (`data.split_halves`), the normalisation
+        statistics (score.normalize global or pixel, `normalize.fit_stats`) and the feature
+        map's scale (`features.map_scale`). Then the thresholds from the other half (a slice
+        of fewer than 4 images serves both), scored with what was fitted."""
         settings = run.config.score
         arrays = {}
         if settings.feature_knn:
