@@ -83,10 +83,13 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "demo":
         p.add_argument("--out", default="fmjax_demo", help="folder for runs and pictures (default: fmjax_demo)")
         p.add_argument("--preset", default="auto", help="as for train (default: auto)")
-        p.add_argument("--steps", type=int, default=600,
-                       help="training steps per texture (default: 600, the demo's time budget; 0: the preset's)")
+        p.add_argument("--steps", type=int, default=500,
+                       help="training steps per texture (default: 500, the demo's time budget; 0: the preset's)")
         p.add_argument("--patch", type=int, default=32,
                        help="side of the random training patches (default: 32, the demo's time budget; 0: the preset's)")
+        p.add_argument("--train-crops", type=int, default=200,
+                       help="normal training crops per texture, held-out tiles included (default: 200, the demo's "
+                            "time budget; 0: the preset's)")
         p.add_argument("--textures", default="brick,grass,gravel")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--no-progress", action="store_true")

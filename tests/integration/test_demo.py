@@ -17,20 +17,22 @@ def test_demo_default_resolves_auto_per_texture(tmp_path, monkeypatch, capsys):
         raise SystemExit(0)
 
     monkeypatch.setattr(demo, "train_run", fake_train_run)
-    for extra in ([], ["--steps", "0", "--patch", "0"], ["--steps", "50", "--set", "train.steps=7"]):
+    preset_budget = ["--steps", "0", "--patch", "0", "--train-crops", "0"]
+    for extra in ([], preset_budget, ["--steps", "50", "--set", "train.steps=7"]):
         with pytest.raises(SystemExit):
             cli(capsys, "demo", "--out", tmp_path / "demo", "--textures", "grass", *extra)
         assert "preset texture (alignment" in capsys.readouterr().out
-    shape = (256, 64, 64, 1)
-    # the demo's budget (600 steps on 32x32 patches) unless asked for the preset's (1,200 on whole images)
-    assert seen == [("textures:grass", "texture", 600, 32, shape), ("textures:grass", "texture", 1200, 0, shape),
-                    ("textures:grass", "texture", 7, 32, shape)]
+    budget, full = (200, 64, 64, 1), (256, 64, 64, 1)
+    # the demo's budget (500 steps on 32x32 patches of 200 crops) unless asked for the preset's (1,200 on whole
+    # images, 256 crops); --set wins over the budget flags
+    assert seen == [("textures:grass", "texture", 500, 32, budget), ("textures:grass", "texture", 1200, 0, full),
+                    ("textures:grass", "texture", 7, 32, budget)]
 
 
 def test_tiny_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = cli(capsys, "demo", "--out", out, "--textures", "brick", "--preset", "tiny", "--no-progress",
-                            "--steps", "3", "--patch", "0")
+                            "--steps", "3", "--patch", "0", "--train-crops", "0")
     assert code == 0, err
     rows = json.load(open(out / "demo_results.json"))
     assert [r["category"] for r in rows] == ["brick"]
