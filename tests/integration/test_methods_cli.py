@@ -170,12 +170,12 @@ def test_radar_scoring_override_refits_without_touching_the_run(trained, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(trained["radar"], run)
     forest_bytes = (run / runs.CALIBRATION_ARRAYS).read_bytes()
-    code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "score.t_score=100")
+    code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "score.t_score=250")
     assert code == 0, err
     metrics = other_metrics(run)
     assert all(math.isfinite(metrics[k]) for k in RADAR_KEYS)
     assert (run / runs.CALIBRATION_ARRAYS).read_bytes() == forest_bytes
-    assert run_config(run).score.t_score == RadarSettings().t_score != 100
+    assert run_config(run).score.t_score == RadarSettings().t_score != 250
     code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "score.schedule=cosine")
     assert_one_line_error(code, err)
 

@@ -28,8 +28,8 @@ def test_each_method_gets_its_settings_for_the_preset():
 
 
 def test_round_trip_and_score_overrides_per_method():
-    config = build("tiny", "radar", ["score.t_score=100", "score.contamination=auto"])
-    assert (config.score.t_score, config.score.contamination) == (100, "auto")
+    config = build("tiny", "radar", ["score.t_score=250", "score.contamination=auto"])
+    assert (config.score.t_score, config.score.contamination) == (250, "auto")
     assert Config.from_json(config.to_json()) == config
     config = apply_overrides(config, ["score.contamination=0.1"])
     assert config.score.contamination == 0.1 and Config.from_json(config.to_json()) == config

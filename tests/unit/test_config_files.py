@@ -20,7 +20,7 @@ def test_config_files_layer_between_preset_and_set(tmp_path):
     # an explicit preset wins over the file's
     assert build("small", None, (), str(yaml_file)).data == preset("small").data
     # a whole config.json gives that config back, whatever the preset asked
-    full = build("tiny", "radar", ["score.t_score=100", "data.channels=3"])
+    full = build("tiny", "radar", ["score.t_score=250", "data.channels=3"])
     json_file = tmp_path / "config.json"
     json_file.write_text(full.to_json())
     assert build(None, None, (), str(json_file)) == full

@@ -21,7 +21,7 @@ class RadarSettings:
     num_steps: int = 1000  # DDPM timesteps
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02  # linear schedule only
-    t_score: int = 250  # the single noising timestep used at test time, in 0..num_steps-1
+    t_score: int = 100  # the single noising timestep used at test time, in 0..num_steps-1 (the paper: 250)
     map_kind: str = "eps_diff"  # eps_diff: eps_hat - eps | eps_hat: the prediction alone
     channel_reduce: str = "l2"  # l2: sqrt(sum_c d^2) | mean_abs: mean_c |d|
     patch_size: int = 32  # training crops and scoring patches (square)
@@ -35,7 +35,7 @@ class RadarSettings:
     max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
     forest_seed: int = 0
     noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
-    sobel_smooth_sigma: float = 4.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off (the paper)
+    sobel_smooth_sigma: float = 1.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off (the paper)
     image_batch: int = 4  # images per device per jitted scoring call (padded: no recompiles)
     use_ema: bool = True
 
