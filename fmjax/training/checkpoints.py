@@ -11,6 +11,8 @@ import glob
 import logging
 import os
 import shutil
+import threading
+import time
 
 import jax
 import numpy as np
@@ -77,17 +79,28 @@ def _check_space(directory: str, path: str, state) -> None:
                                     f"{free / 2**20:.1f} MB are free", path)
 
 
+def _join_new_threads(running: set, timeout_s: float = 10.0) -> None:
+    """Waits (at most `timeout_s` in all) for the threads started since `running` was taken,
+    but idle pool workers, which never end by themselves."""
+    deadline = time.monotonic() + timeout_s
+    for thread in set(threading.enumerate()) - running:
+        if thread is not threading.current_thread() and not thread.name.startswith("ThreadPoolExecutor"):
+            thread.join(max(deadline - time.monotonic(), 0.0))
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
     """Saves `state` as checkpoint `step` (every process calls it; orbax writes once). A
     save that fails (a full disk) leaves no unfinished checkpoint behind and raises an
     OSError naming it."""
     path = os.path.join(str(manager.directory), str(step))
     _check_space(str(manager.directory), path, state)
+    running = set(threading.enumerate())
     try:
         manager.save(step, args=ocp.args.StandardSave(_state_dict(state)))
     except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise several types for one cause
         for name in ("absl", "asyncio"):  # orbax's threads report the same failure again as they end
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        _join_new_threads(running)  # the save's other threads may still write into its folder
         for tmp in glob.glob(f"{path}.orbax-checkpoint-tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.strerror:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from helpers import CATEGORY, ROOT, TRAIN_ARGS, assert_one_line_error, cli, image_scores_csv, subprocess_env
 
@@ -175,6 +176,35 @@ def test_a_full_disk_under_train_out(when, data_root, tiny_disk, monkeypatch, ca
     assert_one_line_error(code, err)
     assert "No space left on device" in err and str(disk) in err, err
     assert _temporaries(disk) == []
+
+
+def test_a_failed_save_waits_for_its_threads_before_cleaning_up(tmp_path):
+    """A save that fails while another of its threads still writes into the unfinished
+    checkpoint leaves nothing behind: that thread ends before the folder is removed."""
+    import threading
+    import types
+
+    from fmjax.training import checkpoints
+
+    writers = []
+
+    class Manager:
+        directory = tmp_path
+
+        def save(self, step, args):
+            def late_writer():
+                time.sleep(0.3)
+                os.makedirs(tmp_path / f"{step}.orbax-checkpoint-tmp" / "default", exist_ok=True)
+
+            writers.append(threading.Thread(target=late_writer, name="serialize_shardings"))
+            writers[-1].start()
+            raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+
+    state = types.SimpleNamespace(step=7, params={"x": np.zeros(3, np.float32)}, ema_params={}, opt_state=())
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoints.save_state(Manager(), 7, state)
+    writers[0].join()
+    assert _temporaries(tmp_path) == []
 
 
 def test_a_full_disk_under_maps_out(run_copy, tiny_disk, capsys):
