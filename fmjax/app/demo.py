@@ -31,15 +31,12 @@ def main(args) -> None:
     for name in names:
         if name not in textures.TEXTURES:
             raise DataError(f"unknown texture {name!r} (known: {', '.join(textures.TEXTURES)})")
-    if args.steps < 0:
-        raise ConfigError(f"--steps must be >= 0 (0: the preset's), got {args.steps}")
-    if args.patch < 0:
-        raise ConfigError(f"--patch must be >= 0 (0: the preset's), got {args.patch}")
-    if args.train_crops < 0:
-        raise ConfigError(f"--train-crops must be >= 0 (0: the preset's), got {args.train_crops}")
-    budget = [key for value, key in ((args.steps, f"train.steps={args.steps}"),
-                                     (args.patch, f"train.patch_size={args.patch}"),
-                                     (args.train_crops, f"textures.num_train={args.train_crops}")) if value]
+    flags = (("--steps", "train.steps", args.steps), ("--patch", "train.patch_size", args.patch),
+             ("--train-crops", "textures.num_train", args.train_crops))
+    for flag, _, value in flags:
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0 (0: the preset's), got {value}")
+    budget = [f"{key}={value}" for _, key, value in flags if value]
     overrides = budget + list(args.set)
     config = None if args.preset == AUTO else build(args.preset, "flow_mismatch", overrides)
     # the three textures share shapes: later ones reuse the compiled programs
