@@ -3,7 +3,7 @@
 For each trained texture run, its held-out normal training images are cut in two halves
 as experiments/select_settings.py cuts them: A fits the map's statistics and scale, B
 are the validation normals, and B with self-supervised defects (three per image,
-experiments/synthetic_anomalies.py) the validation anomalies. The run's own scoring rule
+fmjax/data/synthetic.py) the validation anomalies. The run's own scoring rule
 is read with banks drawn in different ways from the images the network trained on:
 
   random   a seeded random draw of score.patch_bank rows (the rule before the coreset)
@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_anomalies import anomaly_set  # noqa: E402
+from fmjax.data.synthetic import anomaly_set  # noqa: E402
 from table import command_line  # noqa: E402
 
 SIZES = (4096, 8192, 16384)

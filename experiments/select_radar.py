@@ -4,7 +4,7 @@ Sobel), on the training images only.
 No test split is read. For each texture the RADAR run of what `auto` resolves to is
 trained (or reused), and its held-out normal training images, which the network never
 saw, are cut in two halves A and B. Each half gets self-supervised defects
-(experiments/synthetic_anomalies.py, `--repeats` per image, the other half as the paste
+(fmjax/data/synthetic.py, `--repeats` per image, the other half as the paste
 source). Two folds: the Isolation Forest is fitted on the features of A and scores B and
 B's defects, then the other way round. The criterion of a setting is the mean over the
 folds and textures of (image AUROC + pixel AUROC) / 2; the best one is chosen (criteria
@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_anomalies import anomaly_set  # noqa: E402
+from fmjax.data.synthetic import anomaly_set  # noqa: E402
 from table import command_line  # noqa: E402
 
 GRID = {"t_score": (10, 25, 50, 100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0, 4.0, 8.0)}

@@ -5,7 +5,7 @@ resolves to (experiments reuse a run folder when its config is the same), and it
 held-out normal training images are cut in two halves: A fits the normalisation
 statistics, B are the validation normals. Validation anomalies:
   aligned sets (one-class): training images of the OTHER classes (image AUROC);
-  texture sets: B with self-supervised defects (experiments/synthetic_anomalies.py),
+  texture sets: B with self-supervised defects (fmjax/data/synthetic.py),
     three per image (mean of image and pixel AUROC).
 Every rule of a grid (paths K, path aggregate, smoothing, normalisation x map rule,
 the feature map's weight, image score) is read from the same stored mismatch of A, B and
@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_anomalies import anomaly_set  # noqa: E402
+from fmjax.data.synthetic import anomaly_set  # noqa: E402
 from table import command_line  # noqa: E402
 
 PAPER = {"aggregate": "rank:2", "smooth_sigma": 0.0, "normalize": "none", "map_rule": "weighted",

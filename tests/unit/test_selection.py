@@ -7,14 +7,16 @@ import sys
 import numpy as np
 import pytest
 
+from fmjax.data import synthetic
+from fmjax.methods.flow_mismatch import learned
 from fmjax.methods.flow_mismatch.settings import PRESETS
 from tests.helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import select_settings  # noqa: E402
-import synthetic_anomalies  # noqa: E402
 
 SELECTION = os.path.join(ROOT, "experiments", "results", "selection", "selection.json")
+LEARNED_MAP = os.path.join(ROOT, "experiments", "results", "selection", "learned_map", "learned_map.json")
 
 
 def test_presets_equal_the_committed_choice():
@@ -25,18 +27,29 @@ def test_presets_equal_the_committed_choice():
         assert select_settings.rule_of(PRESETS[kind]) == choice["rule"], kind
 
 
-@pytest.mark.parametrize("kind", synthetic_anomalies.KINDS)
+def test_the_learned_map_rule_is_a_preset_rule_only_where_its_report_chose_it():
+    with open(LEARNED_MAP) as f:
+        report = json.load(f)
+    unseen = lambda row: np.mean([report["results"][name][row][1] for name in report["results"]])
+    rows = list(next(iter(report["results"].values())))
+    assert report["best"] == max(rows, key=unseen)
+    assert (PRESETS["texture"].map_rule == "learned") == report["best"].startswith("learned")
+    best_learned = max((row for row in rows if row.startswith("learned")), key=unseen)
+    assert learned.REGULARIZATION == float(best_learned.split("C = ")[1])
+
+
+@pytest.mark.parametrize("kind", synthetic.KINDS)
 def test_each_defect_changes_the_image_where_its_mask_says(kind):
     rng = np.random.default_rng(3)
     image = rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)
     other = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    out, mask = synthetic_anomalies.add_anomaly(image, other, kind, np.random.default_rng(5))
+    out, mask = synthetic.add_anomaly(image, other, kind, np.random.default_rng(5))
     assert out.shape == image.shape and out.dtype == np.uint8 and mask.shape == (64, 64)
     changed = np.any(np.abs(out.astype(int) - image) > 2, axis=-1)
     assert changed.sum() > 10 and mask.sum() < 0.5 * mask.size
     assert mask[changed].all()  # every visibly changed pixel is labelled anomalous
     with pytest.raises(ValueError, match="unknown anomaly kind"):
-        synthetic_anomalies.add_anomaly(image, other, "melt", rng)
+        synthetic.add_anomaly(image, other, "melt", rng)
 
 
 def test_choice_is_the_best_mean_over_sets_and_the_ablation_starts_at_the_paper_rule():

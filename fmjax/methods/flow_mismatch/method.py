@@ -5,17 +5,21 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fmjax import data, flow
+from fmjax.data import synthetic
+from fmjax.errors import ScoreRuleError
 from fmjax.eval.calibration import thresholds
 from fmjax.methods.base import Fitted, Method
 from fmjax.methods.flow_mismatch import features as feat
+from fmjax.methods.flow_mismatch import learned
 from fmjax.methods.flow_mismatch import normalize as norm
 from fmjax.methods.flow_mismatch.scorer import Scorer, interior_times, time_weights
 from fmjax.training.step import Augment, Objective
 
-__all__ = ["CANDIDATE_ROWS", "METHOD", "FlowMismatch", "feature_bank", "flow_objective", "patch_bank"]
+__all__ = ["CANDIDATE_ROWS", "METHOD", "FlowMismatch", "feature_bank", "fit_readout", "flow_objective", "patch_bank"]
 
 CANDIDATE_ROWS = 1 << 16  # the feature map's bank is a coreset of at most this many training positions
 
@@ -62,6 +66,25 @@ def patch_bank(run, trained) -> feat.Bank:
     return bank
 
 
+def fit_readout(run, normals, per_time, feature, stats, scale, arrays) -> np.ndarray:
+    """The learned map rule's weights [2T + 1] (`learned.fit_readout`): the held-out
+    `normals` (a Split; their per-time maps [N, T, H, W] and feature maps [N, H, W] or
+    None) against the same images with one self-supervised defect each, drawn from
+    score.seed (`fmjax.data.synthetic`)."""
+    settings = run.config.score
+    images = normals.images
+    if images.shape[1] != images.shape[2]:
+        raise ScoreRuleError(f"score.map_rule=learned draws its defects on square images, not "
+                             f"{images.shape[1]}x{images.shape[2]}: set data.image_size")
+    defective, masks = synthetic.anomaly_set(images, images, seed=settings.seed)
+    defect_time = run.scorer.per_time(run.params, defective, normals.class_ids)
+    defect_feature = None if feature is None else run.scorer.feature_maps(
+        run.params, defective, normals.class_ids, feat.from_arrays(arrays, feat.PATCH_PREFIX))
+    return learned.fit_readout(learned.pixel_values(jnp.asarray(per_time), feature, stats, scale),
+                               learned.pixel_values(jnp.asarray(defect_time), defect_feature, stats, scale),
+                               masks, settings.seed)
+
+
 class FlowMismatch(Method):
     name = "flow_mismatch"
     model = "flow"
@@ -92,8 +115,9 @@ class FlowMismatch(Method):
         with score.feature_knn > 0 the features of at most score.feature_bank of them, with
         score.feature_map > 0 at most score.patch_bank of their positions' features. Then,
         from one half of the held-out normals (`data.split_halves`), the normalisation
-        statistics (score.normalize global or pixel, `normalize.fit_stats`) and the feature
-        map's scale (`features.map_scale`). Then the thresholds from the other half (a slice
+        statistics (score.normalize global or pixel, `normalize.fit_stats`), the feature
+        map's scale (`features.map_scale`) and, for score.map_rule = learned, its weights
+        (`fit_readout`). Then the thresholds from the other half (a slice
         of fewer than 4 images serves both), scored with what was fitted."""
         settings = run.config.score
         arrays = {}
@@ -115,11 +139,17 @@ class FlowMismatch(Method):
             if settings.normalize != "none":
                 stats = norm.fit_stats(per_time, weights, settings.normalize)
                 arrays.update(norm.to_arrays(stats))
+            feature, scale = None, feat.neutral_banks().scale
             if settings.feature_map:
-                mismatch = norm.mismatch_map(per_time, weights, settings.normalize, settings.map_rule, stats)
+                rule = "weighted" if settings.map_rule == "learned" else settings.map_rule
+                mismatch = norm.mismatch_map(per_time, weights, settings.normalize, rule, stats)
                 feature = run.scorer.feature_maps(run.params, for_stats.images, for_stats.class_ids,
                                                   feat.from_arrays(arrays, feat.PATCH_PREFIX))
-                arrays.update(feat.scale_to_arrays(feat.map_scale(mismatch, feature)))
+                scale = feat.map_scale(mismatch, feature)
+                arrays.update(feat.scale_to_arrays(scale))
+            if settings.map_rule == "learned":
+                stats = stats._replace(readout=fit_readout(run, for_stats, per_time, feature, stats, scale, arrays))
+                arrays.update(norm.to_arrays(stats))
         maps, scores = run.score(for_thresholds.images, for_thresholds.class_ids, Fitted(arrays=arrays))
         return Fitted(values={**thresholds(run.config.calibration, maps, scores), **values}, arrays=arrays)
 

@@ -35,7 +35,8 @@ _STD_FLOOR = 1e-6
 class Stats(NamedTuple):
     """Statistics of held-out normal per-time maps: mean, std, log_mean, log_std float32
     [T, h, w] (h = w = 1 for global statistics, else the image's H, W); center, scale
-    float32 [2]: the normal pixels' mean and std of the weighted and two-sided maps."""
+    float32 [2]: the normal pixels' mean and std of the weighted and two-sided maps;
+    readout float32 [2T + 1]: the learned rule's weights (learned.py; zeros until fitted)."""
 
     mean: object
     std: object
@@ -43,12 +44,14 @@ class Stats(NamedTuple):
     log_std: object
     center: object
     scale: object
+    readout: object
 
 
 def neutral_stats(num_times: int) -> Stats:
     """Statistics that change nothing: zero means, unit stds, [T, 1, 1]."""
     zeros, ones = np.zeros((num_times, 1, 1), np.float32), np.ones((num_times, 1, 1), np.float32)
-    return Stats(zeros, ones, zeros, ones, np.zeros(2, np.float32), np.ones(2, np.float32))
+    return Stats(zeros, ones, zeros, ones, np.zeros(2, np.float32), np.ones(2, np.float32),
+                 np.zeros(2 * num_times + 1, np.float32))
 
 
 def _weighted(per_time, weights, stats: Stats, normalized: bool):
@@ -77,7 +80,10 @@ def mismatch_map(per_time, weights, normalize: str, map_rule: str, stats: Stats)
     if map_rule == "combined":
         one = _weighted(per_time, weights, stats, normalized)
         return (one - stats.center[0]) / stats.scale[0] + (two - stats.center[1]) / stats.scale[1]
-    raise ScoreRuleError(f"unknown score.map_rule {map_rule!r} (known: weighted, two_sided, combined)")
+    if map_rule == "learned":
+        raise ScoreRuleError("score.map_rule=learned reads the feature map as well: it is scored by the Scorer "
+                             "(learned.learned_map)")
+    raise ScoreRuleError(f"unknown score.map_rule {map_rule!r} (known: weighted, two_sided, combined, learned)")
 
 
 def fit_stats(per_time, weights, normalize: str) -> Stats:
@@ -99,7 +105,8 @@ def fit_stats(per_time, weights, normalize: str) -> Stats:
 
     mean, std = moments(per_time)
     log_mean, log_std = moments(logs)
-    partial = Stats(mean, std, log_mean, log_std, np.zeros(2, np.float32), np.ones(2, np.float32))
+    partial = Stats(mean, std, log_mean, log_std, np.zeros(2, np.float32), np.ones(2, np.float32),
+                    np.zeros(2 * len(mean) + 1, np.float32))
     w = jnp.asarray(weights, jnp.float32)
     one = np.asarray(_weighted(jnp.asarray(per_time, jnp.float32), w, partial, True), np.float64)
     two = np.asarray(_two_sided(jnp.asarray(per_time, jnp.float32), partial), np.float64)
@@ -119,6 +126,7 @@ def to_arrays(stats: Stats) -> dict:
 def from_arrays(arrays: dict, num_times: int, image_hw) -> Stats:
     """The Stats stored by `to_arrays`, checked against the scorer's T and image size; a
     one-line ScoreRuleError when they are missing or fitted for other settings."""
+    arrays = {_PREFIX + "readout": np.zeros(2 * num_times + 1, np.float32), **arrays}  # runs fitted before it
     names = [_PREFIX + f for f in Stats._fields]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -129,4 +137,7 @@ def from_arrays(arrays: dict, num_times: int, image_hw) -> Stats:
     if len(shape) != 3 or shape[0] != num_times or shape[1:] not in ((1, 1), tuple(image_hw)):
         raise ScoreRuleError(f"the run's normalisation statistics have shape {list(shape)}, not [T={num_times}, "
                              f"1 or H, 1 or W]: they were fitted for other scoring settings; fit them again")
+    if stats.readout.shape != (2 * num_times + 1,):
+        raise ScoreRuleError(f"the run's learned map weights have shape {list(stats.readout.shape)}, not "
+                             f"[2T+1={2 * num_times + 1}]: they were fitted for other scoring settings; fit them again")
     return stats

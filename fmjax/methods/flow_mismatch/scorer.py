@@ -27,6 +27,7 @@ from fmjax.flow import path_point, target_velocity, to_model_range
 from fmjax.methods.base import ScoringProgram
 from fmjax.methods.batches import ImageBatches, check_images
 from fmjax.methods.flow_mismatch import features as feat
+from fmjax.methods.flow_mismatch import learned
 from fmjax.methods.flow_mismatch import normalize as norm
 from fmjax.methods.flow_mismatch.chunking import chunk_size_for_budget, even_chunk
 from fmjax.methods.flow_mismatch.order import sort_axis
@@ -280,11 +281,17 @@ class Scorer:
             return (delta,)
         if mode == "per_time":
             return (per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma),)
-        maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma, cfg.normalize,
-                         cfg.map_rule, stats)
+        feature_maps = None
         if cfg.feature_map:
             feature_maps = self._feature_maps(self.patch_fn(params, images_u8, class_ids), banks.patches)
-            maps = feat.combine_maps(maps, feature_maps, banks.scale, cfg.feature_map)
+        if cfg.map_rule == "learned":
+            maps = learned.learned_map(per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma), feature_maps, stats,
+                                       banks.scale)
+        else:
+            maps = heat_maps(delta, times, cfg.aggregate, cfg.time_weight, cfg.smooth_sigma, cfg.normalize,
+                             cfg.map_rule, stats)
+            if cfg.feature_map:
+                maps = feat.combine_maps(maps, feature_maps, banks.scale, cfg.feature_map)
         if cfg.feature_knn:
             return maps, feat.knn_scores(self.features_fn(params, images_u8, class_ids), banks.images,
                                          cfg.feature_knn)
@@ -330,7 +337,11 @@ class Scorer:
         if self.config.normalize == "none":
             return None
         arrays = {} if fitted is None else fitted.arrays
-        return norm.from_arrays(arrays, self.config.num_times, self.image_shape[:2])
+        stats = norm.from_arrays(arrays, self.config.num_times, self.image_shape[:2])
+        if self.config.map_rule == "learned" and not np.any(stats.readout):
+            raise ScoreRuleError("score.map_rule=learned needs its weights fitted on held-out normal images, and the "
+                                 "run has none: fit them with `fmjax calibrate --run RUN` or train again")
+        return stats
 
     def banks(self, fitted) -> feat.Banks:
         """The training normals' features the settings need, from the run's fitted arrays

@@ -15,7 +15,7 @@ __all__ = ["NEUTRAL", "PRESETS", "RANGES", "TRAINING", "FlowMismatchSettings", "
 AGGREGATES = ("min", "rank:r", "quantile:a", "mean", "median", "trimmed:f")
 TIME_WEIGHTS = ("t2", "none")
 NORMALIZATIONS = ("none", "global", "pixel")
-MAP_RULES = ("weighted", "two_sided", "combined")
+MAP_RULES = ("weighted", "two_sided", "combined", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class FlowMismatchSettings:
     # statistics of held-out normals (normalize.py): none (the paper's rule) | global (per
     # time) | pixel (per time and pixel)
     normalize: str = "none"
-    map_rule: str = "weighted"  # weighted | two_sided | combined (normalize.py)
+    map_rule: str = "weighted"  # weighted | two_sided | combined (normalize.py) | learned (learned.py)
     # k > 0: the image score is the distance of the network's own features to the k nearest
     # training normals' (features.py), not a rule of the map; 0: image_score of the map
     feature_knn: int = 0

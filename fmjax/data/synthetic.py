@@ -1,4 +1,5 @@
-"""Self-supervised anomalies for the validation protocol: defects an inspector would see,
+"""Self-supervised anomalies, for the validation protocol and the learned map rule
+(fmjax.methods.flow_mismatch.learned): defects an inspector would see,
 made from any normal image (no test data, no labels): a foreign patch, a stain, a local
 blur, a scratch and a crack, each with its pixel mask."""
 from __future__ import annotations
