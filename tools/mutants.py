@@ -143,6 +143,15 @@ MUTANTS = [
            "x0 = path_point(eps, y, jnp.full((y.shape[0],), t0, jnp.float32))",
            "x0 = path_point(eps, y, jnp.full((y.shape[0],), 1.0 - t0, jnp.float32))",
            ("tests/unit/test_recon.py",)),
+    Mutant("learned map: read-out fitted with defect and normal pixels swapped", "fmjax/methods/flow_mismatch/learned.py",
+           "y = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]",
+           "y = np.r_[np.ones(len(negatives)), np.zeros(len(positives))]",
+           ("tests/unit/test_learned.py",)),
+    Mutant("learned map: the learned rule scored without its read-out", "fmjax/methods/flow_mismatch/scorer.py",
+           "maps = learned.learned_map(per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma), feature_maps, stats,",
+           "maps = learned.learned_map(per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma), feature_maps, "
+           "stats._replace(readout=jnp.ones_like(stats.readout)),",
+           ("tests/integration/test_normalized_runs.py",)),
 ]
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
