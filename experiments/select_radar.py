@@ -1,5 +1,6 @@
 """The validation protocol that chooses RADAR's scoring settings (t_score, the blur before
-Sobel), on the training images only.
+Sobel), on the training images only: the default from textures, the `aligned` preset's
+from one-class sets.
 
 No test split is read. For each texture the RADAR run of what `auto` resolves to is
 trained (or reused), and its held-out normal training images, which the network never
@@ -10,10 +11,18 @@ B's defects, then the other way round. The criterion of a setting is the mean ov
 folds and textures of (image AUROC + pixel AUROC) / 2; the best one is chosen (criteria
 within 0.001: the larger t_score, the paper's side).
 
-    python experiments/select_radar.py --out experiments/results/selection --textures brick,grass,gravel
+One-class sets (`--aligned`) are scored the same way with the training images of the
+other classes as the anomalies (image AUROC alone, as experiments/select_settings.py
+scores them); their choice is RADAR's `aligned` preset (a semantic anomaly is read at a
+larger noise level than a local defect).
 
-Writes OUT/radar.json (every setting's figures per texture and fold) and OUT/radar.md
-(the choice, the paper's default beside it, and whether fmjax's default agrees).
+    python experiments/select_radar.py --out experiments/results/selection --textures brick,grass,gravel
+    python experiments/select_radar.py --out experiments/results/selection --textures "" \
+        --aligned fashion_mnist:0,fashion_mnist:1,digits:0,digits:1
+
+Writes OUT/radar_<set>.json (every setting's figures per set and fold) and, per kind,
+OUT/radar.{json,md} (textures) or OUT/radar_aligned.{json,md} (one-class sets): the
+choice, the paper's default beside it, and whether fmjax's agrees.
 `--runs DIR` reuses runs at DIR/<texture> (e.g. experiments/compare_methods.py's
 OUT/runs/<texture>/radar folders, linked there).
 """
@@ -30,6 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import select_settings  # noqa: E402
 from fmjax.data.synthetic import anomaly_set  # noqa: E402
 from table import command_line  # noqa: E402
 
@@ -42,13 +52,13 @@ def _trained(config):
             config.train.batch_size, config.textures)
 
 
-def radar_run(name: str, spec: str, runs_dir: str):
+def radar_run(name: str, spec: str, runs_dir: str, category: str | None = None):
     """(run, normal training Split) of the `auto` config for method radar; trains when the
     folder is missing, reuses it when it trained the same network."""
     from fmjax import runs
     from fmjax.app.train import resolve_auto, train_run
 
-    config, data, reason = resolve_auto(spec, None, "radar")
+    config, data, reason = resolve_auto(spec, category, "radar")
     run_dir = os.path.join(runs_dir, name)
     if os.path.isdir(run_dir):
         run = runs.load_run(run_dir)
@@ -56,59 +66,78 @@ def radar_run(name: str, spec: str, runs_dir: str):
             raise SystemExit(f"{run_dir} was trained with another config: move it away")
         return run, data[0]
     print(f"{name}: training radar ({reason}) ...", flush=True)
-    return train_run(config, spec, None, run_dir, progress=False, data=data), data[0]
+    return train_run(config, spec, category, run_dir, progress=False, data=data), data[0]
 
 
-def fold_rows(run, halves: dict, defects: dict) -> list[dict]:
+def fold_rows(run, halves: dict, anomalies: dict) -> list[dict]:
     """Every setting of GRID: per fold (forest on one half, the other half's normals and
-    defects scored), image and pixel AUROC."""
+    anomalies {half: (images, masks or None)} scored), image AUROC and, where the
+    anomalies have masks, pixel AUROC; the criterion is their mean (image AUROC alone
+    without masks)."""
     from fmjax.eval import metrics
     from fmjax.methods.radar import forest as forest_lib
     from fmjax.methods.radar.scorer import RadarScorer
     from fmjax.nets.unet import build_model
 
     _, apply_fn = build_model(run.config.net, run.image_shape)
+    pixels = all(masks is not None for _, masks in anomalies.values())
     rows = []
     for values in itertools.product(*GRID.values()):
         settings = dataclasses.replace(run.config.score, **dict(zip(FIELDS, values)))
         scorer = RadarScorer(apply_fn, settings, run.image_shape)
         out = {}
-        for name, images in {**halves, **{f"V{k}": v[0] for k, v in defects.items()}}.items():
+        for name, images in {**halves, **{f"V{k}": v[0] for k, v in anomalies.items()}}.items():
             out[name] = scorer.maps_and_features(run.params, images)
         row = dict(zip(FIELDS, values))
         for fit, test in (("A", "B"), ("B", "A")):
             forest = forest_lib.fit(out[fit][1], settings)
             scores = np.r_[forest_lib.score(forest, out[test][1]), forest_lib.score(forest, out[f"V{test}"][1])]
             labels = np.r_[np.zeros(len(out[test][1])), np.ones(len(out[f"V{test}"][1]))]
-            maps = np.concatenate([out[test][0], out[f"V{test}"][0]])
-            masks = np.concatenate([np.zeros(out[test][0].shape, np.uint8), defects[test][1]])
             row[f"image_auroc_{test}"] = metrics.image_metrics(scores, labels)["image_auroc"]
-            row[f"pixel_auroc_{test}"] = metrics.pixel_metrics(maps, masks)["pixel_auroc"]
+            if pixels:
+                maps = np.concatenate([out[test][0], out[f"V{test}"][0]])
+                masks = np.concatenate([np.zeros(out[test][0].shape, np.uint8), anomalies[test][1]])
+                row[f"pixel_auroc_{test}"] = metrics.pixel_metrics(maps, masks)["pixel_auroc"]
         row["image_auroc"] = float(np.mean([row["image_auroc_A"], row["image_auroc_B"]]))
-        row["pixel_auroc"] = float(np.mean([row["pixel_auroc_A"], row["pixel_auroc_B"]]))
-        row["criterion"] = (row["image_auroc"] + row["pixel_auroc"]) / 2
+        row["pixel_auroc"] = float(np.mean([row["pixel_auroc_A"], row["pixel_auroc_B"]])) if pixels else None
+        row["criterion"] = (row["image_auroc"] + row["pixel_auroc"]) / 2 if pixels else row["image_auroc"]
         rows.append(row)
     return rows
 
 
-def validation_set(name: str, args) -> dict:
+def validation_set(item: str, kind: str, args) -> dict:
+    """A texture (`name`: self-supervised defects on each half) or a one-class set
+    (`fashion_mnist:C` or `digits:D`: the training images of the other classes) scored
+    with every setting of GRID, stored in OUT/radar_<set>.json."""
     from fmjax import data as data_lib
 
+    source, _, value = item.partition(":")
+    name = item if kind == "texture" else f"{source}_{value}"
     path = os.path.join(args.out, f"radar_{name}.json")
     if args.resume and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     start = time.perf_counter()
-    run, train = radar_run(name, f"textures:{name}", args.runs)
+    if kind == "texture":
+        run, train = radar_run(name, f"textures:{name}", args.runs)
+    elif source == "digits":
+        folder = select_settings.digits_folder(os.path.join(args.out, "digits"), int(value))
+        run, train = radar_run(name, folder, args.runs, f"digit_{value}")
+    else:
+        run, train = radar_run(name, item, args.runs)
     cal = run.config.calibration
     _, holdout = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed, cal.min_holdout)
     a, b = data_lib.split_halves(holdout)
     n = min(len(a), len(b))
     halves = {"A": a.images[:n], "B": b.images[:n]}
-    defects = {k: anomaly_set(np.concatenate([halves[k]] * args.repeats), halves["B" if k == "A" else "A"], seed=i + 2)
-               for i, k in enumerate("AB")}
-    result = {"set": name, "sizes": {k: len(v) for k, v in halves.items()}, "rows": fold_rows(run, halves, defects),
-              "seconds": time.perf_counter() - start}
+    if kind == "texture":
+        anomalies = {k: anomaly_set(np.concatenate([halves[k]] * args.repeats), halves["B" if k == "A" else "A"],
+                                    seed=i + 2) for i, k in enumerate("AB")}
+    else:
+        others = select_settings.other_class_images(item, run.config.data.image_size, args.others, seed=1)
+        anomalies = {k: (others, None) for k in "AB"}
+    result = {"set": name, "kind": kind, "sizes": {k: len(v) for k, v in halves.items()},
+              "rows": fold_rows(run, halves, anomalies), "seconds": time.perf_counter() - start}
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -125,28 +154,36 @@ def choose(results: list[dict]) -> dict:
     return {"setting": dict(zip(FIELDS, best)), "criterion": mean[best], "mean": mean, "table": table}
 
 
-def write_report(chosen: dict, results: list[dict], out: str) -> None:
-    from fmjax.methods.radar.settings import Settings
+REPORTS = {"texture": "radar", "aligned": "radar_aligned"}  # OUT/<name>.md and .json per kind
 
-    default = Settings()
+
+def write_report(chosen: dict, results: list[dict], out: str, kind: str = "texture") -> None:
+    from fmjax.methods.radar.settings import PRESETS, Settings
+
+    default = PRESETS.get(kind, Settings())
     paper = (250, 0.0)
     agrees = all(getattr(default, f) == v for f, v in chosen["setting"].items())
-    lines = ["# RADAR scoring settings chosen on validation data", "", f"Command: `{command_line()}`", "",
-             "Criterion: mean over textures and the two folds of (image AUROC + pixel AUROC) / 2, on held-out "
-             "normal training crops and self-supervised defects made from them.", "",
+    criterion = ("mean over textures and the two folds of (image AUROC + pixel AUROC) / 2, on held-out normal "
+                 "training crops and self-supervised defects made from them" if kind == "texture" else
+                 "mean over the one-class sets and the two folds of the image AUROC of held-out normal training "
+                 "images against training images of the other classes")
+    lines = [f"# RADAR scoring settings chosen on validation data ({kind})", "", f"Command: `{command_line()}`", "",
+             f"Criterion: {criterion}.", "",
              "Chosen: " + ", ".join(f"{f}={v}" for f, v in chosen["setting"].items())
-             + f" (criterion {chosen['criterion']:.3f}); fmjax's default {'agrees' if agrees else 'DIFFERS'}.", "",
+             + f" (criterion {chosen['criterion']:.3f}); fmjax's {'default' if kind == 'texture' else kind + ' preset'}"
+             + f" {'agrees' if agrees else 'DIFFERS'}.", "",
              "| t_score | sobel_smooth_sigma | criterion | " + " | ".join(
                  f"{r['set']} image / pixel" for r in results) + " |",
              "|---|---|---|" + "---|" * len(results)]
     for key, value in sorted(chosen["mean"].items()):
         mark = " (chosen)" if key == tuple(chosen["setting"].values()) else " (paper)" if key == paper else ""
-        cells = [f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f}" for r in chosen["table"][key]]
+        cells = [f"{r['image_auroc']:.3f} / " + ("-" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}")
+                 for r in chosen["table"][key]]
         lines.append(f"| {key[0]}{mark} | {key[1]} | {value:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds per set: " + ", ".join(f"{r['set']} {r['seconds']:.0f}" for r in results)]
-    with open(os.path.join(out, "radar.md"), "w") as f:
+    with open(os.path.join(out, REPORTS[kind] + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "radar.json"), "w") as f:
+    with open(os.path.join(out, REPORTS[kind] + ".json"), "w") as f:
         json.dump({"setting": chosen["setting"], "criterion": chosen["criterion"], "default_agrees": agrees,
                    "mean": [dict(zip(FIELDS, k), criterion=v) for k, v in chosen["mean"].items()],
                    "sets": [r["set"] for r in results]}, f, indent=1)
@@ -156,9 +193,12 @@ def write_report(chosen: dict, results: list[dict], out: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--runs", help="folder of the RADAR runs, one per texture (default: OUT/radar_runs)")
+    p.add_argument("--runs", help="folder of the RADAR runs, one per set (default: OUT/radar_runs)")
     p.add_argument("--textures", default="brick,grass,gravel", help="embedded textures")
-    p.add_argument("--repeats", type=int, default=3, help="defects per held-out normal")
+    p.add_argument("--aligned", default="", help="one-class sets: fashion_mnist:C or digits:D, comma-separated "
+                   "(their choice is the `aligned` preset's)")
+    p.add_argument("--repeats", type=int, default=3, help="defects per held-out normal (textures)")
+    p.add_argument("--others", type=int, default=300, help="other-class training images per one-class set")
     p.add_argument("--resume", action="store_true", help="keep the sets already in OUT/radar_<set>.json")
     args = p.parse_args()
     from fmjax.app import launch
@@ -166,8 +206,10 @@ def main() -> None:
     launch.start()
     args.runs = args.runs or os.path.join(args.out, "radar_runs")
     os.makedirs(args.out, exist_ok=True)
-    results = [validation_set(name, args) for name in filter(None, args.textures.split(","))]
-    write_report(choose(results), results, args.out)
+    for kind, items in (("texture", args.textures), ("aligned", args.aligned)):
+        results = [validation_set(item, kind, args) for item in filter(None, items.split(","))]
+        if results:
+            write_report(choose(results), results, args.out, kind)
 
 
 if __name__ == "__main__":

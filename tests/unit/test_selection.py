@@ -113,6 +113,14 @@ def test_radar_default_equals_the_committed_choice():
     assert {field: getattr(Settings(), field) for field in chosen["setting"]} == chosen["setting"]
 
 
+def test_radar_aligned_preset_equals_the_committed_choice_of_the_one_class_sets():
+    from fmjax.methods.radar.settings import PRESETS as RADAR_PRESETS
+
+    with open(RADAR_SELECTION.replace("radar.json", "radar_aligned.json")) as f:
+        chosen = json.load(f)
+    assert {field: getattr(RADAR_PRESETS["aligned"], field) for field in chosen["setting"]} == chosen["setting"]
+
+
 def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
     def rows(**criteria):
         return [{"t_score": int(k[1:]), "sobel_smooth_sigma": 0.0, "criterion": v} for k, v in criteria.items()]

@@ -42,7 +42,10 @@ class RadarSettings:
 
 Settings = RadarSettings
 
-PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2)}
+PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2),
+           # one-class sets, where the anomaly is a whole object of another kind: read at a larger
+           # noise level; chosen by experiments/select_radar.py --aligned (results/selection/radar_aligned.md)
+           "aligned": Settings(t_score=500, sobel_smooth_sigma=1.0)}
 NEUTRAL = ("image_batch",)  # changes neither the features nor the forest
 TRAINING = ("schedule", "num_steps", "beta_start", "beta_end")  # the trained network's noise schedule
 RANGES = {"num_steps": Range(2, 100_000), "beta_start": Range(0.0, 1.0, low_open=True, high_open=True),
