@@ -18,7 +18,10 @@ larger noise level than a local defect).
 
     python experiments/select_radar.py --out experiments/results/selection --textures brick,grass,gravel
     python experiments/select_radar.py --out experiments/results/selection --textures "" \
-        --aligned fashion_mnist:0,fashion_mnist:1,digits:0,digits:1
+        --aligned fashion_mnist:0,fashion_mnist:1
+
+(digits:D works at 16x16 only with a RADAR patch no larger than the image, which `auto`
+does not pick: the committed choice read Fashion-MNIST alone.)
 
 Writes OUT/radar_<set>.json (every setting's figures per set and fold) and, per kind,
 OUT/radar.{json,md} (textures) or OUT/radar_aligned.{json,md} (one-class sets): the
