@@ -20,8 +20,8 @@ larger noise level than a local defect).
     python experiments/select_radar.py --out experiments/results/selection --textures "" \
         --aligned fashion_mnist:0,fashion_mnist:1
 
-(digits:D works at 16x16 only with a RADAR patch no larger than the image, which `auto`
-does not pick: the committed choice read Fashion-MNIST alone.)
+(The committed choice read Fashion-MNIST alone: digits at 16x16 need a patch no larger
+than the image, which `auto` has picked only since that choice was made.)
 
 Writes OUT/radar_<set>.json (every setting's figures per set and fold) and, per kind,
 OUT/radar.{json,md} (textures) or OUT/radar_aligned.{json,md} (one-class sets): the

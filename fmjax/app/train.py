@@ -72,7 +72,8 @@ def resolve_auto(spec: str, category: str | None, method: str | None = None, ove
     config = preset(chosen, method)
     if chosen == "aligned":
         size = profile.aligned_size(train.original_sizes)
-        config = config.replace(data=dataclasses.replace(config.data, image_size=size))
+        config = registry.get(method).fit_to_image_size(
+            config.replace(data=dataclasses.replace(config.data, image_size=size)))
         reason += f", image size {size}"
     elif data_lib.parse_spec(spec)[0] == "folder":
         config = config.replace(train=dataclasses.replace(config.train, hflip=True, vflip=True))

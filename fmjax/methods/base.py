@@ -88,6 +88,12 @@ class Method(abc.ABC):
     def objective(self, config):
         """The `fmjax.training.step.Objective` this method's network trains with."""
 
+    def fit_to_image_size(self, config):
+        """The config with the scoring settings that depend on the image side adapted to
+        `config.data.image_size`, for the `auto` preset, which chooses that side from the
+        data (fmjax.app.train.resolve_auto). Default: unchanged."""
+        return config
+
     def init_shape(self, config, image_shape) -> tuple:
         """The image shape (h, w, C) the network's parameters are initialised at."""
         return tuple(image_shape)

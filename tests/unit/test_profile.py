@@ -1,9 +1,11 @@
 """The `auto` preset: what kind of images a training set holds, and the config it gets."""
+import json
+
 import numpy as np
 import pytest
 
 from fmjax.app import train as train_app
-from fmjax.config import ConfigError, build
+from fmjax.config import ConfigError, build, preset, validate
 from fmjax.data import profile
 from tests.helpers import cli, save_png
 
@@ -89,6 +91,21 @@ def test_auto_for_another_method_keeps_that_method(tmp_path):
     root = write_class_folder(tmp_path, centred_objects(24))
     config, _, _ = train_app.resolve_auto(f"folder:{root}", "digits", "recon")
     assert config.method == "recon" and config.preset == "aligned" and config.data.image_size == 32
+
+
+def test_auto_fits_radar_patches_to_images_smaller_than_them(tmp_path, capsys):
+    root = write_class_folder(tmp_path, centred_objects(24, size=12))
+    config, (train, _), _ = train_app.resolve_auto(f"folder:{root}", "digits", "radar")
+    assert config.data.image_size == 16 and train.images.shape[1:3] == (16, 16)
+    assert (config.score.patch_size, config.score.patch_stride) == (16, 16)
+    assert config.score.t_score == 500  # the rest of RADAR's aligned preset stays
+    validate(config)
+    config, _, _ = train_app.resolve_auto(f"folder:{root}", "digits", "flow_mismatch")
+    assert config.score == preset("aligned").score
+    code, out, err = cli(capsys, "train", "--data", f"folder:{root}", "--category", "digits", "--out",
+                         tmp_path / "run", "--method", "radar", "--set", "train.steps=2", "--set", "score.n_estimators=5")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["score"]["patch_size"] == 16
 
 
 def test_auto_is_the_default_of_fmjax_train(tmp_path, monkeypatch, capsys):

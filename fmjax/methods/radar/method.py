@@ -40,6 +40,14 @@ class Radar(Method):
     def objective(self, config):
         return ddpm_objective(config)
 
+    def fit_to_image_size(self, config):
+        """Patches no larger than the image: on images smaller than score.patch_size (16x16
+        digits) the patch is the whole image, scored once."""
+        rc, side = config.score, config.data.image_size
+        if rc.patch_size <= side:
+            return config
+        return config.replace(score=dataclasses.replace(rc, patch_size=side, patch_stride=min(rc.patch_stride, side)))
+
     def init_shape(self, config, image_shape) -> tuple:
         """The params are initialised at the patch shape (the U-Net is fully convolutional)."""
         return (config.score.patch_size, config.score.patch_size, image_shape[-1])
