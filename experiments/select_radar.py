@@ -1,6 +1,6 @@
 """The validation protocol that chooses RADAR's scoring settings (t_score, the blur before
-Sobel), on the training images only: the default from textures, the `aligned` preset's
-from one-class sets.
+Sobel and, for one-class sets, the per-pixel standardisation of the noise map), on the
+training images only: the default from textures, the `aligned` preset's from one-class sets.
 
 No test split is read. For each texture the RADAR run of what `auto` resolves to is
 trained (or reused), and its held-out normal training images, which the network never
@@ -13,15 +13,12 @@ within 0.001: the larger t_score, the paper's side).
 
 One-class sets (`--aligned`) are scored the same way with the training images of the
 other classes as the anomalies (image AUROC alone, as experiments/select_settings.py
-scores them); their choice is RADAR's `aligned` preset (a semantic anomaly is read at a
-larger noise level than a local defect).
+scores them); their choice is RADAR's `aligned` preset. With normalize = pixel the
+fitting half is cut in two again (statistics, then the forest), as `Radar.fit` does.
 
     python experiments/select_radar.py --out experiments/results/selection --textures brick,grass,gravel
     python experiments/select_radar.py --out experiments/results/selection --textures "" \
-        --aligned fashion_mnist:0,fashion_mnist:1
-
-(The committed choice read Fashion-MNIST alone: digits at 16x16 need a patch no larger
-than the image, which `auto` has picked only since that choice was made.)
+        --aligned fashion_mnist:0,fashion_mnist:1,digits:0,digits:1
 
 Writes OUT/radar_<set>.json (every setting's figures per set and fold) and, per kind,
 OUT/radar.{json,md} (textures) or OUT/radar_aligned.{json,md} (one-class sets): the
@@ -47,7 +44,10 @@ from fmjax.data.synthetic import anomaly_set  # noqa: E402
 from table import command_line  # noqa: E402
 
 GRID = {"t_score": (10, 25, 50, 100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0, 4.0, 8.0)}
-FIELDS = tuple(GRID)
+# one-class sets add the per-pixel standardisation of the noise map (aligned images only:
+# a texture's pixels share one distribution) and a noisier step
+GRIDS = {"texture": GRID, "aligned": {"t_score": (100, 250, 500, 750), "sobel_smooth_sigma": (0.0, 1.0, 2.0, 4.0),
+                                      "normalize": ("none", "pixel")}}
 
 
 def _trained(config):
@@ -72,28 +72,35 @@ def radar_run(name: str, spec: str, runs_dir: str, category: str | None = None):
     return train_run(config, spec, category, run_dir, progress=False, data=data), data[0]
 
 
-def fold_rows(run, halves: dict, anomalies: dict) -> list[dict]:
-    """Every setting of GRID: per fold (forest on one half, the other half's normals and
+def fold_rows(run, halves: dict, anomalies: dict, grid: dict) -> list[dict]:
+    """Every setting of `grid`: per fold (forest on one half, the other half's normals and
     anomalies {half: (images, masks or None)} scored), image AUROC and, where the
     anomalies have masks, pixel AUROC; the criterion is their mean (image AUROC alone
-    without masks)."""
+    without masks). With normalize = pixel the fitting half is cut in two again, as
+    `Radar.fit` cuts the held-out normals: statistics on the first, the forest on the second."""
     from fmjax.eval import metrics
+    from fmjax.methods.base import Fitted
     from fmjax.methods.radar import forest as forest_lib
+    from fmjax.methods.radar import standardize
     from fmjax.methods.radar.scorer import RadarScorer
     from fmjax.nets.unet import build_model
 
     _, apply_fn = build_model(run.config.net, run.image_shape)
     pixels = all(masks is not None for _, masks in anomalies.values())
-    rows = []
-    for values in itertools.product(*GRID.values()):
-        settings = dataclasses.replace(run.config.score, **dict(zip(FIELDS, values)))
+    fields, rows = tuple(grid), []
+    for values in itertools.product(*grid.values()):
+        settings = dataclasses.replace(run.config.score, **dict(zip(fields, values)))
         scorer = RadarScorer(apply_fn, settings, run.image_shape)
-        out = {}
-        for name, images in {**halves, **{f"V{k}": v[0] for k, v in anomalies.items()}}.items():
-            out[name] = scorer.maps_and_features(run.params, images)
-        row = dict(zip(FIELDS, values))
+        row = dict(zip(fields, values))
         for fit, test in (("A", "B"), ("B", "A")):
-            forest = forest_lib.fit(out[fit][1], settings)
+            for_forest, stats = halves[fit], Fitted()
+            if settings.normalize == "pixel":
+                half = len(for_forest) // 2
+                stats = Fitted(arrays=standardize.fit(scorer.noise_maps(run.params, for_forest[:half])))
+                for_forest = for_forest[half:]
+            out = {name: scorer.maps_and_features(run.params, images, None, stats)
+                   for name, images in (("fit", for_forest), (test, halves[test]), (f"V{test}", anomalies[test][0]))}
+            forest = forest_lib.fit(out["fit"][1], settings)
             scores = np.r_[forest_lib.score(forest, out[test][1]), forest_lib.score(forest, out[f"V{test}"][1])]
             labels = np.r_[np.zeros(len(out[test][1])), np.ones(len(out[f"V{test}"][1]))]
             row[f"image_auroc_{test}"] = metrics.image_metrics(scores, labels)["image_auroc"]
@@ -111,7 +118,7 @@ def fold_rows(run, halves: dict, anomalies: dict) -> list[dict]:
 def validation_set(item: str, kind: str, args) -> dict:
     """A texture (`name`: self-supervised defects on each half) or a one-class set
     (`fashion_mnist:C` or `digits:D`: the training images of the other classes) scored
-    with every setting of GRID, stored in OUT/radar_<set>.json."""
+    with every setting of GRIDS[kind], stored in OUT/radar_<set>.json."""
     from fmjax import data as data_lib
 
     source, _, value = item.partition(":")
@@ -140,21 +147,22 @@ def validation_set(item: str, kind: str, args) -> dict:
         others = select_settings.other_class_images(item, run.config.data.image_size, args.others, seed=1)
         anomalies = {k: (others, None) for k in "AB"}
     result = {"set": name, "kind": kind, "sizes": {k: len(v) for k, v in halves.items()},
-              "rows": fold_rows(run, halves, anomalies), "seconds": time.perf_counter() - start}
+              "rows": fold_rows(run, halves, anomalies, GRIDS[kind]), "seconds": time.perf_counter() - start}
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return result
 
 
-def choose(results: list[dict]) -> dict:
-    """The setting with the best mean criterion over the sets (ties: the larger t_score)."""
-    table = {}
+def choose(results: list[dict], kind: str = "texture") -> dict:
+    """The setting of GRIDS[kind] with the best mean criterion over the sets (ties: the
+    larger t_score, then the smaller blur, then no standardisation: the paper's side)."""
+    fields, table = tuple(GRIDS[kind]), {}
     for result in results:
         for row in result["rows"]:
-            table.setdefault(tuple(row[f] for f in FIELDS), []).append(row)
+            table.setdefault(tuple(row[f] for f in fields), []).append(row)
     mean = {k: float(np.mean([r["criterion"] for r in rows])) for k, rows in table.items()}
-    best = max(mean, key=lambda k: (round(mean[k], 3), k[0], -k[1]))
-    return {"setting": dict(zip(FIELDS, best)), "criterion": mean[best], "mean": mean, "table": table}
+    best = max(mean, key=lambda k: (round(mean[k], 3), k[0], -k[1], *(v == "none" for v in k[2:])))
+    return {"setting": dict(zip(fields, best)), "criterion": mean[best], "mean": mean, "table": table}
 
 
 REPORTS = {"texture": "radar", "aligned": "radar_aligned"}  # OUT/<name>.md and .json per kind
@@ -163,8 +171,9 @@ REPORTS = {"texture": "radar", "aligned": "radar_aligned"}  # OUT/<name>.md and 
 def write_report(chosen: dict, results: list[dict], out: str, kind: str = "texture") -> None:
     from fmjax.methods.radar.settings import PRESETS, Settings
 
+    fields = tuple(GRIDS[kind])
     default = PRESETS.get(kind, Settings())
-    paper = (250, 0.0)
+    paper = (250, 0.0) + ("none",) * (len(fields) - 2)
     agrees = all(getattr(default, f) == v for f, v in chosen["setting"].items())
     criterion = ("mean over textures and the two folds of (image AUROC + pixel AUROC) / 2, on held-out normal "
                  "training crops and self-supervised defects made from them" if kind == "texture" else
@@ -175,20 +184,21 @@ def write_report(chosen: dict, results: list[dict], out: str, kind: str = "textu
              "Chosen: " + ", ".join(f"{f}={v}" for f, v in chosen["setting"].items())
              + f" (criterion {chosen['criterion']:.3f}); fmjax's {'default' if kind == 'texture' else kind + ' preset'}"
              + f" {'agrees' if agrees else 'DIFFERS'}.", "",
-             "| t_score | sobel_smooth_sigma | criterion | " + " | ".join(
+             "| " + " | ".join(fields) + " | criterion | " + " | ".join(
                  f"{r['set']} image / pixel" for r in results) + " |",
-             "|---|---|---|" + "---|" * len(results)]
+             "|---" * (len(fields) + 1) + "|" + "---|" * len(results)]
     for key, value in sorted(chosen["mean"].items()):
         mark = " (chosen)" if key == tuple(chosen["setting"].values()) else " (paper)" if key == paper else ""
         cells = [f"{r['image_auroc']:.3f} / " + ("-" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}")
                  for r in chosen["table"][key]]
-        lines.append(f"| {key[0]}{mark} | {key[1]} | {value:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {key[0]}{mark} | " + " | ".join(str(v) for v in key[1:]) + f" | {value:.3f} | "
+                     + " | ".join(cells) + " |")
     lines += ["", "Seconds per set: " + ", ".join(f"{r['set']} {r['seconds']:.0f}" for r in results)]
     with open(os.path.join(out, REPORTS[kind] + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, REPORTS[kind] + ".json"), "w") as f:
         json.dump({"setting": chosen["setting"], "criterion": chosen["criterion"], "default_agrees": agrees,
-                   "mean": [dict(zip(FIELDS, k), criterion=v) for k, v in chosen["mean"].items()],
+                   "mean": [dict(zip(fields, k), criterion=v) for k, v in chosen["mean"].items()],
                    "sets": [r["set"] for r in results]}, f, indent=1)
     print("\n".join(lines))
 
@@ -212,7 +222,7 @@ def main() -> None:
     for kind, items in (("texture", args.textures), ("aligned", args.aligned)):
         results = [validation_set(item, kind, args) for item in filter(None, items.split(","))]
         if results:
-            write_report(choose(results), results, args.out, kind)
+            write_report(choose(results, kind), results, args.out, kind)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,13 @@ MUTANTS = [
            "maps = learned.learned_map(per_time_maps(delta, cfg.aggregate, cfg.smooth_sigma), feature_maps, "
            "stats._replace(readout=jnp.ones_like(stats.readout)),",
            ("tests/integration/test_normalized_runs.py",)),
+    Mutant("radar pixel statistics: fitted on the forest's half too", "fmjax/methods/radar/method.py",
+           "arrays.update(standardize.fit(run.scorer.noise_maps(run.params, for_stats.images, for_stats.class_ids)))",
+           "arrays.update(standardize.fit(run.scorer.noise_maps(run.params, holdout.images, holdout.class_ids)))",
+           ("tests/unit/test_radar_standardize.py",)),
+    Mutant("radar pixel statistics: the map not standardised", "fmjax/methods/radar/scorer.py",
+           "        m = (m - pixel_mean) / pixel_std\n", "        m = m - 0 * pixel_mean\n",
+           ("tests/unit/test_radar_standardize.py", "tests/integration/test_methods_cli.py")),
 ]
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]

@@ -227,3 +227,35 @@ def test_unknown_method(data_root, tmp_path, capsys):
                        "--method", "nope", *TRAIN_ARGS)
     assert_one_line_error(code, err)
     assert "nope" in err and not out.exists()
+
+
+def test_radar_with_per_pixel_statistics_calibrates_restores_and_exports_alike(trained, data_root, tmp_path, capsys):
+    from helpers import load_test_split
+
+    from fmjax import serving
+    from fmjax.methods.radar import standardize
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["radar"], run_dir)
+    code, _, err = cli(capsys, "calibrate", "--run", run_dir, "--set", "score.normalize=pixel")
+    assert_one_line_error(code, err)  # 3 held-out normals: too few for statistics and a forest
+    assert "at least 4 held-out normal images" in err
+    run_dir = tmp_path / "pixel"
+    code, _, err = cli(capsys, "train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", run_dir,
+                       "--method", "radar", *TRAIN_ARGS, "--set", "calibration.holdout_fraction=0.5", "--set",
+                       "score.normalize=pixel")
+    assert code == 0, err
+    run = runs.load_run(str(run_dir))
+    assert run.config.score.normalize == "pixel" and standardize.MEAN in run.fitted.arrays
+    test = load_test_split(run_dir, data_root)
+    maps, scores = run.score(test.images)
+    code, _, err = cli(capsys, "export", "--run", run_dir, "--out", tmp_path / "exported")
+    assert code == 0, err
+    got = serving.load(str(tmp_path / "exported"))(test.images)
+    np.testing.assert_allclose(got.maps, maps, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got.scores, scores, atol=1e-5, rtol=1e-5)
+    # the statistics are really read: neutral ones score otherwise
+    neutral = standardize.neutral(*run.image_shape[:2])
+    plain = run.score(test.images, fitted=type(run.fitted)(values=run.fitted.values,
+                                                           arrays={**run.fitted.arrays, **neutral}))
+    assert np.abs(plain[0] - maps).max() > 1e-3

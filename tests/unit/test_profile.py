@@ -98,7 +98,7 @@ def test_auto_fits_radar_patches_to_images_smaller_than_them(tmp_path, capsys):
     config, (train, _), _ = train_app.resolve_auto(f"folder:{root}", "digits", "radar")
     assert config.data.image_size == 16 and train.images.shape[1:3] == (16, 16)
     assert (config.score.patch_size, config.score.patch_stride) == (16, 16)
-    assert config.score.t_score == 500  # the rest of RADAR's aligned preset stays
+    assert config.score.normalize == "pixel"  # the rest of RADAR's aligned preset stays
     validate(config)
     config, _, _ = train_app.resolve_auto(f"folder:{root}", "digits", "flow_mismatch")
     assert config.score == preset("aligned").score

@@ -131,6 +131,12 @@ def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
     assert select_radar.choose(tied)["setting"]["t_score"] == 50
     tied = [{"rows": rows(t10=0.8004, t50=0.8, t250=0.6)}]
     assert select_radar.choose(tied)["setting"]["t_score"] == 50
+    # one-class sets also choose the standardisation; a tie keeps the paper's map
+    aligned = [{"rows": [dict(t_score=500, sobel_smooth_sigma=1.0, normalize=n, criterion=c)
+                         for n, c in (("none", 0.8), ("pixel", 0.9))]}]
+    assert select_radar.choose(aligned, "aligned")["setting"]["normalize"] == "pixel"
+    aligned[0]["rows"][1]["criterion"] = 0.8003
+    assert select_radar.choose(aligned, "aligned")["setting"]["normalize"] == "none"
 
 
 def test_image_score_study_mahalanobis_is_per_pixel():

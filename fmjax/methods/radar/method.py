@@ -7,9 +7,11 @@ import math
 
 import numpy as np
 
+from fmjax.errors import RunError
 from fmjax.eval.calibration import thresholds
 from fmjax.methods.base import Fitted, Method
 from fmjax.methods.radar import forest as forest_lib
+from fmjax.methods.radar import standardize
 from fmjax.methods.radar.ddpm import ddpm_objective
 from fmjax.methods.radar.patches import patch_origins
 from fmjax.methods.radar.scorer import RadarScorer
@@ -55,6 +57,10 @@ class Radar(Method):
     def scorer(self, config, apply_fn, image_shape, devices=None) -> RadarScorer:
         return RadarScorer(apply_fn, config.score, image_shape, devices)
 
+    def min_holdout(self, config) -> int:
+        """Per-pixel statistics and the forest are fitted on different halves of the held-out normals."""
+        return 4 if config.score.normalize == "pixel" else 0
+
     def fit(self, run, trained, holdout) -> Fitted:
         """The Isolation Forest on the features of the held-out normal images, which the
         network never trained on, then the pixel threshold from the same images' maps; the
@@ -63,22 +69,33 @@ class Radar(Method):
         whose noise errors are lower than any unseen image's, it would flag unseen normals
         as readily as anomalies. Without at least 2 held-out normals
         (calibration.holdout_fraction = 0) it falls back to the training images, and
-        calibration.json says so (forest_fitted_on)."""
+        calibration.json says so (forest_fitted_on). With score.normalize = pixel, one half
+        of the held-out normals (`data.split_halves`) fits the per-pixel statistics
+        (`standardize.fit`) and the other half the forest and the thresholds."""
+        from fmjax import data
+
         held_out = holdout is not None and len(holdout) >= 2
         source = "held_out_normals" if held_out else "training_images"
-        if held_out:
-            maps, feats = run.scorer.maps_and_features(run.params, holdout.images, holdout.class_ids)
-        else:
-            _, feats = run.scorer.maps_and_features(run.params, trained.images, trained.class_ids)
+        values, arrays, for_forest = {}, {}, holdout if held_out else trained
+        if run.config.score.normalize == "pixel":
+            if holdout is None or len(holdout) < 4:
+                raise RunError(f"score.normalize=pixel needs at least 4 held-out normal images, the run holds "
+                               f"{0 if holdout is None else len(holdout)}: set score.normalize=none")
+            for_stats, for_forest = data.split_halves(holdout)
+            arrays.update(standardize.fit(run.scorer.noise_maps(run.params, for_stats.images, for_stats.class_ids)))
+            values["num_normalization_images"] = len(for_stats)
+        stats = Fitted(arrays=arrays)
+        maps, feats = run.scorer.maps_and_features(run.params, for_forest.images, for_forest.class_ids, stats)
         forest = forest_lib.fit(feats, run.config.score)
-        values, arrays = forest_lib.to_fitted(forest)
-        num_forest_images = len(feats)
+        forest_values, forest_arrays = forest_lib.to_fitted(forest)
+        values.update(forest_values)
+        arrays.update(forest_arrays)
         if holdout is not None:
             if not held_out:
-                maps, feats = run.scorer.maps_and_features(run.params, holdout.images, holdout.class_ids)
+                maps, feats = run.scorer.maps_and_features(run.params, holdout.images, holdout.class_ids, stats)
             values.update(thresholds(run.config.calibration, maps, forest_lib.score(forest, feats)))
         values.update(image_threshold=0.0, image_decision="isolation_forest", forest_fitted_on=source,
-                      num_forest_images=int(num_forest_images))
+                      num_forest_images=len(for_forest))
         return Fitted(values=values, arrays=arrays)
 
     def program(self, run, apply_fn=None):

@@ -1,7 +1,8 @@
 """RADAR's scoring path (docs/method.md, section 2): cut an image into overlapping
 patches, noise every patch once to timestep t_score with fixed noise, ONE network call
 on all patches, a per-pixel noise map (eps_hat - eps, or eps_hat) stitched back to an
-image map, and its Sobel gradient magnitude as the pixel-level localisation. Two image
+image map (with score.normalize = pixel standardised per pixel, `standardize`), and its
+Sobel gradient magnitude as the pixel-level localisation. Two image
 features (the L2 norm of the whole Sobel map, the largest patch-wise L2 norm) go to the
 Isolation Forest fitted on held-out normal images (`forest`, `method.Radar.fit`), whose
 score is the image score."""
@@ -16,12 +17,13 @@ from fmjax.methods.base import ScoringProgram
 from fmjax.methods.batches import ImageBatches
 from fmjax.methods.maps import gaussian_smooth
 from fmjax.methods.radar import forest as forest_lib
+from fmjax.methods.radar import standardize
 from fmjax.methods.radar.ddpm import q_sample, schedule_of
 from fmjax.methods.radar.patches import extract_patches, patch_origins, stitch
 from fmjax.methods.radar.settings import CHANNEL_REDUCTIONS, LOCAL_FEATURES, RadarSettings, validate_settings
 
-__all__ = ["RadarScorer", "features", "noise_maps", "radar_maps", "radar_noise", "reduce_channels", "sobel",
-           "sobel_xy"]
+__all__ = ["RadarScorer", "features", "noise_maps", "radar_maps", "radar_noise", "reduce_channels",
+           "smoothed_noise_maps", "sobel", "sobel_xy"]
 
 
 def reduce_channels(d, how: str):
@@ -96,9 +98,17 @@ def noise_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=Non
     return stitch(per_patch, origins, h, w)
 
 
-def radar_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None):
-    """images [B,H,W,C] in [-1, 1] -> (Sobel maps [B,H,W], features [B,2])."""
-    m = gaussian_smooth(noise_maps(apply_fn, params, images, noise, rc, class_ids), rc.sobel_smooth_sigma)
+def smoothed_noise_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None):
+    """The noise maps [B,H,W] blurred by score.sobel_smooth_sigma: what the Sobel filter reads."""
+    return gaussian_smooth(noise_maps(apply_fn, params, images, noise, rc, class_ids), rc.sobel_smooth_sigma)
+
+
+def radar_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None, pixel_mean=None, pixel_std=None):
+    """images [B,H,W,C] in [-1, 1] -> (Sobel maps [B,H,W], features [B,2]). pixel_mean,
+    pixel_std [H,W]: the smoothed noise map is standardised by them before Sobel."""
+    m = smoothed_noise_maps(apply_fn, params, images, noise, rc, class_ids)
+    if pixel_mean is not None:
+        m = (m - pixel_mean) / pixel_std
     s = sobel(m)
     return s, features(s, rc.patch_size, rc.patch_stride, rc.feature_local)
 
@@ -121,30 +131,46 @@ class RadarScorer:
         self.noise = radar_noise(jax.random.PRNGKey(settings.noise_seed), len(self.origins), settings.patch_size,
                                  self.image_shape[2])
 
-        def local(params, images_u8, class_ids, noise):
-            return radar_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids)
+        def local(params, images_u8, class_ids, noise, pixel_mean, pixel_std):
+            return radar_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids, pixel_mean,
+                              pixel_std)
+
+        def local_noise(params, images_u8, class_ids, noise):
+            return (smoothed_noise_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids),)
 
         self._local = local
-        self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 1, 2, devices)
+        self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 3, 2, devices)
+        self._noise_batches = ImageBatches(local_noise, self.image_shape, settings.image_batch, 1, 1, devices)
         self.mesh = self._batches.mesh
+
+    def _stats(self, fitted):
+        stats = standardize.from_fitted(fitted, self.config.normalize, *self.image_shape[:2])
+        return stats[standardize.MEAN], stats[standardize.STD]
 
     def program(self, params, fitted=None) -> ScoringProgram:
         """The per-device function `maps_and_features` runs on every device, for export;
         its outputs are the forest's features and the forest (float64, numpy) scores them
         outside the program."""
         forest_lib.from_fitted(fitted)  # a one-line error for a run without a sound forest
-        local = self._local
+        local, (mean, std) = self._local, self._stats(fitted)
         return ScoringProgram(fn=lambda params, consts, images_u8, class_ids: local(
-            params, images_u8, class_ids, consts["noise"]), consts={"noise": self.noise},
+            params, images_u8, class_ids, consts["noise"], consts["pixel_mean"], consts["pixel_std"]),
+            consts={"noise": self.noise, "pixel_mean": mean, "pixel_std": std},
             batch=self.config.image_batch, finish="isolation_forest", finish_fitted=fitted)
 
-    def maps_and_features(self, params, images, class_ids=None):
-        """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,2])."""
-        return self._batches(params, images, class_ids, self.noise)
+    def noise_maps(self, params, images, class_ids=None):
+        """images uint8 [N,H,W,C] -> the smoothed noise maps float32 [N,H,W], before any
+        standardisation (what `standardize.fit` reads)."""
+        return self._noise_batches(params, images, class_ids, self.noise)[0]
+
+    def maps_and_features(self, params, images, class_ids=None, fitted=None):
+        """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,2]);
+        fitted: the run's Fitted, whose per-pixel statistics score.normalize = pixel reads."""
+        return self._batches(params, images, class_ids, self.noise, *self._stats(fitted))
 
     def score(self, params, images, class_ids=None, fitted=None):
         """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], scores float32 [N]): the
         score is -decision_function of the forest in `fitted` (higher = more anomalous;
         above 0 exactly where the forest labels the image anomalous)."""
-        maps, feats = self.maps_and_features(params, images, class_ids)
+        maps, feats = self.maps_and_features(params, images, class_ids, fitted)
         return maps, forest_lib.score(forest_lib.from_fitted(fitted), feats)

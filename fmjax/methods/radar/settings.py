@@ -13,6 +13,7 @@ SCHEDULES = ("linear", "cosine")
 MAP_KINDS = ("eps_diff", "eps_hat")
 CHANNEL_REDUCTIONS = ("l2", "mean_abs")
 LOCAL_FEATURES = ("max_patch_l2",)
+NORMALIZATIONS = ("none", "pixel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class RadarSettings:
     forest_seed: int = 0
     noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
     sobel_smooth_sigma: float = 1.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off (the paper)
+    # none (the paper) | pixel: the blurred noise map standardised per pixel by held-out
+    # normals' mean and std before Sobel (standardize.py; aligned images)
+    normalize: str = "none"
     image_batch: int = 4  # images per device per jitted scoring call (padded: no recompiles)
     use_ema: bool = True
 
@@ -43,9 +47,10 @@ class RadarSettings:
 Settings = RadarSettings
 
 PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2),
-           # one-class sets, where the anomaly is a whole object of another kind: read at a larger
-           # noise level; chosen by experiments/select_radar.py --aligned (results/selection/radar_aligned.md)
-           "aligned": Settings(t_score=500, sobel_smooth_sigma=1.0)}
+           # one-class sets, where the anomaly is a whole object of another kind: the noise map
+           # standardised per pixel (standardize.py); chosen by experiments/select_radar.py
+           # --aligned (results/selection/radar_aligned.md)
+           "aligned": Settings(t_score=100, sobel_smooth_sigma=0.0, normalize="pixel")}
 NEUTRAL = ("image_batch",)  # changes neither the features nor the forest
 TRAINING = ("schedule", "num_steps", "beta_start", "beta_end")  # the trained network's noise schedule
 RANGES = {"num_steps": Range(2, 100_000), "beta_start": Range(0.0, 1.0, low_open=True, high_open=True),
@@ -82,7 +87,8 @@ def validate_settings(rc: RadarSettings, image_shape=None, channel_mult=None) ->
         raise ConfigError(f"score.t_score must be in 0..{rc.num_steps - 1}, got {rc.t_score}")
     for name, value, known in (("map_kind", rc.map_kind, MAP_KINDS),
                                ("channel_reduce", rc.channel_reduce, CHANNEL_REDUCTIONS),
-                               ("feature_local", rc.feature_local, LOCAL_FEATURES)):
+                               ("feature_local", rc.feature_local, LOCAL_FEATURES),
+                               ("normalize", rc.normalize, NORMALIZATIONS)):
         if value not in known:
             raise ConfigError(f"score.{name} must be one of {', '.join(known)}, got {value!r}")
     check_patch(rc.patch_size, rc.patch_stride, image_shape)
