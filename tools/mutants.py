@@ -159,6 +159,9 @@ MUTANTS = [
     Mutant("radar pixel statistics: the map not standardised", "fmjax/methods/radar/scorer.py",
            "        m = (m - pixel_mean) / pixel_std\n", "        m = m - 0 * pixel_mean\n",
            ("tests/unit/test_radar_standardize.py", "tests/integration/test_methods_cli.py")),
+    Mutant("radar one-sided forest: the normals raised to their mean, not their median",
+           "fmjax/methods/radar/forest.py", "x = np.maximum(x, np.median(x, axis=0))",
+           "x = np.maximum(x, np.mean(x, axis=0))", ("tests/unit/test_radar_standardize.py",)),
 ]
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]

@@ -1,6 +1,7 @@
-"""RADAR's per-pixel standardisation of the noise map (score.normalize = pixel): the
-statistics by hand, the scorer against a plain loop, what `fit` fits them on, and the
-one-line errors of a run without them."""
+"""fmjax's additions to RADAR for aligned images: the per-pixel standardisation of the
+noise map (score.normalize = pixel; the statistics by hand, the scorer against a plain
+loop, what `fit` fits them on, the one-line errors of a run without them) and the
+one-sided forest (score.one_sided)."""
 import dataclasses
 import types
 
@@ -108,3 +109,26 @@ def test_fit_reads_statistics_and_forest_from_different_halves(monkeypatch):
     with pytest.raises(RunError, match="at least 4 held-out") as err:
         radar_method.METHOD.fit(run, trained, normals(holdout.images[:3], "h"))
     assert "\n" not in str(err.value)
+
+
+def test_one_sided_forest_ignores_errors_below_the_normals_median():
+    from sklearn.ensemble import IsolationForest
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(10.0, 1.0, (300, 2))
+    low, high = np.full((1, 2), 6.0), np.full((1, 2), 14.0)  # as far below the normals as above
+    two = forest_lib.fit(normal, RadarSettings(n_estimators=100))
+    one = forest_lib.fit(normal, RadarSettings(n_estimators=100, one_sided=True))
+    assert forest_lib.score(two, low)[0] > 0 and forest_lib.score(two, high)[0] > 0  # both flagged
+    assert forest_lib.score(one, low)[0] < 0 < forest_lib.score(one, high)[0]  # only the excess
+    # scikit-learn's forest on the normals raised to their median, scoring the features as they are
+    median = np.median(normal, axis=0)
+    model = IsolationForest(n_estimators=100, contamination=0.05, random_state=0).fit(np.maximum(normal, median))
+    test = rng.normal(10.0, 3.0, (50, 2))
+    want = (-model.decision_function(test)).astype(np.float32)
+    np.testing.assert_array_equal(forest_lib.score(one, test), want)
+    # below the median, a feature scores as the median itself: the trees split above it
+    np.testing.assert_array_equal(forest_lib.score(one, np.maximum(test, median)), want)
+    # stored and read back: the same forest
+    values, arrays = forest_lib.to_fitted(one)
+    np.testing.assert_array_equal(forest_lib.score(forest_lib.from_fitted(Fitted(values, arrays)), test), want)

@@ -47,7 +47,11 @@ class Forest:
 def fit(features_normal, settings) -> Forest:
     """Fits scikit-learn's IsolationForest on features [N, D] of NORMAL images only
     (test images and their labels never reach the fit); deterministic (random_state =
-    settings.forest_seed). Returns its trees as arrays."""
+    settings.forest_seed). Returns its trees as arrays. With settings.one_sided the
+    features below the normals' median are raised to it for the fit, so that only values
+    above the typical normal's can be isolated (less noise error than usual is not an
+    anomaly). Nothing else changes: a tree splits between its samples' smallest and largest
+    values, so a feature below the median already takes the median's path when scored."""
     from sklearn.ensemble import IsolationForest
 
     x = np.asarray(features_normal, np.float64)
@@ -55,6 +59,8 @@ def fit(features_normal, settings) -> Forest:
         raise ConfigError(f"the Isolation Forest needs features [N >= 2, D], got shape {list(x.shape)}")
     if not np.all(np.isfinite(x)):
         raise ConfigError("the Isolation Forest's training features contain NaN or inf")
+    if getattr(settings, "one_sided", False):
+        x = np.maximum(x, np.median(x, axis=0))
     model = IsolationForest(n_estimators=settings.n_estimators, contamination=settings.contamination,
                             max_samples=settings.max_samples or "auto", random_state=settings.forest_seed).fit(x)
     trees = [estimator.tree_ for estimator in model.estimators_]
