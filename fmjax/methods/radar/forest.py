@@ -59,7 +59,7 @@ def fit(features_normal, settings) -> Forest:
         raise ConfigError(f"the Isolation Forest needs features [N >= 2, D], got shape {list(x.shape)}")
     if not np.all(np.isfinite(x)):
         raise ConfigError("the Isolation Forest's training features contain NaN or inf")
-    if getattr(settings, "one_sided", False):
+    if settings.one_sided:
         x = np.maximum(x, np.median(x, axis=0))
     model = IsolationForest(n_estimators=settings.n_estimators, contamination=settings.contamination,
                             max_samples=settings.max_samples or "auto", random_state=settings.forest_seed).fit(x)
