@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 import zipfile
 
 import numpy as np
@@ -134,6 +135,15 @@ def _holder(path: str) -> dict:
     return {k: holder[k] if k == "pid" else str(holder.get(k, "?"))[:100] for k in ("command", "pid", "host", "since")}
 
 
+def _written_holder(path: str, patience_s: float = 1.0) -> dict:
+    """`_holder(path)`, waiting up to `patience_s` for a holder that has just taken the lock
+    to write who it is ({} when it still says nothing)."""
+    deadline = time.monotonic() + patience_s
+    while not (holder := _holder(path)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return holder
+
+
 def _describe_holder(holder: dict) -> str:
     if not holder.get("pid"):
         return "another fmjax process"
@@ -196,7 +206,7 @@ def _take_lock(run_dir: str, path: str, shared: bool):
         except OSError as err:
             os.close(fd)
             if isinstance(err, BlockingIOError):
-                raise RunError(f"{run_dir} is in use by {_describe_holder(_holder(path))}: wait until it ends, "
+                raise RunError(f"{run_dir} is in use by {_describe_holder(_written_holder(path))}: wait until it ends, "
                                f"or use another folder") from None
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
