@@ -45,11 +45,13 @@ from fmjax.data.synthetic import anomaly_set  # noqa: E402
 from table import command_line  # noqa: E402
 
 GRID = {"t_score": (10, 25, 50, 100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0, 4.0, 8.0)}
-# one-class sets add the per-pixel standardisation of the noise map (aligned images only:
-# a texture's pixels share one distribution) and the one-sided forest
-GRIDS = {"texture": GRID, "aligned": {"t_score": (100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0),
-                                      "normalize": ("none", "pixel"), "one_sided": (False, True)}}
-PAPER_SIDE = {"normalize": "none", "one_sided": False}  # ties go to the paper's RADAR
+# one-class sets add the per-pixel standardisation of the noise map (aligned images only: a
+# texture's pixels share one distribution), the map feature and the one-sided forest
+GRIDS = {"texture": GRID,
+         "aligned": {"t_score": (100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0),
+                     "normalize": ("none", "pixel"), "one_sided": (False, True), "map_feature": (False, True)}}
+PAPER_SIDE = {"normalize": "none", "one_sided": False, "map_feature": False}  # ties go to the paper's RADAR
+FOREST_SIDE = ("one_sided", "map_feature")  # settings that change no map: rows that differ only in them share maps
 
 
 def _trained(config):
@@ -74,37 +76,52 @@ def radar_run(name: str, spec: str, runs_dir: str, category: str | None = None):
     return train_run(config, spec, category, run_dir, progress=False, data=data), data[0]
 
 
+def fold_maps(params, scorer, halves: dict, anomalies: dict, standardized: bool) -> dict:
+    """Per fold (test half "A" or "B"): {"fit": the forest's half, the test half, "V" + the
+    test half: its anomalies}, each (maps, features) of `scorer`. `standardized`: the
+    fitting half is cut in two again, as `Radar.fit` cuts the held-out normals (statistics
+    on the first, the forest on the second)."""
+    from fmjax.methods.base import Fitted
+    from fmjax.methods.radar import standardize
+
+    folds = {}
+    for fit, test in (("A", "B"), ("B", "A")):
+        for_forest, stats = halves[fit], Fitted()
+        if standardized:
+            half = len(for_forest) // 2
+            stats = Fitted(arrays=standardize.fit(scorer.noise_maps(params, for_forest[:half])))
+            for_forest = for_forest[half:]
+        folds[test] = {name: scorer.maps_and_features(params, images, None, stats)
+                       for name, images in (("fit", for_forest), (test, halves[test]), (f"V{test}", anomalies[test][0]))}
+    return folds
+
+
 def fold_rows(run, halves: dict, anomalies: dict, grid: dict) -> list[dict]:
     """Every setting of `grid`: per fold (forest on one half, the other half's normals and
     anomalies {half: (images, masks or None)} scored), image AUROC and, where the
     anomalies have masks, pixel AUROC; the criterion is their mean (image AUROC alone
-    without masks). With normalize = pixel the fitting half is cut in two again, as
-    `Radar.fit` cuts the held-out normals: statistics on the first, the forest on the second."""
+    without masks). The maps are `fold_maps`'."""
     from fmjax.eval import metrics
-    from fmjax.methods.base import Fitted
     from fmjax.methods.radar import forest as forest_lib
-    from fmjax.methods.radar import standardize
     from fmjax.methods.radar.scorer import RadarScorer
     from fmjax.nets.unet import build_model
 
     _, apply_fn = build_model(run.config.net, run.image_shape)
     pixels = all(masks is not None for _, masks in anomalies.values())
-    fields, rows = tuple(grid), []
+    fields, rows, maps_of = tuple(grid), [], {}
     for values in itertools.product(*grid.values()):
         settings = dataclasses.replace(run.config.score, **dict(zip(fields, values)))
-        scorer = RadarScorer(apply_fn, settings, run.image_shape)
         row = dict(zip(fields, values))
-        for fit, test in (("A", "B"), ("B", "A")):
-            for_forest, stats = halves[fit], Fitted()
-            if settings.normalize == "pixel":
-                half = len(for_forest) // 2
-                stats = Fitted(arrays=standardize.fit(scorer.noise_maps(run.params, for_forest[:half])))
-                for_forest = for_forest[half:]
-            out = {name: scorer.maps_and_features(run.params, images, None, stats)
-                   for name, images in (("fit", for_forest), (test, halves[test]), (f"V{test}", anomalies[test][0]))}
-            forest = forest_lib.fit(out["fit"][1], settings)
-            scores = np.r_[forest_lib.score(forest, out[test][1]), forest_lib.score(forest, out[f"V{test}"][1])]
-            labels = np.r_[np.zeros(len(out[test][1])), np.ones(len(out[f"V{test}"][1]))]
+        maps_key = tuple(v for f, v in row.items() if f not in FOREST_SIDE)
+        if maps_key not in maps_of:  # read with the map feature: the rows without it drop its column
+            scorer = RadarScorer(apply_fn, dataclasses.replace(settings, map_feature=True), run.image_shape)
+            maps_of = {maps_key: fold_maps(run.params, scorer, halves, anomalies, settings.normalize == "pixel")}
+        columns = slice(None) if settings.map_feature else slice(0, 2)
+        for test, out in maps_of[maps_key].items():
+            forest = forest_lib.fit(out["fit"][1][:, columns], settings)
+            scores = np.r_[forest_lib.score(forest, out[test][1][:, columns]),
+                           forest_lib.score(forest, out[f"V{test}"][1][:, columns])]
+            labels = np.r_[np.zeros(len(scores) - len(out[f"V{test}"][1])), np.ones(len(out[f"V{test}"][1]))]
             row[f"image_auroc_{test}"] = metrics.image_metrics(scores, labels)["image_auroc"]
             if pixels:
                 maps = np.concatenate([out[test][0], out[f"V{test}"][0]])

@@ -162,6 +162,9 @@ MUTANTS = [
     Mutant("radar one-sided forest: the normals raised to their mean, not their median",
            "fmjax/methods/radar/forest.py", "x = np.maximum(x, np.median(x, axis=0))",
            "x = np.maximum(x, np.mean(x, axis=0))", ("tests/unit/test_radar_standardize.py",)),
+    Mutant("radar map feature: the norm of the Sobel map, not of the noise map", "fmjax/methods/radar/scorer.py",
+           "jnp.sqrt(jnp.sum(jnp.square(m), axis=(1, 2)))[:, None]",
+           "jnp.sqrt(jnp.sum(jnp.square(s), axis=(1, 2)))[:, None]", ("tests/unit/test_radar_standardize.py",)),
 ]
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]

@@ -1,7 +1,7 @@
 """fmjax's additions to RADAR for aligned images: the per-pixel standardisation of the
 noise map (score.normalize = pixel; the statistics by hand, the scorer against a plain
 loop, what `fit` fits them on, the one-line errors of a run without them) and the
-one-sided forest (score.one_sided)."""
+one-sided forest (score.one_sided), and the map feature (score.map_feature)."""
 import dataclasses
 import types
 
@@ -73,6 +73,27 @@ def test_standardised_scorer_equals_a_plain_loop():
     assert np.abs(maps - plain_maps.maps_and_features(PARAMS, images)[0]).max() > 1e-2
     with pytest.raises(RunError, match="calibrate"):
         scorer.maps_and_features(PARAMS, images)
+
+
+@pytest.mark.parametrize("normalize", ["none", "pixel"])
+def test_map_feature_is_the_l2_norm_of_the_map_the_sobel_filter_reads(normalize):
+    rc = RadarSettings(patch_size=4, patch_stride=2, t_score=300, image_batch=2, sobel_smooth_sigma=1.0,
+                       normalize=normalize)
+    two = radar_scorer_lib.RadarScorer(toy_apply, rc, (8, 8, 1))
+    three = radar_scorer_lib.RadarScorer(toy_apply, dataclasses.replace(rc, map_feature=True), (8, 8, 1))
+    rng = np.random.default_rng(5)
+    normal_images, images = (rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8) for n in (6, 3))
+    stats = standardize.fit(two.noise_maps(PARAMS, normal_images)) if normalize == "pixel" else {}
+    fitted = Fitted(arrays=stats)
+    maps2, feats2 = two.maps_and_features(PARAMS, images, None, fitted)
+    maps3, feats3 = three.maps_and_features(PARAMS, images, None, fitted)
+    assert feats2.shape == (3, 2) and feats3.shape == (3, 3)
+    np.testing.assert_array_equal(maps3, maps2)
+    np.testing.assert_allclose(feats3[:, :2], feats2, rtol=1e-6)
+    m = three.noise_maps(PARAMS, images).astype(np.float64)
+    if normalize == "pixel":
+        m = (m - stats[standardize.MEAN]) / stats[standardize.STD]
+    np.testing.assert_allclose(feats3[:, 2], np.sqrt((m ** 2).sum((1, 2))), rtol=1e-4)
 
 
 def normals(images, prefix):

@@ -132,10 +132,11 @@ def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
     tied = [{"rows": rows(t10=0.8004, t50=0.8, t250=0.6)}]
     assert select_radar.choose(tied)["setting"]["t_score"] == 50
     # one-class sets also choose the standardisation; a tie keeps the paper's map
-    aligned = [{"rows": [dict(t_score=500, sobel_smooth_sigma=1.0, normalize=n, one_sided=o, criterion=c)
-                         for n, o, c in (("none", False, 0.8), ("pixel", True, 0.9))]}]
+    aligned = [{"rows": [dict(t_score=500, sobel_smooth_sigma=1.0, normalize=n, one_sided=o, map_feature=o,
+                              criterion=c) for n, o, c in (("none", False, 0.8), ("pixel", True, 0.9))]}]
     assert select_radar.choose(aligned, "aligned")["setting"] == dict(t_score=500, sobel_smooth_sigma=1.0,
-                                                                       normalize="pixel", one_sided=True)
+                                                                       normalize="pixel", one_sided=True,
+                                                                       map_feature=True)
     aligned[0]["rows"][1]["criterion"] = 0.8003
     assert select_radar.choose(aligned, "aligned")["setting"]["normalize"] == "none"
 

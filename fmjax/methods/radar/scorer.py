@@ -104,13 +104,17 @@ def smoothed_noise_maps(apply_fn, params, images, noise, rc: RadarSettings, clas
 
 
 def radar_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None, pixel_mean=None, pixel_std=None):
-    """images [B,H,W,C] in [-1, 1] -> (Sobel maps [B,H,W], features [B,2]). pixel_mean,
-    pixel_std [H,W]: the smoothed noise map is standardised by them before Sobel."""
+    """images [B,H,W,C] in [-1, 1] -> (Sobel maps [B,H,W], features [B,F]): F = 2 (`features`)
+    or, with score.map_feature, 3 (the third: the L2 norm of the noise map the Sobel filter
+    read). pixel_mean, pixel_std [H,W]: the smoothed noise map is standardised by them before Sobel."""
     m = smoothed_noise_maps(apply_fn, params, images, noise, rc, class_ids)
     if pixel_mean is not None:
         m = (m - pixel_mean) / pixel_std
     s = sobel(m)
-    return s, features(s, rc.patch_size, rc.patch_stride, rc.feature_local)
+    feats = features(s, rc.patch_size, rc.patch_stride, rc.feature_local)
+    if rc.map_feature:
+        feats = jnp.concatenate([feats, jnp.sqrt(jnp.sum(jnp.square(m), axis=(1, 2)))[:, None]], axis=-1)
+    return s, feats
 
 
 class RadarScorer:
@@ -164,7 +168,7 @@ class RadarScorer:
         return self._noise_batches(params, images, class_ids, self.noise)[0]
 
     def maps_and_features(self, params, images, class_ids=None, fitted=None):
-        """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,2]);
+        """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,F], `radar_maps`);
         fitted: the run's Fitted, whose per-pixel statistics score.normalize = pixel reads."""
         return self._batches(params, images, class_ids, self.noise, *self._stats(fitted))
 

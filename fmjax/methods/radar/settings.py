@@ -35,6 +35,9 @@ class RadarSettings:
     # True (fmjax's addition): features below the held-out normals' median are raised to it
     # before the forest (forest.fit), so only more noise error than usual is anomalous
     one_sided: bool = False
+    # True (fmjax's addition): a third feature, the L2 norm of the (standardised) noise map
+    # itself: how much error, beside where it has edges (scorer.radar_maps)
+    map_feature: bool = False
     n_estimators: int = 200
     max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
     forest_seed: int = 0
@@ -51,9 +54,10 @@ Settings = RadarSettings
 
 PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2),
            # one-class sets, where the anomaly is a whole object of another kind: the noise map
-           # standardised per pixel (standardize.py), a one-sided forest; chosen by experiments/select_radar.py
-           # --aligned (results/selection/radar_aligned.md)
-           "aligned": Settings(t_score=100, sobel_smooth_sigma=2.0, normalize="pixel", one_sided=True)}
+           # standardised per pixel (standardize.py), its norm a third feature, a one-sided forest; chosen by
+           # experiments/select_radar.py --aligned (results/selection/radar_aligned.md)
+           "aligned": Settings(t_score=100, sobel_smooth_sigma=0.0, normalize="pixel", one_sided=True,
+                               map_feature=True)}
 NEUTRAL = ("image_batch",)  # changes neither the features nor the forest
 TRAINING = ("schedule", "num_steps", "beta_start", "beta_end")  # the trained network's noise schedule
 RANGES = {"num_steps": Range(2, 100_000), "beta_start": Range(0.0, 1.0, low_open=True, high_open=True),
