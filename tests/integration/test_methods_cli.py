@@ -229,10 +229,11 @@ def test_unknown_method(data_root, tmp_path, capsys):
     assert "nope" in err and not out.exists()
 
 
-def test_radar_with_per_pixel_statistics_calibrates_restores_and_exports_alike(trained, data_root, tmp_path, capsys):
+def test_radar_with_per_pixel_statistics_and_the_map_feature_calibrates_restores_and_exports_alike(trained, data_root, tmp_path, capsys):
     from helpers import load_test_split
 
     from fmjax import serving
+    from fmjax.methods.radar import forest as forest_lib
     from fmjax.methods.radar import standardize
 
     run_dir = tmp_path / "run"
@@ -243,10 +244,11 @@ def test_radar_with_per_pixel_statistics_calibrates_restores_and_exports_alike(t
     run_dir = tmp_path / "pixel"
     code, _, err = cli(capsys, "train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", run_dir,
                        "--method", "radar", *TRAIN_ARGS, "--set", "calibration.holdout_fraction=0.5", "--set",
-                       "score.normalize=pixel")
+                       "score.normalize=pixel", "--set", "score.map_feature=true")
     assert code == 0, err
     run = runs.load_run(str(run_dir))
     assert run.config.score.normalize == "pixel" and standardize.MEAN in run.fitted.arrays
+    assert forest_lib.from_fitted(run.fitted).num_features == 3  # the map feature travels to the export too
     test = load_test_split(run_dir, data_root)
     maps, scores = run.score(test.images)
     code, _, err = cli(capsys, "export", "--run", run_dir, "--out", tmp_path / "exported")
