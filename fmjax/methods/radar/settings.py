@@ -56,7 +56,7 @@ PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image
            # one-class sets, where the anomaly is a whole object of another kind: the noise map
            # standardised per pixel (standardize.py), its norm a third feature, a one-sided forest; chosen by
            # experiments/select_radar.py --aligned (results/selection/radar_aligned.md)
-           "aligned": Settings(t_score=100, sobel_smooth_sigma=0.0, normalize="pixel", one_sided=True,
+           "aligned": Settings(t_score=500, sobel_smooth_sigma=0.0, normalize="pixel", one_sided=True,
                                map_feature=True)}
 NEUTRAL = ("image_batch",)  # changes neither the features nor the forest
 TRAINING = ("schedule", "num_steps", "beta_start", "beta_end")  # the trained network's noise schedule
