@@ -23,7 +23,6 @@ Writes OUT/expected_mismatch.json and .md; OUT/NAME.npz keeps each texture's del
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -128,7 +127,7 @@ def texture_rows(name: str, args) -> dict:
     from fmjax.eval import metrics
     from fmjax.methods.flow_mismatch import features as feat
     from fmjax.methods.flow_mismatch import normalize as norm
-    from fmjax.methods.flow_mismatch.scorer import heat_maps, per_time_maps, time_weights
+    from fmjax.methods.flow_mismatch.scorer import heat_maps, interior_times, per_time_maps, time_weights
     from fmjax.methods.flow_mismatch.settings import PRESETS
     from fmjax.methods.maps import gaussian_smooth, image_score
 
@@ -146,7 +145,7 @@ def texture_rows(name: str, args) -> dict:
                                                                  preset.num_times, preset.seed)
         np.savez(stored, **{"d" + k: v for k, v in delta.items()}, **{"s" + k: v for k, v in log_expected.items()})
     ratio = {k: delta[k] / np.exp(log_expected[k]) for k in "ABV"}
-    times = jnp.asarray(np.arange(1, preset.num_times + 1) / (preset.num_times + 1), jnp.float32)
+    times = jnp.asarray(interior_times(preset.num_times))
     feature = {k: np.asarray(gaussian_smooth(jnp.asarray(v), preset.smooth_sigma))
                for k, v in select_settings.feature_maps(run, trained, sets).items()}
 
@@ -207,27 +206,11 @@ def write_report(results: dict, out: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--runs", help="folder of the protocol's trained runs (default: OUT/runs)")
-    p.add_argument("--textures", default="brick,grass,gravel")
-    p.add_argument("--texture-steps", type=int, default=0, help="as for select_settings.py")
+    p = select_settings.texture_study_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=800, help="training steps of E")
-    p.add_argument("--repeats", type=int, default=3, help="defects per validation normal")
     p.add_argument("--resume", action="store_true", help="read OUT/NAME.npz where it exists")
     args = p.parse_args()
-    from fmjax.app import launch
-
-    launch.start()
-    args.runs = args.runs or os.path.join(args.out, "runs")
-    args.set, args.others = [], 0
-    os.makedirs(args.out, exist_ok=True)
-    results = {}
-    for name in filter(None, args.textures.split(",")):
-        start = time.time()
-        results[name] = texture_rows(name, args)
-        print(f"{name}: {time.time() - start:.0f} s", flush=True)
-    write_report(results, args.out)
+    write_report(select_settings.run_texture_study(args, texture_rows), args.out)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ Writes OUT/learned_map.json and OUT/learned_map.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -119,25 +117,8 @@ def write_report(results: dict, out: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--runs", help="folder of the protocol's trained runs (default: OUT/runs)")
-    p.add_argument("--textures", default="brick,grass,gravel")
-    p.add_argument("--texture-steps", type=int, default=0, help="as for select_settings.py")
-    p.add_argument("--repeats", type=int, default=3, help="defects per validation normal")
-    args = p.parse_args()
-    from fmjax.app import launch
-
-    launch.start()
-    args.runs = args.runs or os.path.join(args.out, "runs")
-    args.set, args.others = [], 0
-    os.makedirs(args.out, exist_ok=True)
-    results = {}
-    for name in filter(None, args.textures.split(",")):
-        start = time.time()
-        results[name] = texture_rows(name, args)
-        print(f"{name}: {time.time() - start:.0f} s", flush=True)
-    write_report(results, args.out)
+    args = select_settings.texture_study_parser(__doc__.splitlines()[0]).parse_args()
+    write_report(select_settings.run_texture_study(args, texture_rows), args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The validation protocol that chooses RADAR's scoring settings (t_score, the blur before
-Sobel and, for one-class sets, the per-pixel standardisation of the noise map and the
-one-sided forest), on the
-training images only: the default from textures, the `aligned` preset's from one-class sets.
+Sobel and, for one-class sets, the per-pixel standardisation of the noise map, the map
+feature and the one-sided forest), on the training images only: the default from
+textures, the `aligned` preset's from one-class sets.
 
 No test split is read. For each texture the RADAR run of what `auto` resolves to is
 trained (or reused), and its held-out normal training images, which the network never
@@ -108,20 +108,20 @@ def fold_rows(run, halves: dict, anomalies: dict, grid: dict) -> list[dict]:
 
     _, apply_fn = build_model(run.config.net, run.image_shape)
     pixels = all(masks is not None for _, masks in anomalies.values())
-    fields, rows, maps_of = tuple(grid), [], {}
+    fields, rows, maps_key, folds = tuple(grid), [], None, None
     for values in itertools.product(*grid.values()):
         settings = dataclasses.replace(run.config.score, **dict(zip(fields, values)))
         row = dict(zip(fields, values))
-        maps_key = tuple(v for f, v in row.items() if f not in FOREST_SIDE)
-        if maps_key not in maps_of:  # read with the map feature: the rows without it drop its column
+        if maps_key != (key := tuple(v for f, v in row.items() if f not in FOREST_SIDE)):
+            # read with the map feature (the third column): the rows without it drop it
             scorer = RadarScorer(apply_fn, dataclasses.replace(settings, map_feature=True), run.image_shape)
-            maps_of = {maps_key: fold_maps(run.params, scorer, halves, anomalies, settings.normalize == "pixel")}
+            maps_key, folds = key, fold_maps(run.params, scorer, halves, anomalies, settings.normalize == "pixel")
         columns = slice(None) if settings.map_feature else slice(0, 2)
-        for test, out in maps_of[maps_key].items():
+        for test, out in folds.items():
             forest = forest_lib.fit(out["fit"][1][:, columns], settings)
             scores = np.r_[forest_lib.score(forest, out[test][1][:, columns]),
                            forest_lib.score(forest, out[f"V{test}"][1][:, columns])]
-            labels = np.r_[np.zeros(len(scores) - len(out[f"V{test}"][1])), np.ones(len(out[f"V{test}"][1]))]
+            labels = np.r_[np.zeros(len(out[test][1])), np.ones(len(out[f"V{test}"][1]))]
             row[f"image_auroc_{test}"] = metrics.image_metrics(scores, labels)["image_auroc"]
             if pixels:
                 maps = np.concatenate([out[test][0], out[f"V{test}"][0]])

@@ -352,6 +352,35 @@ def write_report(chosen: dict, results: list[dict], out: str) -> None:
     print("\n".join(lines))
 
 
+def texture_study_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of a study over the protocol's texture runs (learned_map.py,
+    expected_mismatch.py): --out, --runs, --textures, --texture-steps, --repeats."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", help="folder of the protocol's trained runs (default: OUT/runs)")
+    p.add_argument("--textures", default="brick,grass,gravel")
+    p.add_argument("--texture-steps", type=int, default=0, help="as for select_settings.py")
+    p.add_argument("--repeats", type=int, default=3, help="defects per validation normal")
+    return p
+
+
+def run_texture_study(args, texture_rows) -> dict:
+    """Starts JAX and reads every texture of args.textures: {name: texture_rows(name, args)}
+    (`validation_data` reads args as this script's own)."""
+    from fmjax.app import launch
+
+    launch.start()
+    args.runs = args.runs or os.path.join(args.out, "runs")
+    args.set, args.others = [], 0
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    for name in filter(None, args.textures.split(",")):
+        start = time.time()
+        results[name] = texture_rows(name, args)
+        print(f"{name}: {time.time() - start:.0f} s", flush=True)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)

@@ -229,7 +229,7 @@ def test_unknown_method(data_root, tmp_path, capsys):
     assert "nope" in err and not out.exists()
 
 
-def test_radar_with_per_pixel_statistics_and_the_map_feature_calibrates_restores_and_exports_alike(trained, data_root, tmp_path, capsys):
+def test_radar_with_pixel_statistics_and_map_feature_exports_alike(trained, data_root, tmp_path, capsys):
     from helpers import load_test_split
 
     from fmjax import serving

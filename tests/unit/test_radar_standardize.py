@@ -1,7 +1,7 @@
 """fmjax's additions to RADAR for aligned images: the per-pixel standardisation of the
 noise map (score.normalize = pixel; the statistics by hand, the scorer against a plain
-loop, what `fit` fits them on, the one-line errors of a run without them) and the
-one-sided forest (score.one_sided), and the map feature (score.map_feature)."""
+loop, what `fit` fits them on, the one-line errors of a run without them), the map
+feature (score.map_feature) and the one-sided forest (score.one_sided)."""
 import dataclasses
 import types
 
