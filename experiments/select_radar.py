@@ -45,9 +45,9 @@ from fmjax.data.synthetic import anomaly_set  # noqa: E402
 from table import command_line  # noqa: E402
 
 GRID = {"t_score": (10, 25, 50, 100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0, 4.0, 8.0)}
-# one-class sets add the per-pixel standardisation of the noise map (aligned images only: a
-# texture's pixels share one distribution), the map feature and the one-sided forest
-GRIDS = {"texture": GRID,
+# both kinds add the one-sided forest and the map feature; one-class sets add the per-pixel
+# standardisation of the noise map (aligned images only: a texture's pixels share one distribution)
+GRIDS = {"texture": {**GRID, "one_sided": (False, True), "map_feature": (False, True)},
          "aligned": {"t_score": (100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0),
                      "normalize": ("none", "pixel"), "one_sided": (False, True), "map_feature": (False, True)}}
 PAPER_SIDE = {"normalize": "none", "one_sided": False, "map_feature": False}  # ties go to the paper's RADAR

@@ -137,7 +137,9 @@ class Config:
     def from_dict(cls, values: dict) -> "Config":
         """A Config from nested dicts (config.json); unknown keys are errors. A `textures`
         section without `defects` was written before the levels: its data are the subtle ones;
-        one without `layout`, before the tiles: its crops come from the photo's halves."""
+        one without `layout`, before the tiles: its crops come from the photo's halves. A whole
+        config's `score` without a setting added since takes the value it was written with
+        (`registry.written_before`); a partial one (a --config file) the defaults."""
         values = _upgrade(values)
         if isinstance(values, dict) and isinstance(values.get("textures"), dict):
             written = values["textures"]
@@ -149,6 +151,8 @@ class Config:
         rest = from_dict(cls, {k: v for k, v in values.items() if k != "score"})
         if score is None:
             return rest
+        if isinstance(score, dict) and {"net", "data", "train"} <= set(values):
+            score = {**registry.written_before(method), **score}
         return dataclasses.replace(rest, score=from_dict(registry.settings_class(method), score))
 
     def replace(self, **sections) -> "Config":

@@ -165,6 +165,9 @@ MUTANTS = [
     Mutant("radar map feature: the norm of the Sobel map, not of the noise map", "fmjax/methods/radar/scorer.py",
            "jnp.sqrt(jnp.sum(jnp.square(m), axis=(1, 2)))[:, None]",
            "jnp.sqrt(jnp.sum(jnp.square(s), axis=(1, 2)))[:, None]", ("tests/unit/test_radar_standardize.py",)),
+    Mutant("config: settings added since overrule what a whole config.json was written with", "fmjax/config.py",
+           "score = {**registry.written_before(method), **score}",
+           "score = {**score, **registry.written_before(method)}", ("tests/unit/test_config.py",)),
 ]
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]

@@ -1,9 +1,10 @@
 """Method name -> the package that implements it: one line per method.
 
 A method package holds `settings.py` (its `Settings` dataclass, `PRESETS`, `NEUTRAL`,
-`TRAINING` and `validate(config)`; pure Python, so the config can read it without JAX)
-and `method.py` (`METHOD`, an instance of `fmjax.methods.base.Method`). Both are imported
-by name when first asked for, so nothing here imports a method's code.
+`TRAINING`, `validate(config)`, optionally `WRITTEN_BEFORE`; pure Python, so the config
+can read it without JAX) and `method.py` (`METHOD`, an instance of
+`fmjax.methods.base.Method`). Both are imported by name when first asked for, so nothing
+here imports a method's code.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import importlib
 
 from fmjax.errors import ConfigError
 
-__all__ = ["METHODS", "get", "names", "settings_class", "settings_for", "settings_module"]
+__all__ = ["METHODS", "get", "names", "settings_class", "settings_for", "settings_module", "written_before"]
 
 METHODS = {
     "flow_mismatch": "fmjax.methods.flow_mismatch",
@@ -44,6 +45,12 @@ def settings_for(name: str, preset: str = ""):
     """Method `name`'s settings for preset `preset` (its defaults when it has none for it)."""
     module = settings_module(name)
     return module.PRESETS.get(preset, module.Settings())
+
+
+def written_before(name: str) -> dict:
+    """Method `name`'s settings whose default changed after they were added, at the value a
+    config.json written before they existed scored with (`WRITTEN_BEFORE`; {} if none)."""
+    return dict(getattr(settings_module(name), "WRITTEN_BEFORE", {}))
 
 
 def get(name: str):

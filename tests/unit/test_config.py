@@ -172,6 +172,17 @@ def test_config_json_of_the_earlier_layout_still_loads(method):
     assert loaded.replace(preset=config.preset, calibration=config.calibration, textures=config.textures) == config
 
 
+def test_a_radar_config_written_before_the_forest_side_settings_scores_as_it_was_written():
+    values = json.loads(build("", "radar").to_json())
+    assert values["score"]["one_sided"] and values["score"]["map_feature"]  # today's defaults
+    for key in ("one_sided", "map_feature"):
+        values["score"].pop(key)
+    loaded = Config.from_dict(values)
+    assert not loaded.score.one_sided and not loaded.score.map_feature
+    # a partial config (a --config file) takes the defaults
+    assert Config.from_dict({"method": "radar", "score": {"t_score": 250}}).score.map_feature
+
+
 def test_config_imports_no_jax():
     code = ("import sys; import fmjax.config as c; c.build('tiny', 'radar'); c.build('tiny', 'recon'); "
             "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'")

@@ -164,7 +164,8 @@ def test_forest_is_fitted_on_normals_only():
 def test_forest_arrays_score_exactly_as_sklearn(contamination, max_samples):
     from sklearn.ensemble import IsolationForest
 
-    cfg = RadarConfig(n_estimators=60, contamination=contamination, max_samples=max_samples, forest_seed=3)
+    cfg = RadarConfig(n_estimators=60, contamination=contamination, max_samples=max_samples, forest_seed=3,
+                      one_sided=False)  # the paper's two-sided forest, as scikit-learn fits it
     train = _blob_features(4, 300)
     test = np.concatenate([_blob_features(5, 100), _blob_features(6, 50, scale=3.0)])
     model = IsolationForest(n_estimators=60, contamination=contamination, max_samples=max_samples or "auto",
@@ -350,7 +351,7 @@ def loop_reference(images_u8, noise, rc):
                                                   ("eps_diff", "l2", RadarConfig().sobel_smooth_sigma)])
 def test_scorer_equals_patch_loop(map_kind, reduce, blur):
     rc = RadarConfig(patch_size=4, patch_stride=3, t_score=300, map_kind=map_kind, channel_reduce=reduce,
-                     image_batch=2, sobel_smooth_sigma=blur)
+                     image_batch=2, sobel_smooth_sigma=blur, map_feature=False)
     rng = np.random.default_rng(7)
     images = rng.integers(0, 256, (3, 9, 10, 2), dtype=np.uint8)
     radar_scorer = radar_scorer_lib.RadarScorer(toy_apply, rc, (9, 10, 2))
@@ -362,7 +363,7 @@ def test_scorer_equals_patch_loop(map_kind, reduce, blur):
 
 
 def test_scorer_same_image_same_score_and_no_recompile():
-    rc = RadarConfig(patch_size=4, patch_stride=2, image_batch=2, sobel_smooth_sigma=1.0)
+    rc = RadarConfig(patch_size=4, patch_stride=2, image_batch=2, sobel_smooth_sigma=1.0, map_feature=False)
     radar_scorer = radar_scorer_lib.RadarScorer(toy_apply, rc, (8, 8, 1))
     score = radar_scorer.maps_and_features
     rng = np.random.default_rng(8)

@@ -78,7 +78,7 @@ def test_standardised_scorer_equals_a_plain_loop():
 @pytest.mark.parametrize("normalize", ["none", "pixel"])
 def test_map_feature_is_the_l2_norm_of_the_map_the_sobel_filter_reads(normalize):
     rc = RadarSettings(patch_size=4, patch_stride=2, t_score=300, image_batch=2, sobel_smooth_sigma=1.0,
-                       normalize=normalize)
+                       normalize=normalize, map_feature=False)
     two = radar_scorer_lib.RadarScorer(toy_apply, rc, (8, 8, 1))
     three = radar_scorer_lib.RadarScorer(toy_apply, dataclasses.replace(rc, map_feature=True), (8, 8, 1))
     rng = np.random.default_rng(5)
@@ -138,7 +138,7 @@ def test_one_sided_forest_ignores_errors_below_the_normals_median():
     rng = np.random.default_rng(0)
     normal = rng.normal(10.0, 1.0, (300, 2))
     low, high = np.full((1, 2), 6.0), np.full((1, 2), 14.0)  # as far below the normals as above
-    two = forest_lib.fit(normal, RadarSettings(n_estimators=100))
+    two = forest_lib.fit(normal, RadarSettings(n_estimators=100, one_sided=False))
     one = forest_lib.fit(normal, RadarSettings(n_estimators=100, one_sided=True))
     assert forest_lib.score(two, low)[0] > 0 and forest_lib.score(two, high)[0] > 0  # both flagged
     assert forest_lib.score(one, low)[0] < 0 < forest_lib.score(one, high)[0]  # only the excess

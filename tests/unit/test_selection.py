@@ -122,11 +122,18 @@ def test_radar_aligned_preset_equals_the_committed_choice_of_the_one_class_sets(
 
 
 def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
-    def rows(**criteria):
-        return [{"t_score": int(k[1:]), "sobel_smooth_sigma": 0.0, "criterion": v} for k, v in criteria.items()]
+    def rows(one_sided=False, **criteria):
+        return [{"t_score": int(k[1:]), "sobel_smooth_sigma": 0.0, "one_sided": one_sided, "map_feature": False,
+                 "criterion": v} for k, v in criteria.items()]
 
     sets = [{"rows": rows(t10=0.9, t50=0.7, t250=0.6)}, {"rows": rows(t10=0.5, t50=0.8, t250=0.6)}]
-    assert select_radar.choose(sets)["setting"] == {"t_score": 50, "sobel_smooth_sigma": 0.0}
+    assert select_radar.choose(sets)["setting"] == {"t_score": 50, "sobel_smooth_sigma": 0.0, "one_sided": False,
+                                                    "map_feature": False}
+    # textures choose the forest's side too; a tie keeps the paper's two-sided forest
+    sided = [{"rows": rows(t50=0.8) + rows(True, t50=0.81)}]
+    assert select_radar.choose(sided)["setting"]["one_sided"]
+    sided[0]["rows"][1]["criterion"] = 0.8004
+    assert not select_radar.choose(sided)["setting"]["one_sided"]
     tied = [{"rows": rows(t10=0.8, t50=0.8004, t250=0.6)}]
     assert select_radar.choose(tied)["setting"]["t_score"] == 50
     tied = [{"rows": rows(t10=0.8004, t50=0.8, t250=0.6)}]

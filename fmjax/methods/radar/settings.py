@@ -7,7 +7,8 @@ import dataclasses
 from fmjax.ranges import IMAGE_BATCH, SEED, SIGMA, Range, check_ranges
 from fmjax.errors import ConfigError
 
-__all__ = ["NEUTRAL", "PRESETS", "RANGES", "TRAINING", "RadarSettings", "Settings", "check_patch", "validate"]
+__all__ = ["NEUTRAL", "PRESETS", "RANGES", "TRAINING", "WRITTEN_BEFORE", "RadarSettings", "Settings", "check_patch",
+           "validate"]
 
 SCHEDULES = ("linear", "cosine")
 MAP_KINDS = ("eps_diff", "eps_hat")
@@ -18,11 +19,13 @@ NORMALIZATIONS = ("none", "pixel")
 
 @dataclasses.dataclass(frozen=True)
 class RadarSettings:
+    # the scoring defaults (t_score, sobel_smooth_sigma, one_sided, map_feature) are the texture
+    # protocol's choice: experiments/select_radar.py, results/selection/radar.md
     schedule: str = "linear"  # linear | cosine (Nichol & Dhariwal, s = 0.008)
     num_steps: int = 1000  # DDPM timesteps
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02  # linear schedule only
-    t_score: int = 100  # the single noising timestep used at test time, in 0..num_steps-1 (the paper: 250)
+    t_score: int = 500  # the single noising timestep used at test time, in 0..num_steps-1 (the paper: 250)
     map_kind: str = "eps_diff"  # eps_diff: eps_hat - eps | eps_hat: the prediction alone
     channel_reduce: str = "l2"  # l2: sqrt(sum_c d^2) | mean_abs: mean_c |d|
     patch_size: int = 32  # training crops and scoring patches (square)
@@ -34,15 +37,15 @@ class RadarSettings:
     contamination: float | str = 0.05
     # True (fmjax's addition): features below the held-out normals' median are raised to it
     # before the forest (forest.fit), so only more noise error than usual is anomalous
-    one_sided: bool = False
+    one_sided: bool = True
     # True (fmjax's addition): a third feature, the L2 norm of the (standardised) noise map
     # itself: how much error, beside where it has edges (scorer.radar_maps)
-    map_feature: bool = False
+    map_feature: bool = True
     n_estimators: int = 200
     max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
     forest_seed: int = 0
     noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
-    sobel_smooth_sigma: float = 1.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off (the paper)
+    sobel_smooth_sigma: float = 4.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off (the paper)
     # none (the paper) | pixel: the blurred noise map standardised per pixel by held-out
     # normals' mean and std before Sobel (standardize.py; aligned images)
     normalize: str = "none"
@@ -58,6 +61,8 @@ PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image
            # experiments/select_radar.py --aligned (results/selection/radar_aligned.md)
            "aligned": Settings(t_score=500, sobel_smooth_sigma=0.0, normalize="pixel", one_sided=True,
                                map_feature=True)}
+# a run's config.json written before these settings existed scored without them
+WRITTEN_BEFORE = {"one_sided": False, "map_feature": False}
 NEUTRAL = ("image_batch",)  # changes neither the features nor the forest
 TRAINING = ("schedule", "num_steps", "beta_start", "beta_end")  # the trained network's noise schedule
 RANGES = {"num_steps": Range(2, 100_000), "beta_start": Range(0.0, 1.0, low_open=True, high_open=True),
