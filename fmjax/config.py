@@ -228,9 +228,9 @@ def _parse_value(text: str, default, key: str, hint=None):
     `float | str` field such as RADAR's score.contamination: a number if it reads as one;
     for a `bool | None` field such as train.hflip: true, false or auto)."""
     args = typing.get_args(hint)
-    if str in args and float in args:
+    if str in args and (float in args or int in args):
         try:
-            return float(text)
+            return float(text) if float in args else int(text)
         except ValueError:
             return text
     optional_bool = bool in args and type(None) in args

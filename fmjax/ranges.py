@@ -52,7 +52,7 @@ def check_ranges(section, ranges: dict, prefix: str) -> None:
     for name, allowed in ranges.items():
         value, default = getattr(section, name), defaults[name]
         items = value if isinstance(default, tuple) else (value,)
-        if isinstance(value, str) and not isinstance(default, str):
+        if isinstance(value, str):
             continue
         integer = isinstance(default, (int, tuple)) and not isinstance(default, bool)
         kind = "integers" if isinstance(default, tuple) else "an integer" if integer else "a number"

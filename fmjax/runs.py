@@ -48,7 +48,7 @@ CONFIG, DATA, METRICS, MANIFEST = "config.json", "data.json", "metrics.json", "m
 CALIBRATION, CALIBRATION_ARRAYS = "calibration.json", "calibration.npz"
 CHECKPOINTS, LOCK = "checkpoints", ".fmjax-lock"
 _MANIFEST_FILES = (CONFIG, DATA, CALIBRATION, CALIBRATION_ARRAYS)
-SETTINGS, HELD_OUT = "settings", "held_out"  # calibration.json keys beside the method's own
+SETTINGS, HELD_OUT, CHOSEN = "settings", "held_out", "settings_chosen"  # calibration.json keys beside the method's own
 QUANTILES = ("image_threshold_quantile", "pixel_threshold_quantile")  # the calibration settings a run may change
 
 
@@ -384,7 +384,9 @@ def fit_run(run: Run, train=None) -> Fitted:
     """Fits the run's method on the normal training images `train` (a Split; default: read
     again from data.json): the part the network trained on and the held-out part
     (`holdout_split`); the result
-    records the scoring settings (`scoring_settings`) and the held-out images' names. A
+    records the scoring settings (`scoring_settings`) and the held-out images' names. The
+    settings the method chooses from the data (`Method.resolve_settings`: RADAR's "auto")
+    are chosen first and become `run`'s; how, under calibration.json's `settings_chosen`. A
     run whose calibration names other held-out images (its data changed) is refused."""
     train = training_split(run.config, run.data_info) if train is None else train
     trained, holdout = holdout_split(run.config, train)
@@ -393,9 +395,12 @@ def fit_run(run: Run, train=None) -> Fitted:
     if recorded is not None and list(recorded) != names:
         raise RunError(f"the training data of {run.path} changed since it was calibrated (its held-out normal images "
                        f"are not those calibration.json names): score with the run's own settings or train again")
+    settings, chosen = run.method.resolve_settings(run, trained, holdout)
+    if settings != run.config.score:
+        run.config, run._scorer = run.config.replace(score=settings), None
     fitted = run.method.fit(run, trained, holdout)
-    return Fitted(values={**fitted.values, SETTINGS: scoring_settings(run.config), HELD_OUT: names},
-                  arrays=fitted.arrays)
+    return Fitted(values={**fitted.values, **({CHOSEN: chosen} if chosen else {}), SETTINGS: scoring_settings(run.config),
+                          HELD_OUT: names}, arrays=fitted.arrays)
 
 
 # ----------------------------------------------------------------------------- load

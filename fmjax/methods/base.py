@@ -123,6 +123,12 @@ class Method(abc.ABC):
         threshold = run.fitted.get("image_threshold")
         return dataclasses.replace(program, decision=None if threshold is None else (">=", float(threshold)))
 
+    def resolve_settings(self, run, trained, holdout) -> tuple:
+        """(the run's scoring settings with those this method chooses from the data chosen,
+        a JSON-able account of the choice, {} when nothing was chosen), before `fit`;
+        arguments as `fit`'s. Default: the settings as they are."""
+        return run.config.score, {}
+
     def fit(self, run, trained, holdout) -> Fitted:
         """What this method fits on normal images after training. `run` scores with the
         trained network (`run.score`, `run.scorer`, `run.params`, `run.config`);

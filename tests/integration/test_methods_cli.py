@@ -23,7 +23,7 @@ from fmjax import data as data_lib
 from fmjax import runs
 from fmjax.app.cli import main
 from fmjax.methods.radar import forest as forest_lib
-from fmjax.methods.radar.settings import RadarSettings
+from fmjax.methods.radar.settings import PRESETS as RADAR_PRESETS
 
 RADAR_KEYS = ("radar_accuracy", "radar_precision", "radar_recall", "radar_f1")
 METHODS = ("radar", "recon")
@@ -175,9 +175,33 @@ def test_radar_scoring_override_refits_without_touching_the_run(trained, tmp_pat
     metrics = other_metrics(run)
     assert all(math.isfinite(metrics[k]) for k in RADAR_KEYS)
     assert (run / runs.CALIBRATION_ARRAYS).read_bytes() == forest_bytes
-    assert run_config(run).score.t_score == RadarSettings().t_score != 250
+    assert run_config(run).score.t_score == RADAR_PRESETS["tiny"].t_score != 250
     code, _, err = cli(capsys, "evaluate", "--run", run, "--set", "score.schedule=cosine")
     assert_one_line_error(code, err)
+
+
+def test_radar_chooses_its_timestep_and_blur_on_the_held_out_normals(data_root, tmp_path, capsys):
+    from fmjax.methods.radar.settings import AUTO, CHOICES
+
+    run = tmp_path / "auto"
+    code, _, err = cli(capsys, "train", "--data", f"folder:{data_root}", "--category", CATEGORY, "--out", run,
+                       "--method", "radar", *TRAIN_ARGS, "--set", "calibration.holdout_fraction=0.5",
+                       "--set", "score.t_score=auto", "--set", "score.sobel_smooth_sigma=auto")
+    assert code == 0, err
+    assert (run_config(run).score.t_score, run_config(run).score.sobel_smooth_sigma) == (AUTO, AUTO)  # as asked
+    calibration = json.loads((run / runs.CALIBRATION).read_text())
+    chosen = calibration[runs.SETTINGS]["score"]
+    assert chosen["t_score"] in CHOICES["t_score"] and chosen["sobel_smooth_sigma"] in CHOICES["sobel_smooth_sigma"]
+    assert calibration[runs.CHOSEN]["candidates"] == 30 and calibration[runs.CHOSEN]["chosen_on"] == 6
+    restored = runs.load_run(str(run))
+    assert (restored.config.score.t_score, restored.config.score.sobel_smooth_sigma, restored.refit) == (
+        chosen["t_score"], chosen["sobel_smooth_sigma"], "")
+    code, _, err = cli(capsys, "evaluate", "--run", run)
+    assert code == 0, err
+    # a timestep given for one evaluation is that one, not chosen again
+    other = 10 if chosen["t_score"] != 10 else 25
+    assert runs.load_run(str(run), [f"score.t_score={other}"]).config.score.t_score == other
+    assert calibration == json.loads((run / runs.CALIBRATION).read_text())
 
 
 # ----------------------------------------------------------------------------- run folders from elsewhere

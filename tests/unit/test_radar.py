@@ -348,7 +348,7 @@ def loop_reference(images_u8, noise, rc):
 
 
 @pytest.mark.parametrize("map_kind, reduce, blur", [("eps_diff", "l2", 0.0), ("eps_hat", "mean_abs", 0.0),
-                                                  ("eps_diff", "l2", RadarConfig().sobel_smooth_sigma)])
+                                                  ("eps_diff", "l2", 4.0)])
 def test_scorer_equals_patch_loop(map_kind, reduce, blur):
     rc = RadarConfig(patch_size=4, patch_stride=3, t_score=300, map_kind=map_kind, channel_reduce=reduce,
                      image_batch=2, sobel_smooth_sigma=blur, map_feature=False)
@@ -363,7 +363,8 @@ def test_scorer_equals_patch_loop(map_kind, reduce, blur):
 
 
 def test_scorer_same_image_same_score_and_no_recompile():
-    rc = RadarConfig(patch_size=4, patch_stride=2, image_batch=2, sobel_smooth_sigma=1.0, map_feature=False)
+    rc = RadarConfig(t_score=250, patch_size=4, patch_stride=2, image_batch=2, sobel_smooth_sigma=1.0,
+                     map_feature=False)
     radar_scorer = radar_scorer_lib.RadarScorer(toy_apply, rc, (8, 8, 1))
     score = radar_scorer.maps_and_features
     rng = np.random.default_rng(8)
@@ -410,7 +411,7 @@ def test_forest_is_fitted_on_exactly_the_held_out_normals(monkeypatch):
 
     from fmjax.data.base import Split
 
-    rc = RadarConfig(patch_size=4, patch_stride=2, n_estimators=10, image_batch=2)
+    rc = RadarConfig(t_score=250, sobel_smooth_sigma=1.0, patch_size=4, patch_stride=2, n_estimators=10, image_batch=2)
     scorer = radar_scorer_lib.RadarScorer(toy_apply, rc, (8, 8, 1))
     config = build("tiny", "radar", [])
     run = types.SimpleNamespace(scorer=scorer, params=PARAMS, config=dataclasses.replace(config, score=rc))

@@ -104,7 +104,8 @@ def normals(images, prefix):
 
 
 def test_fit_reads_statistics_and_forest_from_different_halves(monkeypatch):
-    rc = RadarSettings(patch_size=4, patch_stride=2, n_estimators=10, image_batch=2, normalize="pixel")
+    rc = RadarSettings(t_score=250, sobel_smooth_sigma=1.0, patch_size=4, patch_stride=2, n_estimators=10,
+                       image_batch=2, normalize="pixel")
     scorer = radar_scorer_lib.RadarScorer(toy_apply, rc, (8, 8, 1))
     config = build("tiny", "radar", [])
     run = types.SimpleNamespace(scorer=scorer, params=PARAMS, config=dataclasses.replace(config, score=rc))

@@ -148,6 +148,22 @@ def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
     assert select_radar.choose(aligned, "aligned")["setting"]["normalize"] == "none"
 
 
+def test_radar_per_run_choice_is_read_on_the_fold_it_was_not_chosen_on():
+    def row(t_score, a, b):  # criterion per fold: (image + pixel) / 2 = a on fold A, b on fold B
+        return dict(t_score=t_score, sobel_smooth_sigma=0.0, one_sided=True, map_feature=True, image_auroc_A=a,
+                    pixel_auroc_A=a, image_auroc_B=b, pixel_auroc_B=b, criterion=(a + b) / 2)
+
+    # each set's best timestep differs and holds on both folds: a choice per set beats any one value
+    sets = [{"rows": [row(50, 0.9, 0.9), row(500, 0.5, 0.5)]}, {"rows": [row(50, 0.6, 0.6), row(500, 0.8, 0.8)]}]
+    chosen = select_radar.with_per_run_choice(select_radar.choose(sets), sets)
+    assert chosen["per_run"] == pytest.approx(0.85) and chosen["criterion"] == pytest.approx(0.75)
+    assert chosen["setting"]["t_score"] == chosen["setting"]["sobel_smooth_sigma"] == "auto"
+    # a best that flips between the folds: chosen on one, read on the other, per set loses
+    sets = [{"rows": [row(50, 0.9, 0.5), row(500, 0.5, 0.9)]}]
+    chosen = select_radar.with_per_run_choice(select_radar.choose(sets), sets)
+    assert chosen["per_run"] == pytest.approx(0.5) and chosen["setting"]["t_score"] == 500
+
+
 def test_image_score_study_mahalanobis_is_per_pixel():
     import image_scores
 

@@ -10,6 +10,7 @@ import numpy as np
 from fmjax.errors import RunError
 from fmjax.eval.calibration import thresholds
 from fmjax.methods.base import Fitted, Method
+from fmjax.methods.radar import choice
 from fmjax.methods.radar import forest as forest_lib
 from fmjax.methods.radar import standardize
 from fmjax.methods.radar.ddpm import ddpm_objective
@@ -58,8 +59,25 @@ class Radar(Method):
         return RadarScorer(apply_fn, config.score, image_shape, devices)
 
     def min_holdout(self, config) -> int:
-        """Per-pixel statistics and the forest are fitted on different halves of the held-out normals."""
-        return 4 if config.score.normalize == "pixel" else 0
+        """Per-pixel statistics and the forest, or the two folds of the choice of t_score and
+        blur, need two halves of the held-out normals."""
+        return choice.MIN_HOLDOUT if config.score.normalize == "pixel" or choice.auto_fields(config.score) else 0
+
+    def resolve_settings(self, run, trained, holdout) -> tuple:
+        """score.t_score and score.sobel_smooth_sigma chosen on the held-out normals where
+        they are "auto" (`choice.choose`)."""
+        from fmjax.nets.unet import build_model
+
+        rc = run.config.score
+        if not choice.auto_fields(rc):
+            return rc, {}
+        _, apply_fn = build_model(run.config.net, run.image_shape)
+
+        def noise_maps(t_score, images):
+            unblurred = dataclasses.replace(rc, t_score=t_score, sobel_smooth_sigma=0.0)
+            return RadarScorer(apply_fn, unblurred, run.image_shape).noise_maps(run.params, images)
+
+        return choice.choose(rc, noise_maps, holdout)
 
     def fit(self, run, trained, holdout) -> Fitted:
         """The Isolation Forest on the features of the held-out normal images, which the

@@ -20,10 +20,11 @@ from fmjax.methods.radar import forest as forest_lib
 from fmjax.methods.radar import standardize
 from fmjax.methods.radar.ddpm import q_sample, schedule_of
 from fmjax.methods.radar.patches import extract_patches, patch_origins, stitch
-from fmjax.methods.radar.settings import CHANNEL_REDUCTIONS, LOCAL_FEATURES, RadarSettings, validate_settings
+from fmjax.methods.radar.settings import (AUTO, CHANNEL_REDUCTIONS, CHOICES, LOCAL_FEATURES, RadarSettings,
+                                          validate_settings)
 
 __all__ = ["RadarScorer", "features", "noise_maps", "radar_maps", "radar_noise", "reduce_channels",
-           "smoothed_noise_maps", "sobel", "sobel_xy"]
+           "smoothed_noise_maps", "sobel", "sobel_and_features", "sobel_xy"]
 
 
 def reduce_channels(d, how: str):
@@ -110,6 +111,13 @@ def radar_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=Non
     m = smoothed_noise_maps(apply_fn, params, images, noise, rc, class_ids)
     if pixel_mean is not None:
         m = (m - pixel_mean) / pixel_std
+    return sobel_and_features(m, rc)
+
+
+def sobel_and_features(m, rc: RadarSettings):
+    """The (smoothed, standardised) noise maps [B,H,W] -> (their Sobel maps [B,H,W], the
+    forest's features [B,F]): F = 2 (`features`) or, with score.map_feature, 3 (the third:
+    the L2 norm of `m`)."""
     s = sobel(m)
     feats = features(s, rc.patch_size, rc.patch_stride, rc.feature_local)
     if rc.map_feature:
@@ -130,6 +138,12 @@ class RadarScorer:
         self.config = settings
         self.image_shape = tuple(int(s) for s in image_shape)
         validate_settings(settings, self.image_shape)
+        unresolved = [f"score.{name}" for name in CHOICES if getattr(settings, name) == AUTO]
+        if unresolved:
+            one = len(unresolved) == 1
+            raise ConfigError(f"{' and '.join(unresolved)} {'is' if one else 'are'} {AUTO!r}: chosen when the run is "
+                              f"fitted on its held-out normals (fmjax train, fmjax calibrate); a scorer needs "
+                              f"{'it' if one else 'them'} set")
         self.origins = patch_origins(self.image_shape[0], self.image_shape[1], settings.patch_size,
                                      settings.patch_stride)
         self.noise = radar_noise(jax.random.PRNGKey(settings.noise_seed), len(self.origins), settings.patch_size,

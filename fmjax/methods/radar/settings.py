@@ -7,25 +7,28 @@ import dataclasses
 from fmjax.ranges import IMAGE_BATCH, SEED, SIGMA, Range, check_ranges
 from fmjax.errors import ConfigError
 
-__all__ = ["NEUTRAL", "PRESETS", "RANGES", "TRAINING", "WRITTEN_BEFORE", "RadarSettings", "Settings", "check_patch",
-           "validate"]
+__all__ = ["AUTO", "CHOICES", "NEUTRAL", "PRESETS", "RANGES", "TRAINING", "WRITTEN_BEFORE", "RadarSettings",
+           "Settings", "check_patch", "validate"]
 
 SCHEDULES = ("linear", "cosine")
 MAP_KINDS = ("eps_diff", "eps_hat")
 CHANNEL_REDUCTIONS = ("l2", "mean_abs")
 LOCAL_FEATURES = ("max_patch_l2",)
 NORMALIZATIONS = ("none", "pixel")
+AUTO = "auto"  # t_score, sobel_smooth_sigma: chosen on the run's held-out normals when it is fitted (choice.py)
+CHOICES = {"t_score": (10, 25, 50, 100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0, 4.0, 8.0)}
 
 
 @dataclasses.dataclass(frozen=True)
 class RadarSettings:
-    # the scoring defaults (t_score, sobel_smooth_sigma, one_sided, map_feature) are the texture
-    # protocol's choice: experiments/select_radar.py, results/selection/radar.md
+    # the scoring defaults: one_sided and map_feature are the texture protocol's choice
+    # (experiments/select_radar.py, results/selection/radar.md); t_score and the blur are
+    # chosen per run from CHOICES (choice.py), which the same protocol preferred to any one value
     schedule: str = "linear"  # linear | cosine (Nichol & Dhariwal, s = 0.008)
     num_steps: int = 1000  # DDPM timesteps
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02  # linear schedule only
-    t_score: int = 500  # the single noising timestep used at test time, in 0..num_steps-1 (the paper: 250)
+    t_score: int | str = AUTO  # the single noising timestep used at test time, in 0..num_steps-1 (the paper: 250)
     map_kind: str = "eps_diff"  # eps_diff: eps_hat - eps | eps_hat: the prediction alone
     channel_reduce: str = "l2"  # l2: sqrt(sum_c d^2) | mean_abs: mean_c |d|
     patch_size: int = 32  # training crops and scoring patches (square)
@@ -45,7 +48,7 @@ class RadarSettings:
     max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
     forest_seed: int = 0
     noise_seed: int = 0  # fixed test-time noise: an image's score never depends on its batch
-    sobel_smooth_sigma: float = 4.0  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off (the paper)
+    sobel_smooth_sigma: float | str = AUTO  # Gaussian blur (pixels) of the noise map before Sobel; 0 = off (the paper)
     # none (the paper) | pixel: the blurred noise map standardised per pixel by held-out
     # normals' mean and std before Sobel (standardize.py; aligned images)
     normalize: str = "none"
@@ -55,7 +58,8 @@ class RadarSettings:
 
 Settings = RadarSettings
 
-PRESETS = {"tiny": Settings(patch_size=8, patch_stride=4, n_estimators=50, image_batch=2),
+PRESETS = {"tiny": Settings(t_score=500, sobel_smooth_sigma=4.0, patch_size=8, patch_stride=4, n_estimators=50,
+                           image_batch=2),
            # one-class sets, where the anomaly is a whole object of another kind: the noise map
            # standardised per pixel (standardize.py), its norm a third feature, a one-sided forest; chosen by
            # experiments/select_radar.py --aligned (results/selection/radar_aligned.md)
@@ -95,8 +99,14 @@ def validate_settings(rc: RadarSettings, image_shape=None, channel_mult=None) ->
     if rc.schedule == "linear" and not 0.0 < rc.beta_start <= rc.beta_end < 1.0:
         raise ConfigError(f"score.beta_start/beta_end must satisfy 0 < start <= end < 1, "
                           f"got {rc.beta_start}, {rc.beta_end}")
-    if not 0 <= rc.t_score < rc.num_steps:
-        raise ConfigError(f"score.t_score must be in 0..{rc.num_steps - 1}, got {rc.t_score}")
+    if rc.t_score != AUTO and not (isinstance(rc.t_score, int) and not isinstance(rc.t_score, bool)
+                                   and 0 <= rc.t_score < rc.num_steps):
+        raise ConfigError(f"score.t_score must be a timestep in 0..{rc.num_steps - 1} or {AUTO!r}, got {rc.t_score!r}")
+    if isinstance(rc.sobel_smooth_sigma, str) and rc.sobel_smooth_sigma != AUTO:
+        raise ConfigError(f"score.sobel_smooth_sigma must be a number >= 0 or {AUTO!r}, got {rc.sobel_smooth_sigma!r}")
+    if rc.normalize != "none" and AUTO in (rc.t_score, rc.sobel_smooth_sigma):
+        raise ConfigError(f"score.normalize={rc.normalize} needs score.t_score and score.sobel_smooth_sigma set, "
+                          f"not {AUTO!r} (they are chosen on textures, where normalize is none)")
     for name, value, known in (("map_kind", rc.map_kind, MAP_KINDS),
                                ("channel_reduce", rc.channel_reduce, CHANNEL_REDUCTIONS),
                                ("feature_local", rc.feature_local, LOCAL_FEATURES),
