@@ -87,12 +87,14 @@ def choose(rc: RadarSettings, noise_maps, holdout) -> tuple[RadarSettings, dict]
     grid = {name: CHOICES[name] if name in fields else (getattr(rc, name),) for name in CHOICES}
     read = jax.jit(lambda m, sigma, settings: sobel_and_features(gaussian_smooth(m, sigma), settings),
                    static_argnums=(1, 2))
+    # the Sobel map and features read neither t_score nor the blur: one compiled `read` per blur serves every t_score
+    features_only = dataclasses.replace(rc, t_score=0, sobel_smooth_sigma=0.0)
     results = {}
     for t_score in grid["t_score"]:
         maps = {k: noise_maps(int(t_score), v) for k, v in images.items()}
         for sigma in grid["sobel_smooth_sigma"]:
             settings = dataclasses.replace(rc, t_score=int(t_score), sobel_smooth_sigma=float(sigma))
-            outs = {k: read(m, float(sigma), settings) for k, m in maps.items()}
+            outs = {k: read(m, float(sigma), features_only) for k, m in maps.items()}
             results[(t_score, sigma)] = criterion({k: np.asarray(o[0]) for k, o in outs.items()},
                                                   {k: np.asarray(o[1]) for k, o in outs.items()}, masks,
                                                   settings)
