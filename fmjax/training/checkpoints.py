@@ -88,6 +88,18 @@ def _join_new_threads(running: set, timeout_s: float = 10.0) -> None:
             thread.join(max(deadline - time.monotonic(), 0.0))
 
 
+def _remove_unfinished(path: str, settle_s: float = 1.0) -> None:
+    """Removes the unfinished checkpoint folders of `path`, again while one reappears within
+    `settle_s` (a pool thread of the failed save that was still writing when it was joined)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        for tmp in glob.glob(f"{path}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
     """Saves `state` as checkpoint `step` (every process calls it; orbax writes once). A
     save that fails (a full disk) leaves no unfinished checkpoint behind and raises an
@@ -95,19 +107,23 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> 
     path = os.path.join(str(manager.directory), str(step))
     _check_space(str(manager.directory), path, state)
     running = set(threading.enumerate())
+    # orbax's threads report a failed write on stderr, possibly before the save raises it here
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         manager.save(step, args=ocp.args.StandardSave(_state_dict(state)))
     except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise several types for one cause
-        for name in ("absl", "asyncio"):  # orbax's threads report the same failure again as they end
-            logging.getLogger(name).setLevel(logging.CRITICAL)
         _join_new_threads(running)  # the save's other threads may still write into its folder
-        for tmp in glob.glob(f"{path}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_unfinished(path)
         if isinstance(err, OSError) and err.strerror:
             raise OSError(err.errno, err.strerror, path) from None
         full = "No space left on device" in str(err)  # TensorStore's errors carry the cause as text only
         raise OSError(errno.ENOSPC if full else None, os.strerror(errno.ENOSPC) if full else
                       f"cannot write the checkpoint ({first_line(err)})", path) from None
+    for logger, level in zip(loggers, levels):  # after a failure they stay quiet: its threads may still end
+        logger.setLevel(level)
 
 
 def restore_state(run_dir: str, config: Config, image_shape, step: int | None = None) -> TrainState:
