@@ -90,6 +90,15 @@ MUTANTS = [
            "if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:\n                    bar.write",
            "if cfg.early_stop_patience and since_best > cfg.early_stop_patience:\n                    bar.write",
            ("tests/unit/test_train.py::test_early_stop_after_patience_checkpoints_without_a_lower_heldout_loss",)),
+    Mutant("orbax's loggers quieted only after a failed save", "fmjax/training/checkpoints.py",
+           "    for logger in loggers:\n        logger.setLevel(logging.CRITICAL)\n    try:",
+           "    try:",
+           ("tests/integration/test_faults.py::"
+            "test_a_failed_save_says_nothing_from_orbax_threads_and_restores_their_loggers",)),
+    Mutant("loggers left quiet after a good save", "fmjax/training/checkpoints.py",
+           "    for logger, level in zip(loggers, levels):", "    for logger, level in []:",
+           ("tests/integration/test_faults.py::"
+            "test_a_failed_save_says_nothing_from_orbax_threads_and_restores_their_loggers",)),
     Mutant("study pixel AUROC counts ties as below", "fmjax/eval/metrics.py",
            'at_or_below = np.searchsorted(neg, values, side="right")',
            'at_or_below = np.searchsorted(neg, values, side="left")',

@@ -207,6 +207,43 @@ def test_a_failed_save_waits_for_its_threads_before_cleaning_up(tmp_path):
     assert _temporaries(tmp_path) == []
 
 
+def test_a_failed_save_says_nothing_from_orbax_threads_and_restores_their_loggers(tmp_path, caplog):
+    """Orbax's threads may report a failed write before the save raises it: nothing of it
+    reaches the log, and after a good save the loggers are as they were."""
+    import logging
+    import types
+
+    from fmjax.training import checkpoints
+
+    class Manager:
+        directory = tmp_path
+        fail = True
+
+        def save(self, step, args):
+            logging.getLogger("absl").error("tensorstore: No space left on device (from a writer thread)")
+            logging.getLogger("asyncio").error("Task exception was never retrieved")
+            if self.fail:
+                raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+
+    state = types.SimpleNamespace(step=7, params={"x": np.zeros(3, np.float32)}, ema_params={}, opt_state=())
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    before = [logger.level for logger in loggers]
+    try:
+        manager = Manager()
+        manager.fail = False
+        with caplog.at_level(logging.WARNING):
+            checkpoints.save_state(manager, 6, state)
+        assert [logger.level for logger in loggers] == before
+        caplog.clear()
+        manager.fail = True
+        with caplog.at_level(logging.WARNING), pytest.raises(OSError, match="No space left on device"):
+            checkpoints.save_state(manager, 7, state)
+        assert caplog.records == []
+    finally:
+        for logger, level in zip(loggers, before):
+            logger.setLevel(level)
+
+
 def test_a_full_disk_under_maps_out(run_copy, tiny_disk, capsys):
     disk = tiny_disk(2)
     _fill(disk, 8 << 10)
