@@ -18,12 +18,21 @@ import uuid
 
 from fmjax.errors import DataError, OutputError
 
-__all__ = ["OUTPUT_MARK", "Outputs", "inside", "plain_name", "process_alive", "remove_stale", "temp_path",
+__all__ = ["OUTPUT_MARK", "Outputs", "inside", "plain_name", "process_alive", "remove_stale", "sha256_of", "temp_path",
            "write_bytes_with", "write_json", "write_text_atomic", "writing"]
 
 OUTPUT_MARK = ".fmjax-output"  # in every output folder fmjax publishes: it may replace that folder
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _TEMP = re.compile(r"^\.fmjax-(tmp|stage|old)-(\d+)-([0-9a-f]{8})-")
+
+
+def sha256_of(path: str) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temp_path(path: str, kind: str = "tmp") -> str:

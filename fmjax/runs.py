@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -35,7 +34,7 @@ import numpy as np
 from fmjax import data as data_lib
 from fmjax.config import Config, apply_overrides, from_dict
 from fmjax.errors import ConfigError, FmjaxError, RunError, first_line, warn
-from fmjax.files import process_alive, remove_stale, write_bytes_with, write_json
+from fmjax.files import process_alive, remove_stale, sha256_of, write_bytes_with, write_json
 from fmjax.methods import registry
 from fmjax.methods.base import Fitted
 
@@ -233,14 +232,6 @@ def read_json(path: str, what: str = "file"):
         raise RunError(f"{path} is damaged ({' '.join(str(err).split())}): train again") from None
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checkpoint_files(run_dir: str, step=None) -> list[str]:
     """Paths relative to `run_dir` ('checkpoints/<step>/...') of every checkpoint file, or of
     checkpoint `step`'s."""
@@ -255,7 +246,7 @@ def _checkpoint_files(run_dir: str, step=None) -> list[str]:
 def write_manifest(run_dir: str) -> None:
     """RUN/manifest.json: the SHA-256 of every run file there is and of every checkpoint file."""
     names = [n for n in _MANIFEST_FILES if os.path.exists(os.path.join(run_dir, n))] + _checkpoint_files(run_dir)
-    write_json(os.path.join(run_dir, MANIFEST), {"sha256": {name: _sha256(os.path.join(run_dir, name))
+    write_json(os.path.join(run_dir, MANIFEST), {"sha256": {name: sha256_of(os.path.join(run_dir, name))
                                                             for name in names}, "checkpoints": True})
 
 
@@ -281,7 +272,7 @@ def _check_manifest(run_dir: str, step: int) -> None:
         names += sorted(set(_checkpoint_files(run_dir, step)) | {n for n in listed if n.startswith(prefix)})
     for name in names:
         file = os.path.join(run_dir, name)
-        if name in listed and (not os.path.exists(file) or _sha256(file) != listed[name]):
+        if name in listed and (not os.path.exists(file) or sha256_of(file) != listed[name]):
             what = "checkpoint file" if name.startswith(CHECKPOINTS) else "file"
             state = ("missing" if not os.path.exists(file)
                      else "not the one training wrote (changed, truncated or swapped)")

@@ -21,7 +21,6 @@ is refused with a one-line error.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import types
@@ -30,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fmjax.errors import DataError, RunError
+from fmjax.files import sha256_of
 
 __all__ = ["ARRAYS", "FORMAT", "META", "PROGRAM", "ExportedScorer", "Scored", "load", "match_channels",
            "prepare", "resize_images", "resize_maps", "to_uint8"]
@@ -134,14 +134,6 @@ def prepare(images, image_shape) -> tuple[np.ndarray, tuple[int, int]]:
 
 # ----------------------------------------------------------------------------- the exported scorer
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ExportedScorer:
     """An exported scorer (see the module docstring); call it on images. `image_shape`
     (H, W, C) is the run's, `batch` the images per program call, `meta` scorer.json."""
@@ -226,7 +218,7 @@ def load(path: str) -> ExportedScorer:
         raise RunError(f"{meta_path} is not an fmjax export of format {FORMAT}: export again with this fmjax")
     for name in (PROGRAM, ARRAYS):
         file = os.path.join(path, name)
-        if not os.path.exists(file) or _sha256(file) != meta.get("sha256", {}).get(name):
+        if not os.path.exists(file) or sha256_of(file) != meta.get("sha256", {}).get(name):
             raise RunError(f"{file} is missing or not the file fmjax export wrote: export again")
     with open(os.path.join(path, PROGRAM), "rb") as f:
         exported = jax_export.deserialize(bytearray(f.read()))

@@ -4,7 +4,6 @@ fitted arrays, thresholds) with `jax.export` for the platforms asked, so that
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from fmjax import runs, serving
 from fmjax.errors import ConfigError
-from fmjax.files import Outputs
+from fmjax.files import Outputs, sha256_of
 from fmjax.version import __version__
 
 __all__ = ["PLATFORMS", "export_run", "main"]
@@ -79,15 +78,10 @@ def export_run(run: runs.Run, out_dir: str, platforms=None) -> dict:
         with open(os.path.join(tmp, serving.PROGRAM), "wb") as f:
             f.write(exported.serialize())
         np.savez(os.path.join(tmp, serving.ARRAYS), **arrays)
-        meta["sha256"] = {name: _sha256(os.path.join(tmp, name)) for name in (serving.PROGRAM, serving.ARRAYS)}
+        meta["sha256"] = {name: sha256_of(os.path.join(tmp, name)) for name in (serving.PROGRAM, serving.ARRAYS)}
         with open(os.path.join(tmp, serving.META), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True, default=float)
     return meta
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def main(args) -> None:

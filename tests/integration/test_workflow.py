@@ -181,7 +181,8 @@ def test_exported_scorer_equals_the_run_with_jax_and_numpy_only(trained_run, dat
     assert child.returncode == 0, child.stderr
     report = json.loads(child.stdout.strip().splitlines()[-1])
     assert "images must be [N, H, W, C]" in report["refused"] and "image[None]" in report["refused"]
-    assert set(report["modules"]) <= {"fmjax", "fmjax.errors", "fmjax.serving", "fmjax.version", "fmjax.xla_options"}
+    assert set(report["modules"]) <= {"fmjax", "fmjax.errors", "fmjax.files", "fmjax.serving", "fmjax.version",
+                                     "fmjax.xla_options"}
     got = np.load(tmp_path / "out.npz")
     run = runs.load_run(str(trained_run))
     maps, scores = run.score(test.images)
