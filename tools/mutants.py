@@ -91,14 +91,27 @@ MUTANTS = [
            "if cfg.early_stop_patience and since_best > cfg.early_stop_patience:\n                    bar.write",
            ("tests/unit/test_train.py::test_early_stop_after_patience_checkpoints_without_a_lower_heldout_loss",)),
     Mutant("orbax's loggers quieted only after a failed save", "fmjax/training/checkpoints.py",
-           "    for logger in loggers:\n        logger.setLevel(logging.CRITICAL)\n    try:",
-           "    try:",
+           "    for logger in loggers:\n        logger.setLevel(logging.CRITICAL)\n    held, unraisable_hook",
+           "    held, unraisable_hook",
            ("tests/integration/test_faults.py::"
             "test_a_failed_save_says_nothing_from_orbax_threads_and_restores_their_loggers",)),
     Mutant("loggers left quiet after a good save", "fmjax/training/checkpoints.py",
            "    for logger, level in zip(loggers, levels):", "    for logger, level in []:",
            ("tests/integration/test_faults.py::"
             "test_a_failed_save_says_nothing_from_orbax_threads_and_restores_their_loggers",)),
+    Mutant("a save thread's raising join escapes the save", "fmjax/training/checkpoints.py",
+           "            with contextlib.suppress(Exception):\n                thread.join(",
+           "            if True:\n                thread.join(",
+           ("tests/integration/test_faults.py::"
+            "test_a_failed_save_names_its_checkpoint_when_its_threads_raise_on_join",)),
+    Mutant("a failed save's unraisable errors reach the user", "fmjax/training/checkpoints.py",
+           "    sys.unraisablehook = held.append\n", "",
+           ("tests/integration/test_faults.py::"
+            "test_a_failed_save_drops_the_unraisable_errors_of_its_threads_and_a_good_one_keeps_them",)),
+    Mutant("a good save's unraisable errors dropped", "fmjax/training/checkpoints.py",
+           "        unraisable_hook(unraisable)", "        pass",
+           ("tests/integration/test_faults.py::"
+            "test_a_failed_save_drops_the_unraisable_errors_of_its_threads_and_a_good_one_keeps_them",)),
     Mutant("study pixel AUROC counts ties as below", "fmjax/eval/metrics.py",
            'at_or_below = np.searchsorted(neg, values, side="right")',
            'at_or_below = np.searchsorted(neg, values, side="left")',

@@ -6,11 +6,13 @@ that cannot be read or written is one line (TrainError / OSError) naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 
@@ -81,11 +83,13 @@ def _check_space(directory: str, path: str, state) -> None:
 
 def _join_new_threads(running: set, timeout_s: float = 10.0) -> None:
     """Waits (at most `timeout_s` in all) for the threads started since `running` was taken,
-    but idle pool workers, which never end by themselves."""
+    but idle pool workers, which never end by themselves. A thread whose join raises its
+    own failure (orbax's do) has ended: the save's error already says the cause."""
     deadline = time.monotonic() + timeout_s
     for thread in set(threading.enumerate()) - running:
         if thread is not threading.current_thread() and not thread.name.startswith("ThreadPoolExecutor"):
-            thread.join(max(deadline - time.monotonic(), 0.0))
+            with contextlib.suppress(Exception):
+                thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 def _remove_unfinished(path: str, settle_s: float = 1.0) -> None:
@@ -107,23 +111,36 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> 
     path = os.path.join(str(manager.directory), str(step))
     _check_space(str(manager.directory), path, state)
     running = set(threading.enumerate())
-    # orbax's threads report a failed write on stderr, possibly before the save raises it here
+    # orbax's threads report a failed write on stderr, possibly before the save raises it: in
+    # log records, and as one unraisable "Event loop is closed" per TensorStore write still
+    # pending when the save's event loop closed
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
+    held, unraisable_hook = [], sys.unraisablehook
+    sys.unraisablehook = held.append
     try:
         manager.save(step, args=ocp.args.StandardSave(_state_dict(state)))
     except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise several types for one cause
         _join_new_threads(running)  # the save's other threads may still write into its folder
         _remove_unfinished(path)
-        if isinstance(err, OSError) and err.strerror:
-            raise OSError(err.errno, err.strerror, path) from None
-        full = "No space left on device" in str(err)  # TensorStore's errors carry the cause as text only
-        raise OSError(errno.ENOSPC if full else None, os.strerror(errno.ENOSPC) if full else
-                      f"cannot write the checkpoint ({first_line(err)})", path) from None
+        raise _save_error(err, path) from None
+    finally:
+        sys.unraisablehook = unraisable_hook  # a failed save's are dropped: its error says the cause
     for logger, level in zip(loggers, levels):  # after a failure they stay quiet: its threads may still end
         logger.setLevel(level)
+    for unraisable in held:
+        unraisable_hook(unraisable)
+
+
+def _save_error(err: Exception, path: str) -> OSError:
+    """The OSError naming `path` that stands for orbax's or TensorStore's failure `err`."""
+    if isinstance(err, OSError) and err.strerror:
+        return OSError(err.errno, err.strerror, path)
+    full = "No space left on device" in str(err)  # TensorStore's errors carry the cause as text only
+    return OSError(errno.ENOSPC if full else None, os.strerror(errno.ENOSPC) if full else
+                   f"cannot write the checkpoint ({first_line(err)})", path)
 
 
 def restore_state(run_dir: str, config: Config, image_shape, step: int | None = None) -> TrainState:
