@@ -104,16 +104,14 @@ def _remove_unfinished(path: str, settle_s: float = 1.0) -> None:
         time.sleep(0.1)
 
 
-def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
-    """Saves `state` as checkpoint `step` (every process calls it; orbax writes once). A
-    save that fails (a full disk) leaves no unfinished checkpoint behind and raises an
-    OSError naming it."""
-    path = os.path.join(str(manager.directory), str(step))
-    _check_space(str(manager.directory), path, state)
-    running = set(threading.enumerate())
-    # orbax's threads report a failed write on stderr, possibly before the save raises it: in
-    # log records, and as one unraisable "Event loop is closed" per TensorStore write still
-    # pending when the save's event loop closed
+@contextlib.contextmanager
+def _orbax_quieted():
+    """Holds back what orbax's threads report while a save runs, possibly before the save
+    raises it: their log records (absl, asyncio) and the unraisable "Event loop is closed"
+    of each TensorStore write still pending when the save's event loop closed (printed on
+    stderr). After a good save the loggers are as they were and the held errors are passed
+    on; after a failed one both stay quiet, its one-line error says the cause (and its
+    threads may still end)."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -121,17 +119,29 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> 
     held, unraisable_hook = [], sys.unraisablehook
     sys.unraisablehook = held.append
     try:
-        manager.save(step, args=ocp.args.StandardSave(_state_dict(state)))
-    except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise several types for one cause
-        _join_new_threads(running)  # the save's other threads may still write into its folder
-        _remove_unfinished(path)
-        raise _save_error(err, path) from None
+        yield
     finally:
-        sys.unraisablehook = unraisable_hook  # a failed save's are dropped: its error says the cause
-    for logger, level in zip(loggers, levels):  # after a failure they stay quiet: its threads may still end
+        sys.unraisablehook = unraisable_hook
+    for logger, level in zip(loggers, levels):
         logger.setLevel(level)
     for unraisable in held:
         unraisable_hook(unraisable)
+
+
+def save_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
+    """Saves `state` as checkpoint `step` (every process calls it; orbax writes once). A
+    save that fails (a full disk) leaves no unfinished checkpoint behind and raises an
+    OSError naming it."""
+    path = os.path.join(str(manager.directory), str(step))
+    _check_space(str(manager.directory), path, state)
+    running = set(threading.enumerate())
+    with _orbax_quieted():
+        try:
+            manager.save(step, args=ocp.args.StandardSave(_state_dict(state)))
+        except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise several types for one cause
+            _join_new_threads(running)  # the save's other threads may still write into its folder
+            _remove_unfinished(path)
+            raise _save_error(err, path) from None
 
 
 def _save_error(err: Exception, path: str) -> OSError:

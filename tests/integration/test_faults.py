@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -46,6 +47,12 @@ def _temporaries(*folders):
             found += [os.path.join(root, n) for n in dirs + files 
                       if (n.startswith(".fmjax-") or "tmp" in n) and n not in (".fmjax-lock", ".fmjax-output")]
     return found
+
+
+
+def _tiny_state():
+    """A stand-in for the training state that `save_state` hands to a fake manager."""
+    return types.SimpleNamespace(step=7, params={"x": np.zeros(3, np.float32)}, ema_params={}, opt_state=())
 
 
 def _child(code, env=None, **kwargs):
@@ -183,7 +190,6 @@ def test_a_failed_save_waits_for_its_threads_before_cleaning_up(tmp_path):
     """A save that fails while another of its threads still writes into the unfinished
     checkpoint leaves nothing behind: that thread ends before the folder is removed."""
     import threading
-    import types
 
     from fmjax.training import checkpoints
 
@@ -201,7 +207,7 @@ def test_a_failed_save_waits_for_its_threads_before_cleaning_up(tmp_path):
             writers[-1].start()
             raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
 
-    state = types.SimpleNamespace(step=7, params={"x": np.zeros(3, np.float32)}, ema_params={}, opt_state=())
+    state = _tiny_state()
     with pytest.raises(OSError, match="No space left on device"):
         checkpoints.save_state(Manager(), 7, state)
     writers[0].join()
@@ -212,7 +218,6 @@ def test_a_failed_save_says_nothing_from_orbax_threads_and_restores_their_logger
     """Orbax's threads may report a failed write before the save raises it: nothing of it
     reaches the log, and after a good save the loggers are as they were."""
     import logging
-    import types
 
     from fmjax.training import checkpoints
 
@@ -226,7 +231,7 @@ def test_a_failed_save_says_nothing_from_orbax_threads_and_restores_their_logger
             if self.fail:
                 raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
 
-    state = types.SimpleNamespace(step=7, params={"x": np.zeros(3, np.float32)}, ema_params={}, opt_state=())
+    state = _tiny_state()
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     before = [logger.level for logger in loggers]
     try:
@@ -249,7 +254,6 @@ def test_a_failed_save_names_its_checkpoint_when_its_threads_raise_on_join(tmp_p
     """orbax's threads raise their own failure again when joined (an OSError naming no
     file, here): the save still raises one OSError naming the checkpoint, and cleans up."""
     import threading
-    import types
 
     from fmjax.training import checkpoints
 
@@ -266,7 +270,7 @@ def test_a_failed_save_names_its_checkpoint_when_its_threads_raise_on_join(tmp_p
             RaisingThread(target=time.sleep, args=(0.1,), name="write_metadata").start()
             raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
 
-    state = types.SimpleNamespace(step=7, params={"x": np.zeros(3, np.float32)}, ema_params={}, opt_state=())
+    state = _tiny_state()
     with pytest.raises(OSError, match="No space left on device") as raised:
         checkpoints.save_state(Manager(), 7, state)
     assert raised.value.filename == os.path.join(str(tmp_path), "7")
@@ -279,7 +283,6 @@ def test_a_failed_save_drops_the_unraisable_errors_of_its_threads_and_a_good_one
     closed" once the save's event loop has closed (printed on stderr, outside pytest): none
     reaches the user beside the one-line error. A good save's are passed on."""
     import threading
-    import types
 
     from fmjax.training import checkpoints
 
@@ -300,7 +303,7 @@ def test_a_failed_save_drops_the_unraisable_errors_of_its_threads_and_a_good_one
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
-    state = types.SimpleNamespace(step=7, params={"x": np.zeros(3, np.float32)}, ema_params={}, opt_state=())
+    state = _tiny_state()
     manager = Manager()
     checkpoints.save_state(manager, 6, state)
     assert [str(u.exc_value) for u in seen] == ["Event loop is closed"]
