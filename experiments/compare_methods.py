@@ -20,7 +20,10 @@ Per embedded texture (real photos, synthetic defects on held-out crops):
                  pixel's value the mean over the patches covering it, image score = max
 All go through fmjax.app.train / fmjax.app.evaluate (the CLI's training, calibration and
 scoring path); thresholds come from held-out normal images only (radar: its forest's
-decision).
+decision). Each image AUROC carries DeLong's 95% interval, and every learned method is
+compared with each floor (and Flow Mismatching with the other learned methods) on the same
+test images by DeLong's paired test (fmjax.eval.intervals): OUT/compare_methods.md's second
+table; the image scores behind it are kept in OUT/scores/<dataset>.npz.
 Writes OUT/compare_methods.{md,csv,json} (one row per texture and method, plus the mean
 over textures) and the run folders OUT/runs/<texture>/<method>; a rerun reuses every
 finished run that trained the same network (other scoring settings, e.g. new defaults,
@@ -46,6 +49,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -53,7 +57,7 @@ import numpy as np
 NAMES = {"flow_mismatch": "Flow Mismatching", "radar": "RADAR", "recon": "flow reconstruction",
          "pca": "PCA floor", "patch_nn": "patch nearest neighbour"}
 NETWORKS = ("flow_mismatch", "radar", "recon")
-COLUMNS = ["dataset", "method", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
+COLUMNS = ["dataset", "method", "image_auroc", "image_auroc_ci95", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
            "pixel_f1_max", "aupro", "image_f1_at_threshold", "network_calls_per_image",
            "sequential_calls_per_image", "images_per_s", "train_s"]
 
@@ -137,19 +141,42 @@ FASHION_MNIST_SETTINGS = ["data.image_size=32", "calibration.holdout_fraction=0.
 
 
 def evaluate(run, dataset):
-    """evaluate_run after one warm-up call, so images_per_s excludes compilation."""
+    """evaluate_run after one warm-up call, so images_per_s excludes compilation: (its
+    metrics, the image scores float64 [N] in test order as `--maps-out` exports them)."""
     from fmjax.app.evaluate import evaluate_run
     from fmjax.methods.batches import scoring_progress
 
     run.score(dataset.test.images[:1])
-    with scoring_progress(f"scoring {dataset.category}", sys.stderr.isatty()):
-        return evaluate_run(run, dataset)
+    with tempfile.TemporaryDirectory() as tmp, scoring_progress(f"scoring {dataset.category}", sys.stderr.isatty()):
+        result = evaluate_run(run, dataset, maps_out=os.path.join(tmp, "maps"))
+        (scores_csv,) = [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files if f == "image_scores.csv"]
+        with open(scores_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+    if [int(r["label"]) for r in rows] != [int(x) for x in dataset.test.labels]:
+        raise RuntimeError(f"{scores_csv}: the exported image scores are not in test order")
+    return result, np.array([float(r["score"]) for r in rows])
+
+
+FLOORS = ("pca", "patch_nn")
+
+
+def paired_tests(dataset_name: str, scores: dict, labels) -> list[dict]:
+    """DeLong's paired test of image AUROCs on one test split: every learned method against
+    each floor, and Flow Mismatching against RADAR and the reconstruction. scores: {method:
+    float [N]} on the same images; labels {0, 1} [N]."""
+    from fmjax.eval.intervals import auroc_difference
+
+    learned = [m for m in NETWORKS if m in scores]
+    pairs = [(m, f) for m in learned for f in FLOORS if f in scores]
+    pairs += [("flow_mismatch", m) for m in ("radar", "recon") if "flow_mismatch" in scores and m in scores]
+    return [{"dataset": dataset_name, "a": a, "b": b, **auroc_difference(scores[a], scores[b], labels)}
+            for a, b in pairs]
 
 
 def floor(dataset, config, model):
     """A non-learned floor (fmjax.baselines) fitted on the normal training images the
     networks train on (the held-out ones left out), thresholds from the held-out normals,
-    metrics as for the runs."""
+    metrics as for the runs. Returns (metrics, image scores float64 [N])."""
     from fmjax import data as data_lib
     from fmjax.app.evaluate import split_metrics
     from fmjax.eval.calibration import thresholds
@@ -170,7 +197,7 @@ def floor(dataset, config, model):
     result = split_metrics(dataset.test, maps, scores, decided, threshold, cal.get("pixel_threshold"))
     result.update({"network_calls_per_image": 0, "sequential_calls_per_image": 0, "train_s": train_s,
                    "images_per_s": len(dataset.test) / max(seconds, 1e-9)})
-    return result
+    return result, np.asarray(scores, np.float64)
 
 
 def main(argv=None):
@@ -209,7 +236,7 @@ def main(argv=None):
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out, ".jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     wall = time.perf_counter()
-    rows, configs = [], {}
+    rows, configs, tests = [], {}, []
     for name, spec, settings in datasets:
         if args.preset == AUTO:  # as fmjax train: texture or aligned, from the training images
             base, _, reason = resolve_auto(spec, None, "flow_mismatch", args.set)
@@ -235,15 +262,23 @@ def main(argv=None):
         dataset = data_lib.load(spec, None, data_config.data, data_config.textures)
         if spec.startswith("fashion_mnist:"):
             dataset = dataclasses.replace(dataset, test=data_lib.stratified_subset(dataset.test, args.test_limit))
-        results = {method: dict(evaluate(run, dataset), train_s=train_s)
-                   for method, (run, train_s, _) in trained.items()}
+        results, scores = {}, {}
+        for method, (run, train_s, _) in trained.items():
+            results[method], scores[method] = evaluate(run, dataset)
+            results[method]["train_s"] = train_s
         if "recon" in results:
             results["recon"]["train_s"] = results["flow_mismatch"]["train_s"]  # the same model
         if "pca" in methods:
             pca = baselines.PCAFloor(args.pca_components)
-            results["pca"] = dict(floor(dataset, data_config, pca), pca_components=int(pca.pca.n_components_))
+            results["pca"], scores["pca"] = floor(dataset, data_config, pca)
+            results["pca"]["pca_components"] = int(pca.pca.n_components_)
         if "patch_nn" in methods:
-            results["patch_nn"] = floor(dataset, data_config, baselines.PatchNN(args.patch_size, args.bank_size))
+            results["patch_nn"], scores["patch_nn"] = floor(dataset, data_config,
+                                                            baselines.PatchNN(args.patch_size, args.bank_size))
+        os.makedirs(os.path.join(args.out, "scores"), exist_ok=True)
+        np.savez_compressed(os.path.join(args.out, "scores", f"{name}.npz"), labels=dataset.test.labels.astype(np.int8),
+                            **{m: s.astype(np.float32) for m, s in scores.items()})
+        tests += paired_tests(name, scores, dataset.test.labels)
         for method in methods:
             row = {"dataset": name, "method": method, **results[method]}
             rows.append(row)
@@ -253,24 +288,28 @@ def main(argv=None):
         for method in methods:
             mine = [r for r in rows if r["method"] == method and r["dataset"] in names]
             rows.append({"dataset": "texture mean", "method": method,
-                         **{c: float(np.mean([r[c] for r in mine])) for c in COLUMNS[2:]}})
+                         **{c: float(np.mean([r[c] for r in mine])) for c in COLUMNS[2:] if c != "image_auroc_ci95"}})
     seconds = time.perf_counter() - wall
     display = [dict(r, method=NAMES[r["method"]]) for r in rows]
     table = markdown_table(display, COLUMNS)
     title = (f"Methods on {', '.join(d[0] for d in datasets)} (preset {args.preset}"
              + (f", {args.test_limit} Fashion-MNIST test images" if args.test_limit and len(datasets) > len(names) else "")
              + (f", {' '.join(args.set)}" if args.set else "") + f"; {len(jax.devices())} CPU devices)")
-    print(f"\n{title}\n{table}\nwall time {seconds:.0f} s")
+    paired = markdown_table([dict(t, a=NAMES[t["a"]], b=NAMES[t["b"]], interval=[t["low"], t["high"]])
+                             for t in tests], ["dataset", "a", "b", "difference", "interval", "p_value"])
+    print(f"\n{title}\n{table}\n\nImage AUROC of a minus b, DeLong's paired test\n{paired}\nwall time {seconds:.0f} s")
     with open(os.path.join(args.out, "compare_methods.md"), "w") as f:
-        f.write(f"{title}\n\n{table}\n\nimage_f1_at_threshold: threshold from held-out normals "
-                f"(RADAR: the Isolation Forest's decision). Wall time {seconds:.0f} s.\n")
+        f.write(f"{title}\n\n{table}\n\nimage_auroc_ci95: DeLong's 95% interval. image_f1_at_threshold: threshold "
+                f"from held-out normals (RADAR: the Isolation Forest's decision). Wall time {seconds:.0f} s.\n\n"
+                f"Image AUROC of a minus b on the same test images, DeLong's paired test (95% interval, two-sided "
+                f"p-value):\n\n{paired}\n")
     with open(os.path.join(args.out, "compare_methods.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     write_json(os.path.join(args.out, "compare_methods.json"),
                     {"preset": args.preset, "overrides": args.set, "datasets": [d[0] for d in datasets], "test_limit": args.test_limit,
-                     "configs": configs, "wall_s": seconds, "rows": rows})
+                     "configs": configs, "wall_s": seconds, "rows": rows, "paired_tests": tests})
     print(f"-> {os.path.join(args.out, 'compare_methods.md')} (.csv, .json)")
 
 

@@ -91,6 +91,14 @@ def assert_image_metrics_from_csv(rows, metrics):
     scores = np.array([score for _, score, _ in rows.values()])
     assert roc_auc_score(labels, scores) == pytest.approx(metrics["image_auroc"], abs=1e-12)
     assert average_precision_score(labels, scores) == pytest.approx(metrics["image_ap"], abs=1e-12)
+    # DeLong's 95% interval, from every (anomalous, normal) pair of the exported scores
+    from scipy import special
+
+    from tests.references import delong_by_definition
+
+    auroc, cov = delong_by_definition(scores, labels)
+    half = special.ndtri(0.975) * np.sqrt(cov[0, 0])
+    assert metrics["image_auroc_ci95"] == pytest.approx([max(0.0, auroc[0] - half), min(1.0, auroc[0] + half)], abs=1e-9)
 
 
 def other_metrics(run_dir):

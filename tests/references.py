@@ -2,6 +2,7 @@
 definitions (METHOD.md, the U-Net's layer list), in numpy, sharing no code with fmjax.
 
 - `brute_force_aupro`: AUPRO with every curve point recounted from scratch.
+- `delong_by_definition`: DeLong's AUROC variance from the full matrix of pair comparisons.
 - `NumpyUNet`: the ADM U-Net's forward pass on the Flax parameter tree, float64 numpy.
 - `reference_scores`: Flow Mismatching maps and image scores by plain loops, with the time
   grid t_j = j / (T + 1) and the K noise images drawn here from the score seed.
@@ -18,6 +19,23 @@ from flax import traverse_util
 from scipy import ndimage
 
 # ----------------------------------------------------------------------------- metrics
+
+
+def delong_by_definition(scores_by_method, labels):
+    """Per method (rows of scores_by_method [R, N]): the AUROC from every (anomalous, normal)
+    pair (1 if the anomalous image scores higher, 1/2 for a tie), and the [R, R] covariance
+    of the AUROCs, DeLong 1988 eq. (4): S10 / m + S01 / n over the pairs' row and column means."""
+    scores = np.atleast_2d(np.asarray(scores_by_method, np.float64))
+    labels = np.asarray(labels).astype(bool)
+    pair = lambda s: (s[labels][:, None] > s[~labels][None, :]) + 0.5 * (s[labels][:, None] == s[~labels][None, :])
+    psi = np.stack([pair(s) for s in scores])  # [R, m, n]
+    v10, v01 = psi.mean(axis=2), psi.mean(axis=1)  # [R, m], [R, n]
+    m, n = v10.shape[1], v01.shape[1]
+    s10 = np.array([[np.sum((v10[a] - v10[a].mean()) * (v10[b] - v10[b].mean())) / (m - 1) for b in range(len(scores))]
+                    for a in range(len(scores))])
+    s01 = np.array([[np.sum((v01[a] - v01[a].mean()) * (v01[b] - v01[b].mean())) / (n - 1) for b in range(len(scores))]
+                    for a in range(len(scores))])
+    return psi.mean(axis=(1, 2)), s10 / m + s01 / n
 
 
 def brute_force_aupro(maps, masks, fpr_limit=0.3):

@@ -13,6 +13,7 @@ import numpy as np
 from fmjax import data as data_lib
 from fmjax import runs
 from fmjax.errors import DataError, RunError
+from fmjax.eval import intervals
 from fmjax.eval import metrics as metrics_lib
 from fmjax.eval import writers
 from fmjax.files import Outputs, plain_name
@@ -20,7 +21,7 @@ from fmjax.files import Outputs, plain_name
 __all__ = ["COLUMNS", "display_max", "evaluate_all", "evaluate_run", "main", "metrics_name", "metrics_table",
            "split_metrics"]
 
-COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "radar_f1",
+COLUMNS = ["category", "image_auroc", "image_auroc_ci95", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "radar_f1",
            "network_calls_per_image", "seconds"]
 
 
@@ -28,7 +29,8 @@ def split_metrics(split, maps, scores, decided=None, image_threshold=None, pixel
     """Every metric of maps float [N,H,W] and image scores float [N] on a labelled split.
 
     Threshold-free: image/pixel AUROC, AP, F1-max and AUPRO (pixel metrics on the masks at
-    original size when the reader kept them, maps resized bilinearly up to them).
+    original size when the reader kept them, maps resized bilinearly up to them), and
+    image_auroc_ci95 = [low, high], DeLong's 95% interval of the image AUROC.
     Thresholded: image_{precision,recall,f1,accuracy}_at_threshold of `decided` (int [N],
     1 = anomalous: a method's own decision) and pixel F1 at `pixel_threshold`.
     """
@@ -37,6 +39,7 @@ def split_metrics(split, maps, scores, decided=None, image_threshold=None, pixel
     else:
         eval_maps, eval_masks = maps, split.masks
     result = metrics_lib.compute_all(scores, split.labels, eval_maps, eval_masks)
+    result["image_auroc_ci95"] = list(intervals.auroc_interval(scores, split.labels))
     if decided is not None:
         # 0/1 decisions as scores with threshold 1: the metrics of the decision itself
         at = metrics_lib.thresholded_metrics(np.asarray(decided, np.float32), split.labels, 1.0)

@@ -79,10 +79,13 @@ def grid(tiles, columns: int) -> np.ndarray:
 
 
 def markdown_table(rows, columns, floatfmt: str = "{:.3f}") -> str:
-    """rows: list of dicts -> a markdown table over `columns` (missing -> '-')."""
+    """rows: list of dicts -> a markdown table over `columns` (missing -> '-'; an interval,
+    a pair of floats, as '[low, high]')."""
     def cell(v):
         if isinstance(v, float):
             return "nan" if math.isnan(v) else floatfmt.format(v)
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, float) for x in v):
+            return f"[{cell(v[0])}, {cell(v[1])}]"
         return "-" if v is None else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -52,3 +52,25 @@ def test_other_training_settings_train_anew(finished, change):
 
 def test_a_run_without_timing_is_not_finished(tmp_path):
     assert compare_methods._finished(str(tmp_path), build("tiny", "flow_mismatch", SETTINGS)) is None
+
+
+def test_the_comparison_keeps_each_methods_exported_image_scores_and_tests_them_in_pairs(finished, data_root):
+    from sklearn.metrics import roc_auc_score
+
+    from fmjax import data as data_lib
+    from fmjax.eval.intervals import auroc_difference
+
+    run_dir, config = finished
+    run, _ = compare_methods._finished(str(run_dir), config)
+    dataset = data_lib.load(f"folder:{data_root}", CATEGORY, run.config.data)
+    result, scores = compare_methods.evaluate(run, dataset)
+    assert scores == pytest.approx(run.score(dataset.test.images)[1], rel=1e-6)
+    assert result["image_auroc"] == pytest.approx(roc_auc_score(dataset.test.labels, scores), abs=1e-12)
+    labels = dataset.test.labels
+    others = {"pca": -scores, "patch_nn": scores + labels, "radar": scores[::-1].copy()}
+    tests = compare_methods.paired_tests("widget", {"flow_mismatch": scores, **others}, labels)
+    assert [(t["a"], t["b"]) for t in tests] == [("flow_mismatch", "pca"), ("flow_mismatch", "patch_nn"),
+                                                 ("radar", "pca"), ("radar", "patch_nn"), ("flow_mismatch", "radar")]
+    every = {"flow_mismatch": scores, **others}
+    for t in tests:
+        assert t == {"dataset": "widget", "a": t["a"], "b": t["b"], **auroc_difference(every[t["a"]], every[t["b"]], labels)}
