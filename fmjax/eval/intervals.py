@@ -1,8 +1,8 @@
 """How far an image AUROC can be trusted: DeLong's confidence interval of one AUROC, and
 DeLong's paired test of two AUROCs read on the same images.
 
-A test split of 40 images (20 normal, 20 anomalous) pins an AUROC of 0.7 down to about
-+-0.16; two methods 0.001 apart on the same images are usually indistinguishable. Both
+A test split of 40 images (20 normal, 20 anomalous) pins an AUROC near 0.7 down to about
++-0.17, and two methods a few thousandths apart on thousands of images may not differ. Both
 functions use the variance of the AUROC as a two-sample U-statistic (DeLong, DeLong and
 Clarke-Pearson, Biometrics 1988) and a normal approximation, as R's pROC does; ties count
 one half. The interval is clipped to [0, 1] and is a single point where the AUROC is 0
@@ -17,10 +17,10 @@ from scipy import special, stats
 
 from fmjax.eval.metrics import _check_scores_labels
 
-__all__ = ["auroc_difference", "auroc_interval", "placements"]
+__all__ = ["auroc_difference", "auroc_interval", "placement_values"]
 
 
-def placements(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+def placement_values(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     """DeLong's structural components of the AUROC of scores float [N] (higher = more
     anomalous) against labels {0, 1} [N]: (v_anomalous float64 [m], v_normal float64 [n]).
 
@@ -47,7 +47,7 @@ def _z(level: float) -> float:
 def auroc_interval(scores, labels, level: float = 0.95) -> tuple[float, float]:
     """DeLong's `level` confidence interval (low, high) of the AUROC of scores float [N]
     against labels {0, 1} [N]; (nan, nan) with fewer than two images of either kind."""
-    v_anomalous, v_normal = placements(scores, labels)
+    v_anomalous, v_normal = placement_values(scores, labels)
     z = _z(level)
     if v_anomalous.size < 2 or v_normal.size < 2:
         return math.nan, math.nan
@@ -63,8 +63,8 @@ def auroc_difference(scores_a, scores_b, labels, level: float = 0.95) -> dict:
     Returns {"auroc_a", "auroc_b", "difference" (a - b), "low", "high" (its `level`
     interval, clipped to [-1, 1]), "p_value" (two-sided, H0: equal AUROCs)}. Where the variance of
     the difference is 0 (e.g. identical rankings) p_value is 1 if the difference is 0, else 0."""
-    va, na = placements(scores_a, labels)
-    vb, nb = placements(scores_b, labels)
+    va, na = placement_values(scores_a, labels)
+    vb, nb = placement_values(scores_b, labels)
     z = _z(level)
     if va.size < 2 or na.size < 2:
         return dict.fromkeys(("auroc_a", "auroc_b", "difference", "low", "high", "p_value"), math.nan)

@@ -27,7 +27,7 @@ def test_the_interval_is_deLongs_from_every_pair(ties):
     order = rng.permutation(len(scores))  # the interval does not depend on the images' order
     scores, labels = scores[order], labels[order]
     auroc, cov = delong_by_definition(scores, labels)
-    v_anomalous, v_normal = intervals.placements(scores, labels)
+    v_anomalous, v_normal = intervals.placement_values(scores, labels)
     assert v_anomalous.mean() == pytest.approx(auroc[0], abs=1e-12) == pytest.approx(roc_auc_score(labels, scores))
     assert v_normal.mean() == pytest.approx(auroc[0], abs=1e-12)
     low, high = intervals.auroc_interval(scores, labels, level=0.9)
