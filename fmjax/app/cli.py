@@ -125,14 +125,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warnings(command: str) -> None:
-    """fmjax's warnings as 'fmjax COMMAND: warning: ...' (other libraries' as they are)."""
+    """fmjax's warnings as 'fmjax COMMAND: warning: ...', each message once (a command may
+    read its data twice); other libraries' as they are."""
     from fmjax.errors import FmjaxWarning
 
-    plain = warnings.showwarning
+    plain, shown = warnings.showwarning, set()
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, FmjaxWarning):
-            print(f"fmjax {command}: warning: {message}", file=sys.stderr)
+            if str(message) not in shown:
+                shown.add(str(message))
+                print(f"fmjax {command}: warning: {message}", file=sys.stderr)
         else:
             plain(message, category, filename, lineno, file, line)
 

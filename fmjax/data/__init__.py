@@ -61,7 +61,7 @@ def load(spec: str, category: str | None, config, textures_config=None) -> Datas
         return tfds.load_prepared(value, category, config.image_size, config.channels or 3)
     from fmjax.data import folder
 
-    return folder.load_folder(value, category, config.image_size, config.channels)
+    return folder.load_folder(value, category, config.image_size, config.channels, image_level=True)
 
 
 def orientation_free(spec: str, categories) -> bool:

@@ -180,11 +180,14 @@ def _read_all(paths, image_size: int, channels: int):
     return images, sizes
 
 
-def folder_items(root, category: str):
+def folder_items(root, category: str, image_level: bool = False):
     """(train_items, test_items) of `category` under `root` in MVTec layout: items
     (name, defect, image path, mask path or None), train sorted by file name, test by
     (defect folder, file name); names "train/<good|ok>/<stem>", "test/<defect>/<stem>",
-    defect "good" for the normal folders. DataError naming what is missing otherwise."""
+    defect "good" for the normal folders. DataError naming what is missing otherwise.
+    image_level: a category whose defect images have no mask at all (a one-class set:
+    test/<other class>/ without ground_truth/) is read with mask None for every image,
+    with a warning; a mask missing beside others is still an error."""
     root = pathlib.Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder: pass the folder that holds the category folders")
@@ -213,13 +216,17 @@ def folder_items(root, category: str):
     test_items = []
     for path in test_paths:
         defect = "good" if path.parent.name in NORMAL_FOLDERS else path.parent.name
-        mask = None
-        if defect != "good":
-            mask = _mask_path(gt_dir, defect, path.stem)
-            if mask is None:
-                raise DataError(f"no mask for defect image {path}: add {gt_dir / defect / (path.stem + '_mask.png')} "
-                                f"(0 = normal, 255 = defect; {path.stem}.png is also accepted)")
+        mask = None if defect == "good" else _mask_path(gt_dir, defect, path.stem)
         test_items.append((f"test/{path.parent.name}/{path.stem}", defect, path, mask))
+    missing = [(path, defect) for _, defect, path, mask in test_items if defect != "good" and mask is None]
+    defects = sum(defect != "good" for _, defect, _, _ in test_items)
+    if missing and not (image_level and len(missing) == defects):
+        path, defect = missing[0]
+        raise DataError(f"no mask for defect image {path}: add {gt_dir / defect / (path.stem + '_mask.png')} "
+                        f"(0 = normal, 255 = defect; {path.stem}.png is also accepted)")
+    if missing:
+        warn(f"category folder {folder}: none of its {defects} anomalous test images has a mask in {gt_dir}: "
+             f"image-level metrics only (the pixel metrics are nan)")
     train_items = [(f"train/{train_dir.name}/{p.stem}", "good", p, None) for p in train_paths]
     return train_items, test_items
 
@@ -261,7 +268,7 @@ def read_items(items, image_size: int, channels: int, train: bool) -> Split:
                  names=names, defect_types=defects, original_sizes=sizes, full_masks=full_masks)
 
 
-def load_folder(root, category: str, image_size: int, channels: int = 0) -> Dataset:
+def load_folder(root, category: str, image_size: int, channels: int = 0, image_level: bool = False) -> Dataset:
     """Category `category` of the MVTec-AD style dataset under `root`.
 
     channels: 0 keeps grey data grey: 1 when every training image is grey,
@@ -272,11 +279,12 @@ def load_folder(root, category: str, image_size: int, channels: int = 0) -> Data
     binarised masks at original size and original_sizes the source (H, W).
     The test split is sorted by (defect, file name), named "test/<defect>/<stem>".
     `category` must be a plain folder name inside `root` (no '..', no '/', no link
-    leading outside).
+    leading outside). image_level: as `folder_items` (anomalous test images then have
+    all-zero masks).
     """
     _check_channels(channels)
     _check_size(image_size)
-    train_items, test_items = folder_items(root, category)
+    train_items, test_items = folder_items(root, category, image_level)
     if channels == 0:
         channels = channels_of([item[2] for item in train_items], f"category folder {root}/{category}",
                                [item[2] for item in test_items])

@@ -15,7 +15,7 @@ import pytest
 import tifffile
 from helpers import (CATEGORY, SIZE, TEST_IDS, TRAIN_ARGS, H, W, assert_image_metrics_from_csv,
                      assert_one_line_error, assert_pixel_metrics_from_tiffs, cli, csv_scores, image_scores_csv,
-                     load_test_split, metric_values, reference_run_scores, run_config)
+                     load_test_split, metric_values, other_metrics, reference_run_scores, run_config)
 from PIL import Image
 
 from fmjax import data as data_lib
@@ -259,6 +259,38 @@ def test_evaluate_rejects_bad_data(bad_root, run_copy, tmp_path, capsys):
     assert_one_line_error(code, err)
     assert not (run_copy / "metrics.json").exists()
     assert not maps_dir.exists()
+
+
+def test_evaluate_on_a_one_class_folder_without_masks(run_copy, data_root, tmp_path, capsys):
+    """test/<other class>/ without ground_truth/: image metrics from the exported scores,
+    pixel metrics nan, one warning line that says so."""
+    one_class = tmp_path / "one_class"
+    shutil.copytree(data_root / CATEGORY, one_class / CATEGORY)
+    shutil.rmtree(one_class / CATEGORY / "ground_truth")
+    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--data", f"folder:{one_class}", "--maps-out",
+                       tmp_path / "maps", "--no-progress")
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "image-level metrics only" in warned[0], err
+    metrics = other_metrics(run_copy)
+    assert all(np.isnan(metrics[k]) for k in ("pixel_auroc", "pixel_ap", "aupro"))
+    assert_image_metrics_from_csv(image_scores_csv(tmp_path / "maps" / CATEGORY / "image_scores.csv"), metrics)
+
+
+def test_a_warning_prints_once_per_command(monkeypatch, capsys):
+    import warnings
+
+    from fmjax.app import cli as cli_module
+    from fmjax.errors import FmjaxWarning
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    cli_module._one_line_warnings("train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for message in ("read as RGB", "read as RGB", "another"):
+            warnings.warn(message, FmjaxWarning)
+    assert capsys.readouterr().err.splitlines() == ["fmjax train: warning: read as RGB",
+                                                    "fmjax train: warning: another"]
 
 
 def test_evaluate_missing_run(tmp_path, capsys):

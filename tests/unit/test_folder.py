@@ -200,6 +200,26 @@ def test_missing_mask(root):
     _one_line_error([str(expected), str(root / "rgbcat/test/crack/001.png")], load_folder, root, "rgbcat", S)
 
 
+def test_a_category_without_any_mask_is_read_image_level_only_where_asked(root):
+    """A one-class set: test/<other class>/ and no ground_truth/ at all. The plain folder
+    reader (image_level=True, what `--data folder:ROOT` uses) reads it with all-zero masks
+    and one warning; MVTec-AD's reader (image_level=False) still asks for the masks."""
+    import shutil
+
+    shutil.rmtree(root / "rgbcat" / "ground_truth")
+    with pytest.warns(FmjaxWarning, match="none of its 2 anomalous test images has a mask") as caught:
+        ds = load_folder(root, "rgbcat", S, image_level=True)
+    assert len([w for w in caught if issubclass(w.category, FmjaxWarning)]) == 1
+    assert list(ds.test.labels) == [1, 1, 0, 0] and ds.test.defect_types == ("crack", "crack", "good", "good")
+    assert not ds.test.masks.any() and all(not m.any() for m in ds.test.full_masks)
+    _one_line_error([str(root / "rgbcat/test/crack/000.png")], load_folder, root, "rgbcat", S)
+
+
+def test_one_missing_mask_beside_others_is_an_error_even_image_level(root):
+    (root / "rgbcat/ground_truth/crack/001.png").unlink()
+    _one_line_error([str(root / "rgbcat/test/crack/001.png")], load_folder, root, "rgbcat", S, 0, True)
+
+
 def test_load_images(root):
     images, names, sizes = load_images(root / "rgbcat/train/good", S)  # skips notes.txt and .hidden.png
     assert images.shape == (3, S, S, 3) and names == ("000", "001", "002")
