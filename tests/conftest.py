@@ -13,6 +13,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """After the last test, drop JAX's garbage-collection hook (it frees XLA buffers at
+    every full collection). A pytest-xdist worker still busy 5 s after the session ends is
+    stopped by an interrupt of its main thread (execnet's interrupt_main); landing in that
+    hook, a long XLA collection, it printed an ignored KeyboardInterrupt."""
+    import gc
+
+    gc.callbacks[:] = [hook for hook in gc.callbacks if getattr(hook, "__name__", "") != "_xla_gc_callback"]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _persistent_compile_cache(tmp_path_factory):
     """Same config and shapes -> same XLA program: compile it once per test session
