@@ -144,12 +144,13 @@ def evaluate(run, dataset):
     """evaluate_run after one warm-up call, so images_per_s excludes compilation: (its
     metrics, the image scores float64 [N] in test order as `--maps-out` exports them)."""
     from fmjax.app.evaluate import evaluate_run
+    from fmjax.files import plain_name
     from fmjax.methods.batches import scoring_progress
 
     run.score(dataset.test.images[:1])
     with tempfile.TemporaryDirectory() as tmp, scoring_progress(f"scoring {dataset.category}", sys.stderr.isatty()):
-        result = evaluate_run(run, dataset, maps_out=os.path.join(tmp, "maps"))
-        (scores_csv,) = [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files if f == "image_scores.csv"]
+        result = evaluate_run(run, dataset, maps_out=tmp)
+        scores_csv = os.path.join(tmp, plain_name(dataset.category, "category"), "image_scores.csv")
         with open(scores_csv, newline="") as f:
             rows = list(csv.DictReader(f))
     if [int(r["label"]) for r in rows] != [int(x) for x in dataset.test.labels]:
@@ -288,7 +289,8 @@ def main(argv=None):
         for method in methods:
             mine = [r for r in rows if r["method"] == method and r["dataset"] in names]
             rows.append({"dataset": "texture mean", "method": method,
-                         **{c: float(np.mean([r[c] for r in mine])) for c in COLUMNS[2:] if c != "image_auroc_ci95"}})
+                         **{c: float(np.mean([r[c] for r in mine])) for c in COLUMNS[2:]
+                            if all(isinstance(r[c], (int, float)) for r in mine)}})
     seconds = time.perf_counter() - wall
     display = [dict(r, method=NAMES[r["method"]]) for r in rows]
     table = markdown_table(display, COLUMNS)

@@ -44,16 +44,28 @@ def _z(level: float) -> float:
     return float(special.ndtri(0.5 + level / 2.0))
 
 
+def _aurocs_and_covariance(score_sets, labels):
+    """AUROCs float64 [R] of R score vectors on the same images and DeLong's covariance of
+    them, float64 [R, R]; None with fewer than two images of either kind."""
+    values = [placement_values(scores, labels) for scores in score_sets]
+    v_anomalous, v_normal = np.stack([v for v, _ in values]), np.stack([v for _, v in values])  # [R, m], [R, n]
+    if v_anomalous.shape[1] < 2 or v_normal.shape[1] < 2:
+        return None
+    cov = (np.atleast_2d(np.cov(v_anomalous, ddof=1)) / v_anomalous.shape[1]
+           + np.atleast_2d(np.cov(v_normal, ddof=1)) / v_normal.shape[1])
+    return v_anomalous.mean(axis=1), cov
+
+
 def auroc_interval(scores, labels, level: float = 0.95) -> tuple[float, float]:
     """DeLong's `level` confidence interval (low, high) of the AUROC of scores float [N]
     against labels {0, 1} [N]; (nan, nan) with fewer than two images of either kind."""
-    v_anomalous, v_normal = placement_values(scores, labels)
     z = _z(level)
-    if v_anomalous.size < 2 or v_normal.size < 2:
+    found = _aurocs_and_covariance([scores], labels)
+    if found is None:
         return math.nan, math.nan
-    auroc = float(v_anomalous.mean())
-    half = z * math.sqrt(v_anomalous.var(ddof=1) / v_anomalous.size + v_normal.var(ddof=1) / v_normal.size)
-    return max(0.0, auroc - half), min(1.0, auroc + half)
+    (auroc,), cov = found
+    half = z * math.sqrt(cov[0, 0])
+    return max(0.0, float(auroc) - half), min(1.0, float(auroc) + half)
 
 
 def auroc_difference(scores_a, scores_b, labels, level: float = 0.95) -> dict:
@@ -63,15 +75,12 @@ def auroc_difference(scores_a, scores_b, labels, level: float = 0.95) -> dict:
     Returns {"auroc_a", "auroc_b", "difference" (a - b), "low", "high" (its `level`
     interval, clipped to [-1, 1]), "p_value" (two-sided, H0: equal AUROCs)}. Where the variance of
     the difference is 0 (e.g. identical rankings) p_value is 1 if the difference is 0, else 0."""
-    va, na = placement_values(scores_a, labels)
-    vb, nb = placement_values(scores_b, labels)
     z = _z(level)
-    if va.size < 2 or na.size < 2:
+    found = _aurocs_and_covariance([scores_a, scores_b], labels)
+    if found is None:
         return dict.fromkeys(("auroc_a", "auroc_b", "difference", "low", "high", "p_value"), math.nan)
-    auroc_a, auroc_b = float(va.mean()), float(vb.mean())
-    s_anomalous = np.cov(np.stack([va, vb]), ddof=1)  # [2, 2]
-    s_normal = np.cov(np.stack([na, nb]), ddof=1)
-    cov = s_anomalous / va.size + s_normal / na.size
+    aurocs, cov = found
+    auroc_a, auroc_b = float(aurocs[0]), float(aurocs[1])
     difference = auroc_a - auroc_b
     variance = max(float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]), 0.0)
     if variance == 0.0:
