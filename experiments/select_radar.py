@@ -16,10 +16,16 @@ One-class sets (`--aligned`) are scored the same way with the training images of
 other classes as the anomalies (image AUROC alone, as experiments/select_settings.py
 scores them); their choice is RADAR's `aligned` preset. With normalize = pixel the
 fitting half is cut in two again (statistics, then the forest), as `Radar.fit` does.
+Their grid also has the memory bank's distance (score.feature_knn; the bank from the
+images the network trained on). `--fix` holds grid fields at one value: a second stage
+at an earlier stage's choice, with its own --out.
 
     python experiments/select_radar.py --out experiments/results/selection --textures brick,grass,gravel
     python experiments/select_radar.py --out experiments/results/selection --textures "" \
         --aligned fashion_mnist:0,fashion_mnist:1,digits:0,digits:1
+    python experiments/select_radar.py --out experiments/results/selection/radar_aligned_knn --textures "" \
+        --aligned fashion_mnist:6,digits:0 --runs RUNS \
+        --fix t_score=500,sobel_smooth_sigma=0,normalize=pixel,one_sided=true,map_feature=true
 
 Writes OUT/radar_<set>.json (every setting's figures per set and fold) and, per kind,
 OUT/radar.{json,md} (textures) or OUT/radar_aligned.{json,md} (one-class sets): the
@@ -49,9 +55,33 @@ GRID = {"t_score": (10, 25, 50, 100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0,
 # standardisation of the noise map (aligned images only: a texture's pixels share one distribution)
 GRIDS = {"texture": {**GRID, "one_sided": (False, True), "map_feature": (False, True)},
          "aligned": {"t_score": (100, 250, 500), "sobel_smooth_sigma": (0.0, 1.0, 2.0),
-                     "normalize": ("none", "pixel"), "one_sided": (False, True), "map_feature": (False, True)}}
-PAPER_SIDE = {"normalize": "none", "one_sided": False, "map_feature": False}  # ties go to the paper's RADAR
-FOREST_SIDE = ("one_sided", "map_feature")  # settings that change no map: rows that differ only in them share maps
+                     "normalize": ("none", "pixel"), "one_sided": (False, True), "map_feature": (False, True),
+                     "feature_knn": (0, 5)}}
+PAPER_SIDE = {"normalize": "none", "one_sided": False, "map_feature": False, "feature_knn": 0}  # ties: the paper's
+# settings that change no map: rows that differ only in them share maps
+FOREST_SIDE = ("one_sided", "map_feature", "feature_knn")
+
+
+def _same_value(value, text: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value).lower() == text.lower()
+    try:
+        return float(text) == value
+    except ValueError:
+        return False
+
+
+def grid_of(kind: str, fix: str = "") -> dict:
+    """GRIDS[kind] with the fields named in `fix` ("field=value,...") held at that value
+    (a later stage, at an earlier stage's choice); a value must be one of the grid's."""
+    grid = dict(GRIDS[kind])
+    for item in filter(None, fix.split(",")):
+        field, _, text = item.partition("=")
+        matches = [v for v in grid.get(field, ()) if _same_value(v, text.strip())]
+        if not matches:
+            raise SystemExit(f"--fix {item}: {field} takes one of {grid.get(field, 'nothing in this grid')}")
+        grid[field] = (matches[0],)
+    return grid
 
 
 def _trained(config):
@@ -76,47 +106,58 @@ def radar_run(name: str, spec: str, runs_dir: str, category: str | None = None):
     return train_run(config, spec, category, run_dir, progress=False, data=data), data[0]
 
 
-def fold_maps(params, scorer, halves: dict, anomalies: dict, standardized: bool) -> dict:
+def fold_maps(params, scorer, halves: dict, anomalies: dict, standardized: bool, bank=None) -> dict:
     """Per fold (test half "A" or "B"): {"fit": the forest's half, the test half, "V" + the
     test half: its anomalies}, each (maps, features) of `scorer`. `standardized`: the
     fitting half is cut in two again, as `Radar.fit` cuts the held-out normals (statistics
-    on the first, the forest on the second)."""
+    on the first, the forest on the second). bank: the memory bank's arrays
+    (`image_bank.to_arrays`) for a scorer with score.feature_knn."""
     from fmjax.methods.base import Fitted
     from fmjax.methods.radar import standardize
 
     folds = {}
     for fit, test in (("A", "B"), ("B", "A")):
-        for_forest, stats = halves[fit], Fitted()
+        for_forest, stats = halves[fit], Fitted(arrays=dict(bank or {}))
         if standardized:
             half = len(for_forest) // 2
-            stats = Fitted(arrays=standardize.fit(scorer.noise_maps(params, for_forest[:half])))
+            stats = Fitted(arrays={**stats.arrays, **standardize.fit(scorer.noise_maps(params, for_forest[:half]))})
             for_forest = for_forest[half:]
         folds[test] = {name: scorer.maps_and_features(params, images, None, stats)
                        for name, images in (("fit", for_forest), (test, halves[test]), (f"V{test}", anomalies[test][0]))}
     return folds
 
 
-def fold_rows(run, halves: dict, anomalies: dict, grid: dict) -> list[dict]:
+def fold_rows(run, halves: dict, anomalies: dict, grid: dict, trained=None) -> list[dict]:
     """Every setting of `grid`: per fold (forest on one half, the other half's normals and
     anomalies {half: (images, masks or None)} scored), image AUROC and, where the
     anomalies have masks, pixel AUROC; the criterion is their mean (image AUROC alone
-    without masks). The maps are `fold_maps`'."""
+    without masks). The maps are `fold_maps`'. trained: the images the network trained on
+    (a Split), whose features fill the memory bank of the settings with feature_knn."""
     from fmjax.eval import metrics
+    from fmjax.methods import image_bank
     from fmjax.methods.radar import forest as forest_lib
-    from fmjax.methods.radar.scorer import RadarScorer
+    from fmjax.methods.radar.method import METHOD
     from fmjax.nets.unet import build_model
 
     _, apply_fn = build_model(run.config.net, run.image_shape)
     pixels = all(masks is not None for _, masks in anomalies.values())
-    fields, rows, maps_key, folds = tuple(grid), [], None, None
+    knn = max(grid.get("feature_knn", (0,)))
+    fields, rows, maps_key, folds, bank = tuple(grid), [], None, None, None
     for values in itertools.product(*grid.values()):
         settings = dataclasses.replace(run.config.score, **dict(zip(fields, values)))
         row = dict(zip(fields, values))
         if maps_key != (key := tuple(v for f, v in row.items() if f not in FOREST_SIDE)):
-            # read with the map feature (the third column): the rows without it drop it
-            scorer = RadarScorer(apply_fn, dataclasses.replace(settings, map_feature=True), run.image_shape)
-            maps_key, folds = key, fold_maps(run.params, scorer, halves, anomalies, settings.normalize == "pixel")
-        columns = slice(None) if settings.map_feature else slice(0, 2)
+            # read with the map feature (the third column) and the bank distance (the last):
+            # the rows without them drop them
+            read = dataclasses.replace(settings, map_feature=True, feature_knn=knn)
+            scorer = METHOD.scorer(run.config.replace(score=read), apply_fn, run.image_shape)
+            if knn and bank is None:
+                bank = image_bank.to_arrays(image_bank.draw_bank(
+                    lambda images, class_ids: scorer.features(run.params, images, class_ids), trained,
+                    read.feature_bank, read.forest_seed))
+            maps_key, folds = key, fold_maps(run.params, scorer, halves, anomalies, settings.normalize == "pixel",
+                                             bank)
+        columns = [0, 1] + [2] * settings.map_feature + [3] * bool(knn and settings.feature_knn)
         for test, out in folds.items():
             forest = forest_lib.fit(out["fit"][1][:, columns], settings)
             scores = np.r_[forest_lib.score(forest, out[test][1][:, columns]),
@@ -155,7 +196,7 @@ def validation_set(item: str, kind: str, args) -> dict:
     else:
         run, train = radar_run(name, item, args.runs)
     cal = run.config.calibration
-    _, holdout = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed, cal.min_holdout)
+    trained, holdout = data_lib.split_holdout(train, cal.holdout_fraction, cal.seed, cal.min_holdout)
     a, b = data_lib.split_halves(holdout)
     n = min(len(a), len(b))
     halves = {"A": a.images[:n], "B": b.images[:n]}
@@ -166,7 +207,8 @@ def validation_set(item: str, kind: str, args) -> dict:
         others = select_settings.other_class_images(item, run.config.data.image_size, args.others, seed=1)
         anomalies = {k: (others, None) for k in "AB"}
     result = {"set": name, "kind": kind, "sizes": {k: len(v) for k, v in halves.items()},
-              "rows": fold_rows(run, halves, anomalies, GRIDS[kind]), "seconds": time.perf_counter() - start}
+              "rows": fold_rows(run, halves, anomalies, grid_of(kind, args.fix), trained),
+              "seconds": time.perf_counter() - start}
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -266,6 +308,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="defects per held-out normal (textures)")
     p.add_argument("--others", type=int, default=300, help="other-class training images per one-class set")
     p.add_argument("--resume", action="store_true", help="keep the sets already in OUT/radar_<set>.json")
+    p.add_argument("--fix", default="", help="field=value,...: hold grid fields at one value (e.g. a second stage "
+                   "at the first stage's choice)")
     args = p.parse_args()
     from fmjax.app import launch
 
@@ -273,6 +317,8 @@ def main() -> None:
     args.runs = args.runs or os.path.join(args.out, "radar_runs")
     os.makedirs(args.out, exist_ok=True)
     for kind, items in (("texture", args.textures), ("aligned", args.aligned)):
+        if items:
+            grid_of(kind, args.fix)  # a bad --fix stops before any work
         results = [validation_set(item, kind, args) for item in filter(None, items.split(","))]
         if results:
             chosen = choose(results, kind)

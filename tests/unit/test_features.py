@@ -1,5 +1,6 @@
-"""Flow Mismatching's image score from the network's own features (score.feature_knn,
-fmjax/methods/flow_mismatch/features.py), checked against numpy."""
+"""Image scores from the network's own features (score.feature_knn,
+fmjax/methods/image_bank.py; Flow Mismatching's in fmjax/methods/flow_mismatch/features.py),
+checked against numpy."""
 import dataclasses
 import types
 
@@ -10,6 +11,7 @@ import pytest
 from fmjax import config as config_lib
 from fmjax.data import Split
 from fmjax.errors import ScoreRuleError
+from fmjax.methods import image_bank
 from fmjax.methods.base import Fitted
 from fmjax.methods.flow_mismatch import features as feat
 from fmjax.methods.flow_mismatch import method as fm_method
@@ -56,7 +58,7 @@ def test_knn_scores_are_the_mean_of_the_k_smallest_standardised_squared_distance
 
 def test_features_are_the_middle_block_statistics_of_the_clean_image(network):
     module, params, _ = network
-    features_fn = jax.jit(feat.build_features_fn(module, conditional=False))
+    features_fn = jax.jit(image_bank.build_features_fn(module, conditional=False, clean_time=1.0))
     x = images(3, 1)
     f = np.asarray(features_fn(params, x, np.zeros(3, np.int32)))
     assert f.shape == (3, 2 * CONFIG.net.base_channels * CONFIG.net.channel_mult[-1])
@@ -67,6 +69,25 @@ def test_features_are_the_middle_block_statistics_of_the_clean_image(network):
     mid = jax.tree_util.tree_map(lambda a: a + 0.1, params["params"]["mid_res_1"])
     changed = {"params": {**params["params"], "mid_res_1": mid}}
     assert np.abs(np.asarray(features_fn(changed, x, np.zeros(3, np.int32))) - f).max() > 1e-3
+
+
+def test_each_method_reads_the_clean_image_at_its_own_end_of_time(network):
+    from fmjax.methods.radar.method import METHOD as RADAR
+    from fmjax.methods.radar.settings import PRESETS as RADAR_PRESETS
+
+    module, params, apply_fn = network
+    leaves, treedef = jax.tree.flatten(params)  # moved off the initialisation, whose zero layers ignore t
+    rng = np.random.default_rng(0)
+    params = jax.tree.unflatten(treedef, [a + 0.1 * rng.standard_normal(a.shape).astype(np.float32) for a in leaves])
+    x = images(2, 5)
+    at = {t: np.asarray(jax.jit(image_bank.build_features_fn(module, False, t))(params, x, np.zeros(2, np.int32)))
+          for t in (0.0, 1.0)}
+    assert np.abs(at[0.0] - at[1.0]).max() > 1e-3  # the time input reaches the middle block
+    flow = fm_method.METHOD.scorer(CONFIG.replace(score=SETTINGS), apply_fn, SHAPE)
+    np.testing.assert_allclose(flow.features(params, x), at[1.0], rtol=1e-5, atol=1e-6)  # a flow ends at t = 1
+    radar_settings = dataclasses.replace(RADAR_PRESETS["tiny"], feature_knn=3)
+    ddpm = RADAR.scorer(CONFIG.replace(method="radar", score=radar_settings), apply_fn, SHAPE)
+    np.testing.assert_allclose(ddpm.features(params, x), at[0.0], rtol=1e-5, atol=1e-6)  # a DDPM at t = 0
 
 
 def test_scorer_scores_images_by_feature_distance_and_keeps_its_maps(network):

@@ -140,12 +140,28 @@ def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
     assert select_radar.choose(tied)["setting"]["t_score"] == 50
     # one-class sets also choose the standardisation; a tie keeps the paper's map
     aligned = [{"rows": [dict(t_score=500, sobel_smooth_sigma=1.0, normalize=n, one_sided=o, map_feature=o,
-                              criterion=c) for n, o, c in (("none", False, 0.8), ("pixel", True, 0.9))]}]
+                              feature_knn=k, criterion=c)
+                         for n, o, k, c in (("none", False, 0, 0.8), ("pixel", True, 0, 0.9), ("pixel", True, 5, 0.7))]}]
     assert select_radar.choose(aligned, "aligned")["setting"] == dict(t_score=500, sobel_smooth_sigma=1.0,
                                                                        normalize="pixel", one_sided=True,
-                                                                       map_feature=True)
+                                                                       map_feature=True, feature_knn=0)
     aligned[0]["rows"][1]["criterion"] = 0.8003
     assert select_radar.choose(aligned, "aligned")["setting"]["normalize"] == "none"
+    # the memory bank's distance where it is better; a tie keeps the paper's forest without it
+    aligned[0]["rows"][0]["criterion"], aligned[0]["rows"][1]["criterion"] = 0.5, 0.9
+    aligned[0]["rows"][2]["criterion"] = 0.95
+    assert select_radar.choose(aligned, "aligned")["setting"]["feature_knn"] == 5
+    aligned[0]["rows"][2]["criterion"] = 0.9004
+    assert select_radar.choose(aligned, "aligned")["setting"]["feature_knn"] == 0
+
+
+def test_a_second_stage_holds_the_fixed_fields_and_refuses_values_off_the_grid():
+    grid = select_radar.grid_of("aligned", "t_score=500,sobel_smooth_sigma=0,normalize=pixel,one_sided=true")
+    assert grid["t_score"] == (500,) and grid["sobel_smooth_sigma"] == (0.0,) and grid["normalize"] == ("pixel",)
+    assert grid["one_sided"] == (True,) and grid["feature_knn"] == select_radar.GRIDS["aligned"]["feature_knn"]
+    for bad in ("t_score=499", "nope=1"):
+        with pytest.raises(SystemExit, match=bad.split("=")[0]):
+            select_radar.grid_of("aligned", bad)
 
 
 def test_radar_per_run_choice_is_read_on_the_fold_it_was_not_chosen_on():

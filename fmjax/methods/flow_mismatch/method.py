@@ -12,6 +12,7 @@ from fmjax import data, flow
 from fmjax.data import synthetic
 from fmjax.errors import ScoreRuleError
 from fmjax.eval.calibration import thresholds
+from fmjax.methods import image_bank
 from fmjax.methods.base import Fitted, Method
 from fmjax.methods.flow_mismatch import features as feat
 from fmjax.methods.flow_mismatch import learned
@@ -34,16 +35,12 @@ def flow_objective(config) -> Objective:
 
 
 def feature_bank(run, trained) -> feat.Bank:
-    """The feature memory bank (`features.Bank`) of at most score.feature_bank of the
+    """The feature memory bank (`image_bank.Bank`) of at most score.feature_bank of the
     training images `trained` (a Split; a draw from score.seed), read with the run's
     scorer (built with score.feature_knn > 0)."""
     settings = run.config.score
-    picked = np.arange(len(trained))
-    if len(trained) > settings.feature_bank:
-        order = np.random.default_rng([settings.seed, 13]).permutation(len(trained))
-        picked = np.sort(order[:settings.feature_bank])
-    return feat.bank_from_features(run.scorer.features(run.params, trained.images[picked],
-                                                       trained.class_ids[picked]))
+    return image_bank.draw_bank(lambda images, class_ids: run.scorer.features(run.params, images, class_ids),
+                                trained, settings.feature_bank, settings.seed)
 
 
 def patch_bank(run, trained) -> feat.Bank:
@@ -100,7 +97,7 @@ class FlowMismatch(Method):
             module, _ = unet.build_model(config.net, image_shape)
             conditional = config.net.num_classes > 0
             if config.score.feature_knn:
-                features_fn = feat.build_features_fn(module, conditional)
+                features_fn = image_bank.build_features_fn(module, conditional, clean_time=1.0)
             if config.score.feature_map:
                 patch_fn = feat.build_patch_features_fn(module, conditional, feat.patch_layers(config.net))
         return Scorer(apply_fn, config.score, image_shape, devices, features_fn, patch_fn)

@@ -192,7 +192,7 @@ class Scorer:
     `config.chunk_size` is the most network inputs per call, evened out over each device's
     calls (`chunk_for`); 0 picks it from `config.memory_budget_mb` on the first call
     (`chunk_size_for_budget`) and `self.config` then holds the chosen size.
-    features_fn(params, images_u8, class_ids) -> [n, D] (`features.build_features_fn`):
+    features_fn(params, images_u8, class_ids) -> [n, D] (`image_bank.build_features_fn`):
     the network's features, needed when config.feature_knn > 0; patch_fn(params,
     images_u8, class_ids) -> [n, h, w, D] (`features.build_patch_features_fn`): its
     features per position, needed when config.feature_map > 0.
@@ -375,7 +375,7 @@ class Scorer:
 
     def features(self, params, images, class_ids=None):
         """images uint8 [N,H,W,C] -> the network's features float32 [N, D] as numpy
-        (`features.build_features_fn`), one network call per image."""
+        (`image_bank.build_features_fn`), one network call per image."""
         return self._per_image("features_fn", params, images, class_ids)
 
     def patch_features(self, params, images, class_ids=None):

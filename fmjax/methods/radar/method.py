@@ -9,6 +9,7 @@ import numpy as np
 
 from fmjax.errors import RunError
 from fmjax.eval.calibration import thresholds
+from fmjax.methods import image_bank
 from fmjax.methods.base import Fitted, Method
 from fmjax.methods.radar import choice
 from fmjax.methods.radar import forest as forest_lib
@@ -56,7 +57,13 @@ class Radar(Method):
         return (config.score.patch_size, config.score.patch_size, image_shape[-1])
 
     def scorer(self, config, apply_fn, image_shape, devices=None) -> RadarScorer:
-        return RadarScorer(apply_fn, config.score, image_shape, devices)
+        features_fn = None
+        if config.score.feature_knn:
+            from fmjax.nets import unet
+
+            module, _ = unet.build_model(config.net, image_shape)
+            features_fn = image_bank.build_features_fn(module, conditional=False, clean_time=0.0)
+        return RadarScorer(apply_fn, config.score, image_shape, devices, features_fn)
 
     def min_holdout(self, config) -> int:
         """Per-pixel statistics and the forest, or the two folds of the choice of t_score and
@@ -89,13 +96,20 @@ class Radar(Method):
         (calibration.holdout_fraction = 0) it falls back to the training images, and
         calibration.json says so (forest_fitted_on). With score.normalize = pixel, one half
         of the held-out normals (`data.split_halves`) fits the per-pixel statistics
-        (`standardize.fit`) and the other half the forest and the thresholds."""
+        (`standardize.fit`) and the other half the forest and the thresholds. With
+        score.feature_knn, the memory bank comes first, from at most score.feature_bank of
+        the images the network trained on (`trained`; a draw from score.forest_seed)."""
         from fmjax import data
 
+        rc = run.config.score
         held_out = holdout is not None and len(holdout) >= 2
         source = "held_out_normals" if held_out else "training_images"
         values, arrays, for_forest = {}, {}, holdout if held_out else trained
-        if run.config.score.normalize == "pixel":
+        if rc.feature_knn:
+            arrays.update(image_bank.to_arrays(image_bank.draw_bank(
+                lambda images, class_ids: run.scorer.features(run.params, images, class_ids), trained,
+                rc.feature_bank, rc.forest_seed)))
+        if rc.normalize == "pixel":
             if holdout is None or len(holdout) < 4:
                 raise RunError(f"score.normalize=pixel needs at least 4 held-out normal images, the run holds "
                                f"{0 if holdout is None else len(holdout)}: set score.normalize=none")
@@ -104,7 +118,7 @@ class Radar(Method):
             values["num_normalization_images"] = len(for_stats)
         stats = Fitted(arrays=arrays)
         maps, feats = run.scorer.maps_and_features(run.params, for_forest.images, for_forest.class_ids, stats)
-        forest = forest_lib.fit(feats, run.config.score)
+        forest = forest_lib.fit(feats, rc)
         forest_values, forest_arrays = forest_lib.to_fitted(forest)
         values.update(forest_values)
         arrays.update(forest_arrays)
@@ -129,10 +143,11 @@ class Radar(Method):
         return {f"radar_{k}": v for k, v in radar_metrics(labels, decided).items()}
 
     def cost(self, config, image_shape) -> dict:
-        """One network call per patch, all in one batched call (no sequential dependence)."""
+        """One network call per patch (and one for the features with score.feature_knn),
+        all in one batched call (no sequential dependence)."""
         rc = config.score
         return {"network_calls_per_image": len(patch_origins(image_shape[0], image_shape[1], rc.patch_size,
-                                                             rc.patch_stride)),
+                                                             rc.patch_stride)) + (1 if rc.feature_knn else 0),
                 "sequential_calls_per_image": 1}
 
 

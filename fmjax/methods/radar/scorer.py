@@ -5,14 +5,17 @@ image map (with score.normalize = pixel standardised per pixel, `standardize`), 
 Sobel gradient magnitude as the pixel-level localisation. Two image
 features (the L2 norm of the whole Sobel map, the largest patch-wise L2 norm) go to the
 Isolation Forest fitted on held-out normal images (`forest`, `method.Radar.fit`), whose
-score is the image score."""
+score is the image score. With score.feature_knn = k > 0 the forest reads one more feature:
+the distance of the network's own features of the clean image to the k nearest training
+normals' (`fmjax.methods.image_bank`, read at t = 0)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from fmjax.errors import ConfigError
+from fmjax.errors import ConfigError, ScoreRuleError
 from fmjax.flow import to_model_range
+from fmjax.methods import image_bank
 from fmjax.methods.base import ScoringProgram
 from fmjax.methods.batches import ImageBatches
 from fmjax.methods.maps import gaussian_smooth
@@ -134,7 +137,7 @@ class RadarScorer:
     nothing recompiles.
     """
 
-    def __init__(self, apply_fn, settings: RadarSettings, image_shape, devices=None):
+    def __init__(self, apply_fn, settings: RadarSettings, image_shape, devices=None, features_fn=None):
         self.config = settings
         self.image_shape = tuple(int(s) for s in image_shape)
         validate_settings(settings, self.image_shape)
@@ -144,22 +147,38 @@ class RadarScorer:
             raise ConfigError(f"{' and '.join(unresolved)} {'is' if one else 'are'} {AUTO!r}: chosen when the run is "
                               f"fitted on its held-out normals (fmjax train, fmjax calibrate); a scorer needs "
                               f"{'it' if one else 'them'} set")
+        if settings.feature_knn and features_fn is None:
+            raise ScoreRuleError("score.feature_knn needs the network's features: build the scorer through its method")
+        self.features_fn = features_fn
         self.origins = patch_origins(self.image_shape[0], self.image_shape[1], settings.patch_size,
                                      settings.patch_stride)
         self.noise = radar_noise(jax.random.PRNGKey(settings.noise_seed), len(self.origins), settings.patch_size,
                                  self.image_shape[2])
 
-        def local(params, images_u8, class_ids, noise, pixel_mean, pixel_std):
-            return radar_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids, pixel_mean,
-                              pixel_std)
+        def local(params, images_u8, class_ids, noise, pixel_mean, pixel_std, *bank):
+            maps, feats = radar_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids,
+                                     pixel_mean, pixel_std)
+            if settings.feature_knn:
+                knn = image_bank.knn_scores(features_fn(params, images_u8, class_ids), image_bank.Bank(*bank),
+                                            settings.feature_knn)
+                feats = jnp.concatenate([feats, knn[:, None]], axis=-1)
+            return maps, feats
 
         def local_noise(params, images_u8, class_ids, noise):
             return (smoothed_noise_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids),)
 
         self._local = local
-        self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 3, 2, devices)
+        self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 6, 2, devices)
         self._noise_batches = ImageBatches(local_noise, self.image_shape, settings.image_batch, 1, 1, devices)
+        self._feature_batches = None if features_fn is None else ImageBatches(
+            lambda p, x, y: (features_fn(p, x, y),), self.image_shape, settings.image_batch, 0, 1, devices)
         self.mesh = self._batches.mesh
+
+    def _bank(self, fitted) -> image_bank.Bank:
+        """The fitted memory bank with score.feature_knn, else a placeholder the program ignores."""
+        if not self.config.feature_knn:
+            return image_bank.empty_bank()
+        return image_bank.from_arrays({} if fitted is None else fitted.arrays)
 
     def _stats(self, fitted):
         stats = standardize.from_fitted(fitted, self.config.normalize, *self.image_shape[:2])
@@ -170,10 +189,12 @@ class RadarScorer:
         its outputs are the forest's features and the forest (float64, numpy) scores them
         outside the program."""
         forest_lib.from_fitted(fitted)  # a one-line error for a run without a sound forest
-        local, (mean, std) = self._local, self._stats(fitted)
+        local, (mean, std), bank = self._local, self._stats(fitted), self._bank(fitted)
         return ScoringProgram(fn=lambda params, consts, images_u8, class_ids: local(
-            params, images_u8, class_ids, consts["noise"], consts["pixel_mean"], consts["pixel_std"]),
-            consts={"noise": self.noise, "pixel_mean": mean, "pixel_std": std},
+            params, images_u8, class_ids, consts["noise"], consts["pixel_mean"], consts["pixel_std"],
+            consts["bank_features"], consts["bank_mean"], consts["bank_std"]),
+            consts={"noise": self.noise, "pixel_mean": mean, "pixel_std": std,
+                    **{f"bank_{name}": value for name, value in bank._asdict().items()}},
             batch=self.config.image_batch, finish="isolation_forest", finish_fitted=fitted)
 
     def noise_maps(self, params, images, class_ids=None):
@@ -182,9 +203,18 @@ class RadarScorer:
         return self._noise_batches(params, images, class_ids, self.noise)[0]
 
     def maps_and_features(self, params, images, class_ids=None, fitted=None):
-        """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,F], `radar_maps`);
-        fitted: the run's Fitted, whose per-pixel statistics score.normalize = pixel reads."""
-        return self._batches(params, images, class_ids, self.noise, *self._stats(fitted))
+        """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,F]): F
+        as `radar_maps`, plus the memory bank distance with score.feature_knn; fitted: the
+        run's Fitted, whose per-pixel statistics (score.normalize = pixel) and memory bank
+        (score.feature_knn) it reads."""
+        return self._batches(params, images, class_ids, self.noise, *self._stats(fitted), *self._bank(fitted))
+
+    def features(self, params, images, class_ids=None):
+        """images uint8 [N,H,W,C] -> the network's features of the clean images float32
+        [N, D] (`image_bank.build_features_fn`), what the memory bank holds."""
+        if self._feature_batches is None:
+            raise ScoreRuleError("this scorer was built without the network's features")
+        return self._feature_batches(params, images, class_ids)[0]
 
     def score(self, params, images, class_ids=None, fitted=None):
         """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], scores float32 [N]): the

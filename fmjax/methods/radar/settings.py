@@ -44,6 +44,11 @@ class RadarSettings:
     # True (fmjax's addition): a third feature, the L2 norm of the (standardised) noise map
     # itself: how much error, beside where it has edges (scorer.radar_maps)
     map_feature: bool = True
+    # k > 0 (fmjax's addition): one more feature, the distance of the network's own features
+    # of the clean image to the k nearest of at most feature_bank training normals' in a
+    # memory bank (fmjax/methods/image_bank.py)
+    feature_knn: int = 0
+    feature_bank: int = 4096
     n_estimators: int = 200
     max_samples: int = 0  # trees' subsample size; 0: sklearn's "auto" (min(256, N))
     forest_seed: int = 0
@@ -74,7 +79,8 @@ RANGES = {"num_steps": Range(2, 100_000), "beta_start": Range(0.0, 1.0, low_open
           "patch_size": Range(1, 16384), "patch_stride": Range(1, 16384),
           "contamination": Range(0.0, 0.5, low_open=True),  # or "auto"
           "n_estimators": Range(1, 100_000), "max_samples": Range(0, 1 << 31), "forest_seed": SEED,
-          "noise_seed": SEED, "sobel_smooth_sigma": SIGMA, "image_batch": IMAGE_BATCH}
+          "noise_seed": SEED, "sobel_smooth_sigma": SIGMA, "image_batch": IMAGE_BATCH,
+          "feature_knn": Range(0, 1 << 16), "feature_bank": Range(1, 1 << 20)}
 
 
 def check_patch(patch: int, stride: int, image_shape=None) -> None:
