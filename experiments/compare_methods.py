@@ -71,7 +71,9 @@ def _parser():
                    help="Fashion-MNIST: score a class-stratified subset of this many test images (default: all)")
     p.add_argument("--preset", default="auto",
                    help="auto (default: what fmjax train picks per data set) or a preset name")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every method")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, every method; a score.* override goes to each method whose scoring "
+                        "settings have that field")
     p.add_argument("--out", default=os.path.join("experiments", "results", "compare_methods"))
     p.add_argument("--pca-components", type=float, default=0.9,
                    help="PCA: fraction of variance kept if < 1, else the number of components (default 0.9)")
@@ -91,6 +93,30 @@ def _same_training(saved, wanted) -> bool:
     return saved.replace(score=wanted.score) == wanted.replace(
         data=dataclasses.replace(wanted.data, channels=saved.data.channels),
         train=dataclasses.replace(wanted.train, **flips))
+
+
+def split_score_overrides(overrides, methods) -> tuple[list, list]:
+    """(the overrides of every method, the score.* ones), checked: a score field that none
+    of the learned `methods` has stops with one line."""
+    from fmjax.methods import registry
+
+    score = [o for o in overrides if o.split("=", 1)[0].strip().startswith("score.")]
+    fields = {f.name for m in methods if m in registry.names() for f in dataclasses.fields(registry.settings_for(m, "small"))}
+    for item in score:
+        if item.split("=", 1)[0].strip()[len("score."):] not in fields:
+            raise SystemExit(f"compare_methods: --set {item}: no method of {', '.join(methods)} has that setting")
+    return [o for o in overrides if o not in score], score
+
+
+def method_config(base, method: str, score_overrides):
+    """`base` for `method` (its scoring settings for base's preset) with the score.*
+    overrides whose field that method's settings have."""
+    from fmjax.config import apply_overrides, with_method
+
+    config = with_method(base, method)
+    fields = {f.name for f in dataclasses.fields(config.score)}
+    return apply_overrides(config, [o for o in score_overrides
+                                    if o.split("=", 1)[0].strip()[len("score."):] in fields])
 
 
 def _finished(run_dir, config):
@@ -210,7 +236,7 @@ def main(argv=None):
 
     from fmjax import baselines, data as data_lib
     from fmjax.app.train import resolve_auto
-    from fmjax.config import AUTO, build, with_method
+    from fmjax.config import AUTO, build
     from fmjax.data import fashion_mnist, textures
     from fmjax.eval.viz import markdown_table
     from fmjax.files import write_json
@@ -220,6 +246,7 @@ def main(argv=None):
     if unknown or ("recon" in methods and "flow_mismatch" not in methods):
         raise SystemExit(f"compare_methods: --methods takes {', '.join(NAMES)} (recon with flow_mismatch), "
                          f"got {args.methods!r}")
+    common, score_sets = split_score_overrides(args.set, methods)
     names = [n.strip() for n in args.textures.split(",") if n.strip()]
     for name in names:
         if name not in textures.TEXTURES:
@@ -240,24 +267,27 @@ def main(argv=None):
     rows, configs, tests = [], {}, []
     for name, spec, settings in datasets:
         if args.preset == AUTO:  # as fmjax train: texture or aligned, from the training images
-            base, _, reason = resolve_auto(spec, None, "flow_mismatch", args.set)
+            base, _, reason = resolve_auto(spec, None, "flow_mismatch", common)
         else:
-            base, reason = build(args.preset, "flow_mismatch", settings + list(args.set)), args.preset
-        configs[name] = json.loads(base.to_json())
+            base, reason = build(args.preset, "flow_mismatch", settings + common), args.preset
+        configs[name] = json.loads(method_config(base, "flow_mismatch", score_sets).to_json())
         root = os.path.join(args.out, "runs", name)
         print(f"== {name} (preset {reason})", flush=True)
         progress = not args.no_progress
         trained = {}
         if "flow_mismatch" in methods:
-            trained["flow_mismatch"] = train_or_reuse(base, spec, os.path.join(root, "flow_mismatch"), progress,
+            trained["flow_mismatch"] = train_or_reuse(method_config(base, "flow_mismatch", score_sets), spec,
+                                                      os.path.join(root, "flow_mismatch"), progress,
                                                       label="flow matching")
         if "recon" in methods:
             # a flow model trained just now invalidates an older re-scored copy
-            trained["recon"] = train_or_reuse(with_method(base, "recon"), spec, os.path.join(root, "recon"), progress,
+            trained["recon"] = train_or_reuse(method_config(base, "recon", score_sets), spec, os.path.join(root, "recon"),
+                                              progress,
                                               source=os.path.join(root, "flow_mismatch"),
                                               reuse=trained["flow_mismatch"][2])
         if "radar" in methods:
-            trained["radar"] = train_or_reuse(with_method(base, "radar"), spec, os.path.join(root, "radar"), progress,
+            trained["radar"] = train_or_reuse(method_config(base, "radar", score_sets), spec, os.path.join(root, "radar"),
+                                              progress,
                                               label="radar")
         data_config = next(iter(trained.values()))[0].config if trained else base
         dataset = data_lib.load(spec, None, data_config.data, data_config.textures)

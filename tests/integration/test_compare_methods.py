@@ -50,6 +50,20 @@ def test_other_training_settings_train_anew(finished, change):
     assert compare_methods._finished(str(run_dir), build("tiny", "flow_mismatch", SETTINGS + [change])) is None
 
 
+def test_a_score_override_reaches_each_method_that_has_the_setting():
+    common, score = compare_methods.split_score_overrides(
+        ["train.steps=3", "score.feature_knn=3", "score.t_score=100"], ["flow_mismatch", "radar", "pca"])
+    assert common == ["train.steps=3"] and score == ["score.feature_knn=3", "score.t_score=100"]
+    base = build("tiny", "flow_mismatch", common)
+    radar = compare_methods.method_config(base, "radar", score)
+    assert radar.method == "radar" and radar.score.feature_knn == 3 and radar.score.t_score == 100
+    assert radar.train.steps == 3
+    flow = compare_methods.method_config(base, "flow_mismatch", score)
+    assert flow.score.feature_knn == 3 and not hasattr(flow.score, "t_score")
+    with pytest.raises(SystemExit, match="score.t_score"):  # no method of these has it
+        compare_methods.split_score_overrides(["score.t_score=100"], ["flow_mismatch", "pca"])
+
+
 def test_a_run_without_timing_is_not_finished(tmp_path):
     assert compare_methods._finished(str(tmp_path), build("tiny", "flow_mismatch", SETTINGS)) is None
 
