@@ -93,6 +93,10 @@ def test_auto_for_another_method_keeps_that_method(tmp_path):
     assert config.method == "recon" and config.preset == "aligned" and config.data.image_size == 32
 
 
+# a network quicker to compile: what these tests check is what the data asks for
+SMALL_NET = ["--set", "net.channel_mult=1,2", "--set", "net.attention_rates=2"]
+
+
 def test_auto_fits_radar_patches_to_images_smaller_than_them(tmp_path, capsys):
     root = write_class_folder(tmp_path, centred_objects(24, size=12))
     config, (train, _), _ = train_app.resolve_auto(f"folder:{root}", "digits", "radar")
@@ -103,7 +107,8 @@ def test_auto_fits_radar_patches_to_images_smaller_than_them(tmp_path, capsys):
     config, _, _ = train_app.resolve_auto(f"folder:{root}", "digits", "flow_mismatch")
     assert config.score == preset("aligned").score
     code, out, err = cli(capsys, "train", "--data", f"folder:{root}", "--category", "digits", "--out",
-                         tmp_path / "run", "--method", "radar", "--set", "train.steps=2", "--set", "score.n_estimators=5")
+                         tmp_path / "run", "--method", "radar", "--set", "train.steps=2", "--set", "score.n_estimators=5",
+                         *SMALL_NET)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["score"]["patch_size"] == 16
 
