@@ -113,10 +113,13 @@ def test_radar_default_equals_the_committed_choice():
     assert {field: getattr(Settings(), field) for field in chosen["setting"]} == chosen["setting"]
 
 
-def test_radar_aligned_preset_equals_the_committed_choice_of_the_one_class_sets():
+@pytest.mark.parametrize("stage", ["radar_aligned.json", os.path.join("radar_aligned_knn", "radar_aligned.json")])
+def test_radar_aligned_preset_equals_the_committed_choice_of_the_one_class_sets(stage):
+    """The map settings and the forest's side (first stage), then the memory bank's
+    distance at that choice (second stage, `--fix`)."""
     from fmjax.methods.radar.settings import PRESETS as RADAR_PRESETS
 
-    with open(RADAR_SELECTION.replace("radar.json", "radar_aligned.json")) as f:
+    with open(RADAR_SELECTION.replace("radar.json", stage)) as f:
         chosen = json.load(f)
     assert {field: getattr(RADAR_PRESETS["aligned"], field) for field in chosen["setting"]} == chosen["setting"]
 

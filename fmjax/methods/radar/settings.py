@@ -66,10 +66,11 @@ Settings = RadarSettings
 PRESETS = {"tiny": Settings(t_score=500, sobel_smooth_sigma=4.0, patch_size=8, patch_stride=4, n_estimators=50,
                            image_batch=2),
            # one-class sets, where the anomaly is a whole object of another kind: the noise map
-           # standardised per pixel (standardize.py), its norm a third feature, a one-sided forest; chosen by
-           # experiments/select_radar.py --aligned (results/selection/radar_aligned.md)
+           # standardised per pixel (standardize.py), its norm a third feature, a one-sided forest, and
+           # the memory bank's distance a fourth; chosen by experiments/select_radar.py --aligned
+           # (results/selection/radar_aligned.md, then radar_aligned_knn/radar_aligned.md)
            "aligned": Settings(t_score=500, sobel_smooth_sigma=0.0, normalize="pixel", one_sided=True,
-                               map_feature=True)}
+                               map_feature=True, feature_knn=5)}
 # a run's config.json written before these settings existed scored without them
 WRITTEN_BEFORE = {"one_sided": False, "map_feature": False}
 NEUTRAL = ("image_batch",)  # changes neither the features nor the forest
