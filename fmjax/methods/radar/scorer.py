@@ -134,7 +134,9 @@ class RadarScorer:
     apply_fn(params, x [n,p,p,C], t [n], y [n] or None) -> eps_hat [n,p,p,C] (the U-Net in
     eval mode). Images are spread over `devices` (default: all local devices),
     `image_batch` per device per call, padded, so every call has the same shapes and
-    nothing recompiles.
+    nothing recompiles. features_fn(params, images_u8, class_ids) -> [n, D]
+    (`image_bank.build_features_fn`): the network's features of the clean images, needed
+    with score.feature_knn > 0.
     """
 
     def __init__(self, apply_fn, settings: RadarSettings, image_shape, devices=None, features_fn=None):
@@ -149,7 +151,6 @@ class RadarScorer:
                               f"{'it' if one else 'them'} set")
         if settings.feature_knn and features_fn is None:
             raise ScoreRuleError("score.feature_knn needs the network's features: build the scorer through its method")
-        self.features_fn = features_fn
         self.origins = patch_origins(self.image_shape[0], self.image_shape[1], settings.patch_size,
                                      settings.patch_stride)
         self.noise = radar_noise(jax.random.PRNGKey(settings.noise_seed), len(self.origins), settings.patch_size,
