@@ -135,14 +135,18 @@ def stored_mismatch(run, sets: dict, num_paths: int, num_times: int, seed: int =
     return out, np.asarray(scorer.times)
 
 
-def feature_scores(run, trained, sets: dict, knn: int = FEATURE_KNN) -> dict:
-    """{name: float32 [N]} the `features` image score (score.feature_knn = knn) of each
-    image set {name: uint8 [N, H, W, C]}, the bank drawn from `trained` (the Split the
-    network trained on) as the run's fit draws it; no maps are scored."""
+def feature_scores(run, trained, sets: dict, knn: int = FEATURE_KNN, feature_grid: int = 0,
+                   feature_whiten: bool = False) -> dict:
+    """{name: float32 [N]} the `features` image score (score.feature_knn = knn, in the form
+    feature_grid, feature_whiten: this stage's is the plain per-channel form; the second
+    stage, select_features.py, scores the others) of each image set {name: uint8 [N, H, W, C]},
+    the bank drawn from `trained` (the Split the network trained on) as the run's fit
+    draws it; no maps are scored."""
     from fmjax.methods.flow_mismatch import features as feat
     from fmjax.methods.flow_mismatch.method import feature_bank
 
-    config = run.config.replace(score=dataclasses.replace(run.config.score, feature_knn=knn))
+    config = run.config.replace(score=dataclasses.replace(run.config.score, feature_knn=knn, feature_grid=feature_grid,
+                                                             feature_whiten=feature_whiten))
     probe = dataclasses.replace(run, config=config, _scorer=None)
     bank = feature_bank(probe, trained)
     return {name: np.asarray(feat.knn_scores(probe.scorer.features(run.params, images), bank, knn))

@@ -223,6 +223,15 @@ MUTANTS = [
            "image_bank.Bank(*bank), 1)",
            ("tests/integration/test_methods_cli.py::"
             "test_radar_with_pixel_statistics_map_feature_and_memory_bank_exports_alike",)),
+    Mutant("feature bank: its whitening ignored when scoring", "fmjax/methods/image_bank.py",
+           "return ((features - bank.mean) / bank.std) @ bank.whiten", "return (features - bank.mean) / bank.std",
+           ("tests/unit/test_features.py",)),
+    Mutant("feature grid: the cells averaged over the wrong axes", "fmjax/methods/image_bank.py",
+           ".mean(axis=(2, 4))", ".mean(axis=(1, 3))", ("tests/unit/test_features.py",)),
+    Mutant("flow mismatch: score.feature_whiten never reaches its bank", "fmjax/methods/flow_mismatch/method.py",
+           "settings.seed, settings.feature_whiten)", "settings.seed)",
+           ("tests/integration/test_workflow.py::"
+            "test_exported_scorer_carries_the_normalisation_statistics_and_feature_bank",)),
     Mutant("runs: the chosen settings not applied before the fit", "fmjax/runs.py",
            "run.config, run._scorer = run.config.replace(score=settings), None", "pass",
            ("tests/integration/test_methods_cli.py::test_radar_chooses_its_timestep_and_blur_on_the_held_out_normals",)),

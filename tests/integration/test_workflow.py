@@ -233,7 +233,7 @@ def test_python_api_scores_images_of_any_size_as_predict_does(trained_run, tmp_p
 
 @pytest.mark.parametrize("settings,platforms", [
     (["score.normalize=pixel", "score.map_rule=two_sided", "score.smooth_sigma=1", "score.feature_knn=2",
-      "score.feature_map=0.5"], "cpu"),
+      "score.feature_grid=2", "score.feature_whiten=true", "score.feature_map=0.5"], "cpu"),
     (["score.normalize=global", "score.map_rule=combined"], "cpu,cuda,tpu")])
 def test_exported_scorer_carries_the_normalisation_statistics_and_feature_bank(trained_run, data_root, tmp_path, capsys, settings,
                                                               platforms):
@@ -249,6 +249,10 @@ def test_exported_scorer_carries_the_normalisation_statistics_and_feature_bank(t
     run = runs.load_run(str(trained_run), settings)
     assert "normalize_mean" in run.fitted.arrays
     assert ("features_features" in run.fitted.arrays) == ("score.feature_knn=2" in settings)
+    if "score.feature_whiten=true" in settings:  # the whitened bank of the 2 x 2 cells' features
+        whiten = run.fitted.arrays["features_whiten"]
+        assert whiten.shape == (4 * run.config.net.base_channels * run.config.net.channel_mult[-1],) * 2
+        assert np.abs(whiten - np.eye(len(whiten))).max() > 0.1
     assert ("patches_features" in run.fitted.arrays) == ("score.feature_map=0.5" in settings)
     test = load_test_split(trained_run, data_root)
     maps, scores = run.score(test.images)

@@ -61,7 +61,7 @@ ZERO_OK = {"net.num_classes", "net.dropout", "data.channels", "textures.anomaly_
            "calibration.holdout_fraction", "calibration.min_holdout", "calibration.seed",
            "calibration.image_threshold_quantile",
            "calibration.pixel_threshold_quantile", "flow_mismatch.smooth_sigma", "flow_mismatch.chunk_size",
-           "flow_mismatch.feature_knn", "flow_mismatch.feature_map",
+           "flow_mismatch.feature_knn", "flow_mismatch.feature_grid", "flow_mismatch.feature_map",
            "flow_mismatch.seed", "radar.t_score", "radar.max_samples", "radar.forest_seed", "radar.noise_seed",
            "radar.sobel_smooth_sigma", "radar.feature_knn", "recon.t0", "recon.smooth_sigma", "recon.noise_seed"}
 NEGATIVE_OK = {"train.logit_normal_mean"}

@@ -56,6 +56,57 @@ def test_knn_scores_are_the_mean_of_the_k_smallest_standardised_squared_distance
                                numpy_knn(queries, bank_features, 50), rtol=1e-4)
 
 
+def test_a_whitened_bank_measures_the_ridge_mahalanobis_distance_to_each_neighbour():
+    rng = np.random.default_rng(1)
+    mixing = rng.normal(size=(5, 5))
+    bank_features = rng.normal(size=(80, 5)) @ mixing + 4.0  # correlated features
+    queries = rng.normal(size=(6, 5)) @ mixing + 4.0
+    mean, std = bank_features.mean(0), bank_features.std(0)
+    z, b = (queries - mean) / std, (bank_features - mean) / std
+    precision = np.linalg.inv(b.T @ b / len(b) + image_bank.WHITEN_RIDGE * np.eye(5))
+    diff = z[:, None, :] - b[None]
+    d2 = np.einsum("qmd,de,qme->qm", diff, precision, diff)
+    bank = image_bank.bank_from_features(bank_features, whiten=True)
+    np.testing.assert_allclose(image_bank.knn_scores(queries.astype(np.float32), bank, 4),
+                               np.sort(d2, axis=1)[:, :4].mean(1), rtol=1e-3)
+    # whitening changes the ranking here; without it the distance is the plain one
+    plain = image_bank.bank_from_features(bank_features)
+    np.testing.assert_array_equal(plain.whiten, np.eye(5, dtype=np.float32))
+    assert np.abs(np.asarray(image_bank.knn_scores(queries.astype(np.float32), plain, 4))
+                  - np.sort(d2, axis=1)[:, :4].mean(1)).max() > 0.1
+    # stored and restored; a bank stored before `whiten` existed is not whitened
+    restored = image_bank.from_arrays(image_bank.to_arrays(bank))
+    np.testing.assert_array_equal(restored.whiten, bank.whiten)
+    old = {k: v for k, v in image_bank.to_arrays(plain).items() if not k.endswith("whiten")}
+    np.testing.assert_array_equal(image_bank.from_arrays(old).whiten, np.eye(5, dtype=np.float32))
+
+
+def test_grid_features_are_the_middle_block_averaged_over_equal_cells(network):
+    module, params, _ = network
+    x = images(2, 3)
+
+    def capture(mdl, method_name):
+        return mdl.name == image_bank.LAYER and method_name == "__call__"
+
+    _, state = module.apply(params, np.asarray(x, np.float32) / 127.5 - 1.0, np.ones(2, np.float32), None,
+                            capture_intermediates=capture, mutable=["intermediates"])
+    h = np.asarray(state["intermediates"][image_bank.LAYER]["__call__"][0])  # [2, s, s, C]
+    half = h.shape[1] // 2
+    grid_fn = jax.jit(image_bank.build_features_fn(module, conditional=False, clean_time=1.0, grid=2))
+    f = np.asarray(grid_fn(params, x, np.zeros(2, np.int32)))
+    want = np.stack([h[:, rows, cols].mean((1, 2)) for rows in (slice(0, half), slice(half, None))
+                     for cols in (slice(0, half), slice(half, None))], axis=1).reshape(2, -1)
+    np.testing.assert_allclose(f, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ScoreRuleError, match="score.feature_grid=3 needs the middle block's size"):
+        jax.jit(image_bank.build_features_fn(module, conditional=False, clean_time=1.0, grid=3))(
+            params, x, np.zeros(2, np.int32))
+    # a config that asks for it stops before training, in one line
+    bad = CONFIG.replace(score=dataclasses.replace(CONFIG.score, feature_knn=5, feature_grid=3))
+    with pytest.raises(ScoreRuleError, match="score.feature_grid=3 needs the middle block's size"):
+        config_lib.validate(bad)
+    config_lib.validate(bad.replace(score=dataclasses.replace(bad.score, feature_grid=4)))
+
+
 def test_features_are_the_middle_block_statistics_of_the_clean_image(network):
     module, params, _ = network
     features_fn = jax.jit(image_bank.build_features_fn(module, conditional=False, clean_time=1.0))

@@ -29,7 +29,7 @@ import numpy as np
 from fmjax.errors import ScoreRuleError
 from fmjax.flow import to_model_range
 from fmjax.methods.image_bank import (STD_FLOOR, Bank, bank_from_features, empty_bank, from_arrays, knn_scores,
-                                      to_arrays)
+                                      standardize, to_arrays)
 
 __all__ = ["Bank", "Banks", "PATCH_PREFIX", "bank_from_features", "build_patch_features_fn", "combine_maps",
            "coreset", "empty_bank", "from_arrays", "knn_scores", "map_scale", "nearest_maps", "neutral_banks",
@@ -94,7 +94,7 @@ def nearest_maps(patch_features, bank: Bank, image_hw, chunk: int = 4096):
     nearest bank row [M, D], resized (bilinear) to the image: [B, H, W]. The positions go
     through in chunks of `chunk` rows, so memory stays bounded."""
     b, h, w, d = patch_features.shape
-    z = ((patch_features - bank.mean) / bank.std).reshape(-1, d)
+    z = standardize(patch_features, bank).reshape(-1, d)
     rows = z.shape[0]
     pad = -rows % min(chunk, rows)
     z = jnp.pad(z, ((0, pad), (0, 0))).reshape(-1, min(chunk, rows), d)

@@ -37,10 +37,10 @@ def flow_objective(config) -> Objective:
 def feature_bank(run, trained) -> feat.Bank:
     """The feature memory bank (`image_bank.Bank`) of at most score.feature_bank of the
     training images `trained` (a Split; a draw from score.seed), read with the run's
-    scorer (built with score.feature_knn > 0)."""
+    scorer (built with score.feature_knn > 0), whitened with score.feature_whiten."""
     settings = run.config.score
     return image_bank.draw_bank(lambda images, class_ids: run.scorer.features(run.params, images, class_ids),
-                                trained, settings.feature_bank, settings.seed)
+                                trained, settings.feature_bank, settings.seed, settings.feature_whiten)
 
 
 def patch_bank(run, trained) -> feat.Bank:
@@ -97,7 +97,8 @@ class FlowMismatch(Method):
             module, _ = unet.build_model(config.net, image_shape)
             conditional = config.net.num_classes > 0
             if config.score.feature_knn:
-                features_fn = image_bank.build_features_fn(module, conditional, clean_time=1.0)
+                features_fn = image_bank.build_features_fn(module, conditional, clean_time=1.0,
+                                                           grid=config.score.feature_grid)
             if config.score.feature_map:
                 patch_fn = feat.build_patch_features_fn(module, conditional, feat.patch_layers(config.net))
         return Scorer(apply_fn, config.score, image_shape, devices, features_fn, patch_fn)

@@ -34,6 +34,9 @@ class FlowMismatchSettings:
     # training normals' (features.py), not a rule of the map; 0: image_score of the map
     feature_knn: int = 0
     feature_bank: int = 4096  # most training normals in the feature memory bank (a seeded draw)
+    # the features: 0 = the middle block's per-channel mean and std; g = its mean over g x g cells
+    feature_grid: int = 0
+    feature_whiten: bool = False  # distances in the bank's whitened coordinates (image_bank.py)
     # w in [0, 1]: the map mixes the standardised mismatch map (1 - w) with the map of the
     # network's encoder features against the training normals' (w, features.py); 0 = off
     feature_map: float = 0.0
@@ -64,7 +67,8 @@ PRESETS = {
 NEUTRAL = ("chunk_size", "memory_budget_mb", "image_batch")  # change how scores are computed, never their values
 TRAINING = ()  # the flow model does not depend on any scoring setting
 RANGES = {"num_paths": Range(1, 4096), "num_times": Range(1, 4096), "smooth_sigma": SIGMA,
-          "feature_knn": Range(0, 1 << 16), "feature_bank": Range(1, 1 << 20), "feature_map": PROBABILITY,
+          "feature_knn": Range(0, 1 << 16), "feature_bank": Range(1, 1 << 20), "feature_grid": Range(0, 64),
+          "feature_map": PROBABILITY,
           "patch_bank": Range(1, 1 << 24), "chunk_size": Range(0, 1 << 20), "memory_budget_mb": Range(1, 1 << 24),
           "image_batch": IMAGE_BATCH, "seed": SEED}
 
@@ -125,3 +129,10 @@ def validate(config) -> None:
     parse_image_score(s.image_score)
     check_time_weight(s.time_weight)
     check_map_rule(s.normalize, s.map_rule)
+    if s.feature_knn and s.feature_grid:
+        middle = config.data.image_size // 2 ** (len(config.net.channel_mult) - 1)
+        if middle % s.feature_grid:
+            raise ScoreRuleError(f"score.feature_grid={s.feature_grid} needs the middle block's size ({middle}, "
+                                 f"data.image_size {config.data.image_size} over the network's "
+                                 f"{len(config.net.channel_mult) - 1} downsamplings) to be a multiple of it: "
+                                 f"choose a divisor of {middle}, or 0")

@@ -169,7 +169,8 @@ class RadarScorer:
             return (smoothed_noise_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids),)
 
         self._local = local
-        self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 6, 2, devices)
+        self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 3 + len(image_bank.Bank._fields), 2,
+                                     devices)
         self._noise_batches = ImageBatches(local_noise, self.image_shape, settings.image_batch, 1, 1, devices)
         self._feature_batches = None if features_fn is None else ImageBatches(
             lambda p, x, y: (features_fn(p, x, y),), self.image_shape, settings.image_batch, 0, 1, devices)
@@ -193,7 +194,7 @@ class RadarScorer:
         local, (mean, std), bank = self._local, self._stats(fitted), self._bank(fitted)
         return ScoringProgram(fn=lambda params, consts, images_u8, class_ids: local(
             params, images_u8, class_ids, consts["noise"], consts["pixel_mean"], consts["pixel_std"],
-            consts["bank_features"], consts["bank_mean"], consts["bank_std"]),
+            *(consts[f"bank_{name}"] for name in image_bank.Bank._fields)),
             consts={"noise": self.noise, "pixel_mean": mean, "pixel_std": std,
                     **{f"bank_{name}": value for name, value in bank._asdict().items()}},
             batch=self.config.image_batch, finish="isolation_forest", finish_fitted=fitted)
