@@ -17,6 +17,7 @@ import select_settings  # noqa: E402
 
 SELECTION = os.path.join(ROOT, "experiments", "results", "selection", "selection.json")
 LEARNED_MAP = os.path.join(ROOT, "experiments", "results", "selection", "learned_map", "learned_map.json")
+FEATURES = os.path.join(ROOT, "experiments", "results", "selection", "features", "features.json")
 
 
 def test_presets_equal_the_committed_choice():
@@ -25,6 +26,32 @@ def test_presets_equal_the_committed_choice():
     assert set(chosen) == {"aligned", "texture"}
     for kind, choice in chosen.items():
         assert select_settings.rule_of(PRESETS[kind]) == choice["rule"], kind
+
+
+def test_the_aligned_feature_form_equals_the_second_stage_choice():
+    """The first stage chose the `features` image score; the second (select_features.py)
+    its form, scored on the same validation sets."""
+    import select_features
+
+    with open(FEATURES) as f:
+        chosen = json.load(f)
+    assert {field: getattr(PRESETS["aligned"], field) for field in select_features.FIELDS} == chosen["setting"]
+
+
+def test_the_feature_form_is_the_best_mean_and_a_tie_keeps_the_simpler():
+    import select_features
+
+    def result(name, values):
+        return {"set": name, "rows": [{**form, "image_auroc": v} for form, v in zip(select_features.forms(), values)]}
+
+    # forms in order: (0, plain), (0, whitened), (4, plain), (4, whitened); means 0.900, 0.940, 0.915, 0.945
+    chosen = select_features.choose([result("a", [0.90, 0.95, 0.91, 0.93]), result("b", [0.90, 0.93, 0.92, 0.96])])
+    assert chosen["setting"] == {"feature_grid": 4, "feature_whiten": True}
+    assert chosen["criterion"] == pytest.approx(0.945)
+    assert [f["criterion"] for f in chosen["forms"]] == pytest.approx([0.900, 0.940, 0.915, 0.945])
+    # 0.9404 rounds to 0.940: a tie with the simpler grid 0, which stays
+    chosen = select_features.choose([result("a", [0.90, 0.95, 0.91, 0.9304]), result("b", [0.90, 0.93, 0.92, 0.9504])])
+    assert chosen["setting"] == {"feature_grid": 0, "feature_whiten": True}
 
 
 def test_the_learned_map_rule_is_a_preset_rule_only_where_its_report_chose_it():

@@ -59,10 +59,12 @@ PRESETS = {
     # mixed half and half with the encoder's features against the training normals'
     "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="global",
                         map_rule="combined", feature_map=0.5, chunk_size=16, image_batch=1),
-    # its image score: the network's features against the 5 nearest training normals'
-    # (image_score applies when score.feature_knn=0)
+    # its image score: the network's features against the 5 nearest training normals', on
+    # a 4 x 4 grid, whitened (the second stage, experiments/select_features.py; image_score
+    # applies when score.feature_knn=0)
     "aligned": Settings(num_paths=4, num_times=8, aggregate="rank:2", smooth_sigma=1.0, normalize="pixel",
-                        map_rule="two_sided", image_score="mean", feature_knn=5, chunk_size=32, image_batch=4),
+                        map_rule="two_sided", image_score="mean", feature_knn=5, feature_grid=4, feature_whiten=True,
+                        chunk_size=32, image_batch=4),
 }
 NEUTRAL = ("chunk_size", "memory_budget_mb", "image_batch")  # change how scores are computed, never their values
 TRAINING = ()  # the flow model does not depend on any scoring setting
