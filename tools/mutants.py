@@ -232,6 +232,9 @@ MUTANTS = [
            "settings.seed, settings.feature_whiten)", "settings.seed)",
            ("tests/integration/test_workflow.py::"
             "test_exported_scorer_carries_the_normalisation_statistics_and_feature_bank",)),
+    Mutant("flow mismatch: score.patch_whiten never reaches the feature map's bank",
+           "fmjax/methods/flow_mismatch/method.py", "rows.shape[-1]), settings.patch_whiten)", "rows.shape[-1]))",
+           ("tests/unit/test_features.py::test_patch_whiten_whitens_the_feature_maps_bank_before_its_coreset",)),
     Mutant("runs: the chosen settings not applied before the fit", "fmjax/runs.py",
            "run.config, run._scorer = run.config.replace(score=settings), None", "pass",
            ("tests/integration/test_methods_cli.py::test_radar_chooses_its_timestep_and_blur_on_the_held_out_normals",)),

@@ -227,6 +227,13 @@ def test_nearest_maps_are_the_squared_distance_to_the_nearest_bank_row_resized()
     np.testing.assert_allclose(got, jax.image.resize(nearest, (2, 6, 6), "bilinear"), rtol=1e-4, atol=1e-4)
     # a bank row is at distance zero from itself
     assert float(feat.nearest_maps(rows[None, None, :1].astype(np.float32), bank, (1, 1)).max()) < 1e-3
+    # a whitened bank: the ridge-Mahalanobis distance of the standardised features to the nearest row
+    whitened = feat.bank_from_features(rows, whiten=True)
+    inverse = np.linalg.inv(b.T @ b / len(b) + image_bank.WHITEN_RIDGE * np.eye(5))
+    diff = z[..., None, :] - b
+    nearest = np.einsum("...md,de,...me->...m", diff, inverse, diff).min(-1)
+    got = feat.nearest_maps(queries, whitened, (3, 3), chunk=4)
+    np.testing.assert_allclose(got, nearest, rtol=1e-4, atol=1e-4)
 
 
 def numpy_k_center(points, first, size):
@@ -289,3 +296,20 @@ def test_fit_and_score_mix_the_feature_map_into_the_standardised_mismatch_map(ne
     assert fm_method.METHOD.cost(config, SHAPE)["network_calls_per_image"] == 2 * 2 + 1
     with pytest.raises(ScoreRuleError, match="score.feature_map"):
         scorer.score(params, test, fitted=Fitted())
+
+
+def test_patch_whiten_whitens_the_feature_maps_bank_before_its_coreset(network3):
+    _, params, apply_fn = network3
+    settings = dataclasses.replace(MAP_SETTINGS, patch_whiten=True)
+    config = CONFIG.replace(net=NET3, score=settings)
+    scorer = fm_method.METHOD.scorer(config, apply_fn, SHAPE)
+    run = types.SimpleNamespace(scorer=scorer, params=params, config=config,
+                                score=lambda x, y, fitted: scorer.score(params, x, y, fitted))
+    trained, holdout = normals(images(6, 7), "t"), normals(images(4, 8), "h")
+    bank = feat.from_arrays(fm_method.METHOD.fit(run, trained, holdout).arrays, feat.PATCH_PREFIX)
+    every = scorer.patch_features(params, trained.images)
+    every = feat.bank_from_features(every.reshape(-1, every.shape[-1]), whiten=True)
+    keep = np.sort(feat.coreset(every.features, 40, jax.random.PRNGKey(settings.seed)))
+    np.testing.assert_allclose(bank.whiten, every.whiten, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bank.features, every.features[keep], rtol=1e-5, atol=1e-5)
+    assert np.abs(bank.whiten - np.eye(len(bank.mean))).max() > 0.1

@@ -4,8 +4,9 @@
 Maps from the same features (score.feature_map = w > 0): the encoder's outputs at its
 second and third resolution (`patch_layers`), pooled to the coarser grid and averaged
 over 3x3 neighbourhoods, give each position of the clean image a feature vector; its
-squared distance to the nearest row of a bank of such vectors from the training normals,
-resized to the image and smoothed, is the feature map F. When the training normals give
+squared distance to the nearest row of a bank of such vectors from the training normals
+(standardised, or with score.patch_whiten whitened: `image_bank.standardize`), resized to
+the image and smoothed, is the feature map F. When the training normals give
 more than score.patch_bank rows, the bank keeps a greedy k-center coreset of them
 (`coreset`, as PatchCore does): every position of the training images stays close to
 some bank row, where a random draw leaves gaps that make normal texture look new. The

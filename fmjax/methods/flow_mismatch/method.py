@@ -47,8 +47,9 @@ def patch_bank(run, trained) -> feat.Bank:
     """The feature map's bank (`features.Bank`): the feature rows (image positions) of the
     training images `trained` (a Split), read from enough of them (a seeded draw) for
     CANDIDATE_ROWS rows (or score.patch_bank, if larger), standardised by their own
-    statistics; of more than score.patch_bank rows, a greedy k-center coreset
-    (`features.coreset`, seeded by score.seed) stays."""
+    statistics (and whitened by their correlations with score.patch_whiten); of more than
+    score.patch_bank rows, a greedy k-center coreset (`features.coreset`, seeded by
+    score.seed, in those coordinates) stays."""
     settings = run.config.score
     rng = np.random.default_rng([settings.seed, 17])
     grid = jax.eval_shape(run.scorer.patch_fn, run.params, trained.images[:1], trained.class_ids[:1]).shape
@@ -56,7 +57,7 @@ def patch_bank(run, trained) -> feat.Bank:
     count = min(len(trained), -(-max(CANDIDATE_ROWS, settings.patch_bank) // per_image))
     picked = np.sort(rng.permutation(len(trained))[:count])
     rows = run.scorer.patch_features(run.params, trained.images[picked], trained.class_ids[picked])
-    bank = feat.bank_from_features(rows.reshape(-1, rows.shape[-1]))
+    bank = feat.bank_from_features(rows.reshape(-1, rows.shape[-1]), settings.patch_whiten)
     if len(bank.features) > settings.patch_bank:
         keep = feat.coreset(bank.features, settings.patch_bank, jax.random.PRNGKey(settings.seed))
         bank = bank._replace(features=bank.features[np.sort(keep)])

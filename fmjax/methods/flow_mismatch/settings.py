@@ -41,6 +41,7 @@ class FlowMismatchSettings:
     # network's encoder features against the training normals' (w, features.py); 0 = off
     feature_map: float = 0.0
     patch_bank: int = 8192  # most feature rows (image positions) in the feature map's bank (a coreset of more)
+    patch_whiten: bool = False  # the feature map's distances in its bank's whitened coordinates (image_bank.py)
     chunk_size: int = 64  # network inputs per call (fixed: no recompiles); 0 = the largest that fits memory_budget_mb
     memory_budget_mb: int = 2048  # per device, for chunk_size = 0: params + stored mismatch + one call's activations
     image_batch: int = 4  # images per device per jitted call (padded: no recompiles)
