@@ -18,6 +18,7 @@ import select_settings  # noqa: E402
 SELECTION = os.path.join(ROOT, "experiments", "results", "selection", "selection.json")
 LEARNED_MAP = os.path.join(ROOT, "experiments", "results", "selection", "learned_map", "learned_map.json")
 FEATURES = os.path.join(ROOT, "experiments", "results", "selection", "features", "features.json")
+PATCH_FEATURES = os.path.join(ROOT, "experiments", "results", "selection", "features", "patch_features.json")
 
 
 def test_presets_equal_the_committed_choice():
@@ -36,6 +37,29 @@ def test_the_aligned_feature_form_equals_the_second_stage_choice():
     with open(FEATURES) as f:
         chosen = json.load(f)
     assert {field: getattr(PRESETS["aligned"], field) for field in select_features.FIELDS} == chosen["setting"]
+
+
+def test_the_texture_feature_maps_form_equals_the_second_stage_choice():
+    import select_features
+
+    with open(PATCH_FEATURES) as f:
+        chosen = json.load(f)
+    assert set(chosen["setting"]) == set(select_features.TEXTURE_FIELDS)
+    assert {field: getattr(PRESETS["texture"], field) for field in select_features.TEXTURE_FIELDS} == chosen["setting"]
+
+
+def test_the_texture_form_is_chosen_on_the_mean_criterion_and_a_tie_keeps_the_plain_bank():
+    import select_features
+
+    def result(name, values):
+        return {"set": name, "rows": [{**form, "criterion": v, "image_auroc": 1.0 - v}
+                                      for form, v in zip(select_features.forms(select_features.TEXTURE_GRID), values)]}
+
+    grid = select_features.TEXTURE_GRID
+    chosen = select_features.choose([result("a", [0.80, 0.86]), result("b", [0.90, 0.88])], grid, "criterion")
+    assert chosen["setting"] == {"patch_whiten": True} and chosen["criterion"] == pytest.approx(0.87)
+    chosen = select_features.choose([result("a", [0.80, 0.8004]), result("b", [0.90, 0.9004])], grid, "criterion")
+    assert chosen["setting"] == {"patch_whiten": False}
 
 
 def test_the_feature_form_is_the_best_mean_and_a_tie_keeps_the_simpler():

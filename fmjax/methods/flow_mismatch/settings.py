@@ -57,9 +57,10 @@ PRESETS = {
     "paper": Settings(num_paths=16, num_times=30, aggregate="rank:2", chunk_size=0, image_batch=1),
     # chosen by experiments/select_settings.py on validation data (README, "Presets")
     # its map: the mismatch (per-time statistics, both tails and the t^2-weighted mean)
-    # mixed half and half with the encoder's features against the training normals'
+    # mixed half and half with the encoder's features against the training normals', in
+    # their bank's whitened coordinates (the second stage, experiments/select_features.py)
     "texture": Settings(num_paths=8, num_times=8, aggregate="rank:2", smooth_sigma=2.0, normalize="global",
-                        map_rule="combined", feature_map=0.5, chunk_size=16, image_batch=1),
+                        map_rule="combined", feature_map=0.5, patch_whiten=True, chunk_size=16, image_batch=1),
     # its image score: the network's features against the 5 nearest training normals', on
     # a 4 x 4 grid, whitened (the second stage, experiments/select_features.py; image_score
     # applies when score.feature_knn=0)
