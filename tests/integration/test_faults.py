@@ -31,13 +31,6 @@ def trained_run(data_root, tmp_path_factory):
     return run
 
 
-@pytest.fixture
-def run_copy(trained_run, tmp_path):
-    dest = tmp_path / "run"
-    shutil.copytree(trained_run, dest)
-    return dest
-
-
 def _temporaries(*folders):
     """fmjax's temporary names (and orbax's unfinished saves) under `folders`; neither the
     lock file a command holds nor the mark of an fmjax output folder is one."""

@@ -23,13 +23,6 @@ def trained_run(data_root, tmp_path_factory):
     return run
 
 
-@pytest.fixture
-def run_copy(trained_run, tmp_path):
-    dest = tmp_path / "run"
-    shutil.copytree(trained_run, dest)
-    return dest
-
-
 def test_config_json_fed_back_reproduces_the_run(trained_run, data_root, tmp_path, capsys):
     config_path = trained_run / "config.json"
     code, out, err = cli(capsys, "config", "show", "--config", config_path)
