@@ -214,11 +214,17 @@ def validation_set(item: str, kind: str, args) -> dict:
     return result
 
 
+def scored_fields(results: list[dict], kind: str) -> tuple:
+    """The fields of GRIDS[kind] that every stored row has: sets scored before a field
+    joined the grid (e.g. feature_knn) are read as the stage they were."""
+    return tuple(f for f in GRIDS[kind] if all(f in row for r in results for row in r["rows"]))
+
+
 def choose(results: list[dict], kind: str = "texture") -> dict:
-    """The setting of GRIDS[kind] with the best mean criterion over the sets (ties: the
-    larger t_score, then the smaller blur, then the paper's PAPER_SIDE values); "best": its
-    values in GRIDS[kind]'s order."""
-    fields, table = tuple(GRIDS[kind]), {}
+    """The setting of the grid's scored fields (`scored_fields`) with the best mean
+    criterion over the sets (ties: the larger t_score, then the smaller blur, then the
+    paper's PAPER_SIDE values); "best": its values in GRIDS[kind]'s order."""
+    fields, table = scored_fields(results, kind), {}
     for result in results:
         for row in result["rows"]:
             table.setdefault(tuple(row[f] for f in fields), []).append(row)
@@ -260,7 +266,7 @@ REPORTS = {"texture": "radar", "aligned": "radar_aligned"}  # OUT/<name>.md and 
 def write_report(chosen: dict, results: list[dict], out: str, kind: str = "texture") -> None:
     from fmjax.methods.radar.settings import PRESETS, Settings
 
-    fields = tuple(GRIDS[kind])
+    fields = scored_fields(results, kind)
     default = PRESETS.get(kind, Settings())
     paper = (250, 0.0) + tuple(PAPER_SIDE[f] for f in fields[2:])
     agrees = all(getattr(default, f) == v for f, v in chosen["setting"].items())

@@ -207,6 +207,11 @@ def test_radar_choice_is_the_best_mean_and_ties_go_to_the_larger_t_score():
     assert select_radar.choose(aligned, "aligned")["setting"]["feature_knn"] == 5
     aligned[0]["rows"][2]["criterion"] = 0.9004
     assert select_radar.choose(aligned, "aligned")["setting"]["feature_knn"] == 0
+    # sets stored before feature_knn joined the grid are read as the stage they were
+    earlier = [{"rows": [{f: v for f, v in row.items() if f != "feature_knn"} for row in aligned[0]["rows"][:2]]}]
+    assert select_radar.choose(earlier, "aligned")["setting"] == dict(t_score=500, sobel_smooth_sigma=1.0,
+                                                                       normalize="pixel", one_sided=True,
+                                                                       map_feature=True)
 
 
 def test_a_second_stage_holds_the_fixed_fields_and_refuses_values_off_the_grid():
