@@ -12,7 +12,7 @@ import numpy as np
 
 from fmjax import data as data_lib
 from fmjax import runs
-from fmjax.errors import DataError, RunError
+from fmjax.errors import DataError, RunError, warn
 from fmjax.eval import intervals
 from fmjax.eval import metrics as metrics_lib
 from fmjax.eval import writers
@@ -82,6 +82,10 @@ def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int) -> 
     test = dataset.test
     if test.images.shape[1:] != run.image_shape:
         raise DataError(f"test images are {test.images.shape[1:]} but the run expects {run.image_shape}")
+    if len(test) and np.all(test.labels == test.labels[0]):
+        kind = "anomalous" if test.labels[0] else "normal"
+        warn(f"category {dataset.category}: all {len(test)} test images are {kind}; AUROC, AP and AUPRO need "
+             f"normal and anomalous images, so they are nan (the maps and image scores are written as usual)")
     start = time.perf_counter()
     maps, scores = run.score(test.images, np.full(len(test), class_id, np.int32))
     seconds = time.perf_counter() - start

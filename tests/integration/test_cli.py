@@ -277,6 +277,22 @@ def test_evaluate_on_a_one_class_folder_without_masks(run_copy, data_root, tmp_p
     assert_image_metrics_from_csv(image_scores_csv(tmp_path / "maps" / CATEGORY / "image_scores.csv"), metrics)
 
 
+def test_evaluate_on_normal_test_images_only_warns_that_the_ranking_metrics_are_nan(run_copy, data_root, tmp_path,
+                                                                                   capsys):
+    normal_only = tmp_path / "normal_only"
+    shutil.copytree(data_root / CATEGORY, normal_only / CATEGORY)
+    for folder in ("ground_truth", "test/crack"):
+        shutil.rmtree(normal_only / CATEGORY / folder)
+    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--data", f"folder:{normal_only}", "--maps-out",
+                       tmp_path / "maps", "--no-progress")
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "all 3 test images are normal" in warned[0], err
+    metrics = other_metrics(run_copy)
+    assert all(np.isnan(metrics[k]) for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro"))
+    assert len(image_scores_csv(tmp_path / "maps" / CATEGORY / "image_scores.csv")) == 3
+
+
 def test_a_warning_prints_once_per_command(monkeypatch, capsys):
     import warnings
 
