@@ -44,4 +44,5 @@ def main(args) -> None:
         with scoring_progress("scoring", not args.no_progress and sys.stderr.isatty()):
             rows = predict(run, args.input, args.out, args.category)
     flagged = sum(1 for r in rows if r["anomalous"] == 1)
-    print(f"scored {len(rows)} images ({flagged} anomalous by {run.method.decision_rule}) -> {args.out}")
+    print(f"scored {len(rows)} image{'s' * (len(rows) != 1)} ({flagged} anomalous by {run.method.decision_rule}) "
+          f"-> {args.out}")
