@@ -82,10 +82,12 @@ def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int) -> 
     test = dataset.test
     if test.images.shape[1:] != run.image_shape:
         raise DataError(f"test images are {test.images.shape[1:]} but the run expects {run.image_shape}")
-    if len(test) and np.all(test.labels == test.labels[0]):
-        kind = "anomalous" if test.labels[0] else "normal"
-        warn(f"category {dataset.category}: all {len(test)} test images are {kind}; AUROC, AP and AUPRO need "
-             f"normal and anomalous images, so they are nan (the maps and image scores are written as usual)")
+    if len(test) and not test.labels.any():
+        warn(f"category {dataset.category}: all {len(test)} test images are normal: the image and pixel AUROC, AP "
+             f"and AUPRO need anomalous ones, so they are nan (maps and image scores are written as usual)")
+    elif len(test) and test.labels.all():
+        warn(f"category {dataset.category}: all {len(test)} test images are anomalous: the image AUROC and AP need "
+             f"normal ones, so they are nan (the pixel metrics compare defect and normal pixels)")
     start = time.perf_counter()
     maps, scores = run.score(test.images, np.full(len(test), class_id, np.int32))
     seconds = time.perf_counter() - start

@@ -277,19 +277,23 @@ def test_evaluate_on_a_one_class_folder_without_masks(run_copy, data_root, tmp_p
     assert_image_metrics_from_csv(image_scores_csv(tmp_path / "maps" / CATEGORY / "image_scores.csv"), metrics)
 
 
-def test_evaluate_on_normal_test_images_only_warns_that_the_ranking_metrics_are_nan(run_copy, data_root, tmp_path,
-                                                                                   capsys):
-    normal_only = tmp_path / "normal_only"
-    shutil.copytree(data_root / CATEGORY, normal_only / CATEGORY)
-    for folder in ("ground_truth", "test/crack"):
-        shutil.rmtree(normal_only / CATEGORY / folder)
-    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--data", f"folder:{normal_only}", "--maps-out",
+@pytest.mark.parametrize("kept, removed, nan_keys", [
+    ("normal", ("ground_truth", "test/crack"), ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")),
+    ("anomalous", ("test/good",), ("image_auroc", "image_ap"))])
+def test_evaluate_on_one_kind_of_test_image_warns_which_metrics_are_nan(kept, removed, nan_keys, run_copy, data_root,
+                                                                        tmp_path, capsys):
+    one_kind = tmp_path / "one_kind"
+    shutil.copytree(data_root / CATEGORY, one_kind / CATEGORY)
+    for folder in removed:
+        shutil.rmtree(one_kind / CATEGORY / folder)
+    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--data", f"folder:{one_kind}", "--maps-out",
                        tmp_path / "maps", "--no-progress")
     assert code == 0, err
     warned = [line for line in err.splitlines() if "warning" in line]
-    assert len(warned) == 1 and "all 3 test images are normal" in warned[0], err
+    assert len(warned) == 1 and f"all 3 test images are {kept}" in warned[0], err
     metrics = other_metrics(run_copy)
-    assert all(np.isnan(metrics[k]) for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro"))
+    assert all(np.isnan(metrics[k]) for k in nan_keys)
+    assert all(np.isfinite(metrics[k]) for k in {"pixel_auroc", "pixel_ap", "aupro"} - set(nan_keys))
     assert len(image_scores_csv(tmp_path / "maps" / CATEGORY / "image_scores.csv")) == 3
 
 
