@@ -87,7 +87,7 @@ LEVELS = {
                      smear_length=(9.0, 15.0), smudge_shift=0.7),
 }
 
-_MAX_TRIES = 200
+_MAX_TRIES = 2000
 
 
 def texture_photo(name: str) -> np.ndarray:

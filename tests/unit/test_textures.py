@@ -235,3 +235,15 @@ def test_levels_visible_by_default_subtle_as_before():
         textures.load_textures("brick", SIZE, dataclasses.replace(CONFIG, defects="loud"))
     with pytest.raises(DataError, match="level"):
         textures.add_defect(np.full((SIZE, SIZE), 100, np.uint8), "blob", np.random.default_rng(0), None, "loud")
+
+
+@pytest.mark.parametrize("name", ["grass", "gravel"])
+def test_visible_defects_at_the_photos_own_resolution(name):
+    """At 128 px (crop_size 128: no downscaling) the photos' darkest pixels make most dark
+    scratches saturate, so a visible scratch takes hundreds of draws on some crops."""
+    data = textures.load_textures(name, 128, TexturesConfig())
+    bad = data.test.labels == 1
+    assert bad.sum() >= 10 and "scratch" in data.test.defect_types
+    clean = textures.clean_crops(name, TexturesConfig(), 128)[1]
+    for i in np.flatnonzero(bad):
+        assert textures.defect_ok(clean[i], data.test.images[i, ..., 0], data.test.masks[i])
