@@ -42,6 +42,15 @@ def test_alignment_separates_objects_from_textures():
     assert profile.alignment(scattered) < profile.ALIGNED_THRESHOLD
 
 
+@pytest.mark.parametrize("n", [4, 6, 12])
+def test_a_few_texture_images_are_not_aligned(n):
+    """The mean image of n crops keeps 1/n of their variance by chance (0.17 for 6 crops)."""
+    rng = np.random.default_rng(n)
+    crops = rng.normal(128, 30, (n, 32, 32, 1))
+    assert profile.alignment(crops) < 0.05 and profile.kind(crops) == "texture"
+    assert profile.alignment(np.repeat(centred_objects(1), n, axis=0)) == pytest.approx(1.0)
+
+
 def test_alignment_edge_cases():
     assert profile.alignment(centred_objects(1)) == 0.0
     assert profile.alignment(np.full((5, 8, 8, 1), 7, np.uint8)) == 0.0
