@@ -329,7 +329,7 @@ def training_split(config: Config, data_info: dict):
 
 def holdout_split(config: Config, train):
     """(fit, holdout) of the normal training Split `train` under config.calibration:
-    holdout_fraction of it, at least `data.holdout_count`'s minimum, drawn from
+    holdout_fraction of it, at least min(min_holdout, N - min_holdout) images, drawn from
     calibration.seed; holdout is None when holdout_fraction is 0."""
     cal = config.calibration
     return data_lib.split_holdout(train, cal.holdout_fraction, cal.seed, cal.min_holdout)

@@ -80,13 +80,10 @@ def orientation_free(spec: str, categories) -> bool:
 
 def holdout_count(num_images: int, fraction: float, minimum: int = 0) -> int:
     """How many of `num_images` normal training images are held out: round(fraction * N),
-    but at least min(minimum, max(N - minimum, min(4, N // 2))): all but `minimum` of
-    fewer than 2 * minimum images, and from 8 images on never fewer than the four that
-    fit statistics on two and thresholds on two others (none when fraction is 0)."""
+    but at least min(minimum, N - minimum) (none when fraction is 0)."""
     if fraction <= 0:
         return 0
-    floor = max(num_images - minimum, min(4, num_images // 2))
-    return max(int(round(fraction * num_images)), min(minimum, floor))
+    return max(int(round(fraction * num_images)), min(minimum, num_images - minimum))
 
 
 def split_holdout(train: Split, fraction: float, seed: int, minimum: int = 0):
