@@ -289,15 +289,16 @@ def test_radar_with_pixel_statistics_map_feature_and_memory_bank_exports_alike(t
     code, _, err = cli(capsys, "export", "--run", run_dir, "--out", tmp_path / "exported")
     assert code == 0, err
     got = serving.load(str(tmp_path / "exported"))(test.images)
-    # dividing by the per-pixel std before Sobel amplifies float32 rounding, which differs
-    # between the exported program and the in-process one (compiled apart)
-    np.testing.assert_allclose(got.maps, maps, atol=1e-3, rtol=1e-3)
+    # dividing by the per-pixel std (as small as 1e-3 of its mean) before Sobel amplifies
+    # float32 rounding, which differs between the exported program and the in-process one
+    # (compiled apart, and apart again on each kind of CPU)
+    np.testing.assert_allclose(got.maps, maps, atol=1e-4 * np.abs(maps).max(), rtol=1e-3)
     np.testing.assert_allclose(got.scores, scores, atol=1e-5, rtol=1e-5)
     # the statistics are really read: neutral ones score otherwise
     neutral = standardize.neutral(*run.image_shape[:2])
     plain = run.score(test.images, fitted=type(run.fitted)(values=run.fitted.values,
                                                            arrays={**run.fitted.arrays, **neutral}))
-    assert np.abs(plain[0] - maps).max() > 1e-3
+    assert np.abs(plain[0] - maps).mean() > 0.01 * np.abs(maps).max()
     # and so is the bank: its last feature is the mean squared distance to the 2 nearest rows
     feats = run.scorer.maps_and_features(run.params, test.images, fitted=run.fitted)[1]
     z = (run.scorer.features(run.params, test.images).astype(np.float64) - bank.mean) / bank.std
