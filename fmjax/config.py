@@ -98,7 +98,8 @@ class CalibrationConfig:
     """What every method fits on normal training images after training."""
 
     holdout_fraction: float = 0.1  # normal training images kept out of training to fit thresholds
-    # ... but at least min(min_holdout, N - min_holdout) of N: a 0.99 quantile of 3 scores is their maximum
+    # ... but at least min(min_holdout, N - min_holdout) of N (a 0.99 quantile of 3 scores is their
+    # maximum), and at least min(min_holdout, 2) of 8 or more (fmjax.data.holdout_count)
     min_holdout: int = 20
     seed: int = 0  # which images are held out
     image_threshold_quantile: float = 0.99  # of held-out normal image scores

@@ -78,12 +78,20 @@ def orientation_free(spec: str, categories) -> bool:
     return False
 
 
+# From this many training images on, at least two are held out (where `minimum` allows
+# two): one to fit normalisation statistics and one to fit thresholds; three quarters
+# or more still train.
+SMALL_SET = 8
+
+
 def holdout_count(num_images: int, fraction: float, minimum: int = 0) -> int:
     """How many of `num_images` normal training images are held out: round(fraction * N),
-    but at least min(minimum, N - minimum) (none when fraction is 0)."""
+    but at least min(minimum, N - minimum), and at least min(minimum, 2) of 8 or more
+    (none when fraction is 0)."""
     if fraction <= 0:
         return 0
-    return max(int(round(fraction * num_images)), min(minimum, num_images - minimum))
+    small_set_floor = min(minimum, 2) if num_images >= SMALL_SET else 0
+    return max(int(round(fraction * num_images)), min(minimum, num_images - minimum), small_set_floor)
 
 
 def split_holdout(train: Split, fraction: float, seed: int, minimum: int = 0):

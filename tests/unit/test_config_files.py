@@ -55,6 +55,9 @@ def test_held_out_slice_has_a_minimum():
     assert holdout_count(100, 0.1, 20) == 20  # 20 of them
     assert holdout_count(256, 0.1, 20) == 26  # the fraction when it gives more
     assert holdout_count(100, 0.0, 20) == 0 and holdout_count(100, 0.1, 0) == 10
+    assert holdout_count(12, 0.1, 20) == 2 and holdout_count(8, 0.1, 20) == 2  # two from 8 images on
+    assert holdout_count(7, 0.1, 20) == 1 and holdout_count(4, 0.1, 20) == 0
+    assert holdout_count(12, 0.1, 0) == 1  # a config without a minimum keeps its split
 
 
 def test_a_hold_out_of_grouped_images_takes_whole_groups():

@@ -152,3 +152,12 @@ def test_normalised_scoring_without_held_out_normals_stops_before_training(tmp_p
     assert_one_line_error(code, err)
     assert "held-out normal images" in err and "score.normalize=none" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_ten_images_trains_with_normalised_scoring(tmp_path, capsys):
+    root = write_class_folder(tmp_path, centred_objects(10))
+    code, _, err = cli(capsys, "train", "--data", f"folder:{root}", "--category", "digits", "--out", tmp_path / "run",
+                       "--preset", "tiny", "--set", "train.steps=2", "--set", "score.normalize=global", "--no-progress")
+    assert code == 0, err
+    calibration = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert len(calibration["held_out"]) == 2  # one fits the statistics, one the thresholds
