@@ -83,8 +83,8 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "demo":
         p.add_argument("--out", default="fmjax_demo", help="folder for runs and pictures (default: fmjax_demo)")
         p.add_argument("--preset", default="auto", help="as for train (default: auto)")
-        p.add_argument("--steps", type=int, default=500,
-                       help="training steps per texture (default: 500, the demo's time budget; 0: the preset's)")
+        p.add_argument("--steps", type=int, default=400,
+                       help="training steps per texture (default: 400, the demo's time budget; 0: the preset's)")
         p.add_argument("--patch", type=int, default=32,
                        help="side of the random training patches (default: 32, the demo's time budget; 0: the preset's)")
         p.add_argument("--train-crops", type=int, default=200,

@@ -1,6 +1,6 @@
 """`fmjax demo`: train and evaluate Flow Mismatching on the embedded textures (synthetic
 defects on real photos), one model per texture, and print the metrics table. To stay
-within minutes on a laptop CPU it trains 500 steps (`--steps`) on 32x32 patches (`--patch`)
+within minutes on a laptop CPU it trains 400 steps (`--steps`) on 32x32 patches (`--patch`)
 of 200 crops per texture (`--train-crops`); `fmjax train` uses the preset's length, whole
 images and 256 crops."""
 from __future__ import annotations

@@ -23,9 +23,9 @@ def test_demo_default_resolves_auto_per_texture(tmp_path, monkeypatch, capsys):
             cli(capsys, "demo", "--out", tmp_path / "demo", "--textures", "grass", *extra)
         assert "preset texture (alignment" in capsys.readouterr().out
     budget, full = (200, 64, 64, 1), (256, 64, 64, 1)
-    # the demo's budget (500 steps on 32x32 patches of 200 crops) unless asked for the preset's (1,200 on whole
+    # the demo's budget (400 steps on 32x32 patches of 200 crops) unless asked for the preset's (1,200 on whole
     # images, 256 crops); --set wins over the budget flags
-    assert seen == [("textures:grass", "texture", 500, 32, budget), ("textures:grass", "texture", 1200, 0, full),
+    assert seen == [("textures:grass", "texture", 400, 32, budget), ("textures:grass", "texture", 1200, 0, full),
                     ("textures:grass", "texture", 7, 32, budget)]
 
 
