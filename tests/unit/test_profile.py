@@ -159,5 +159,7 @@ def test_a_folder_of_ten_images_trains_with_normalised_scoring(tmp_path, capsys)
     code, _, err = cli(capsys, "train", "--data", f"folder:{root}", "--category", "digits", "--out", tmp_path / "run",
                        "--preset", "tiny", "--set", "train.steps=2", "--set", "score.normalize=global", "--no-progress")
     assert code == 0, err
-    calibration = json.loads((tmp_path / "run" / "calibration.json").read_text())
-    assert len(calibration["held_out"]) == 2  # one fits the statistics, one the thresholds
+    from fmjax import runs
+
+    calibration = json.loads((tmp_path / "run" / runs.CALIBRATION).read_text())
+    assert len(calibration[runs.HELD_OUT]) == 2  # one fits the statistics, one the thresholds
