@@ -56,6 +56,30 @@ def test_the_choice_is_the_timestep_whose_maps_find_the_defects():
     assert choice.choose(nothing, defect_finder(50), held_out) == (nothing, {})
 
 
+def test_one_program_reads_the_noise_maps_of_every_candidate_timestep():
+    """The choice reads every timestep through one scorer whose timestep is an argument of
+    its compiled program: each map equals that of a scorer built at that timestep, with
+    no recompilation between timesteps."""
+    import jax
+    from test_radar import PARAMS, toy_apply
+
+    from fmjax.flow import to_model_range
+    from fmjax.methods.radar.scorer import RadarScorer, noise_maps
+
+    rc = RadarSettings(patch_size=4, patch_stride=2, t_score=0, sobel_smooth_sigma=0.0, image_batch=2)
+    images = np.random.default_rng(4).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    shared = RadarScorer(toy_apply, rc, (8, 8, 1))
+    maps = {}
+    for t_score in CHOICES["t_score"]:
+        maps[t_score] = shared.noise_maps(PARAMS, images, t_score=t_score)
+        fixed = dataclasses.replace(rc, t_score=t_score)  # the timestep a constant of the program, as in scoring
+        want = jax.jit(lambda p, x: noise_maps(toy_apply, p, to_model_range(x), shared.noise, fixed))(PARAMS, images)
+        np.testing.assert_allclose(maps[t_score], want, rtol=1e-6, atol=1e-6)
+    assert shared._noise_batches.fn._cache_size() == 1
+    assert not np.allclose(maps[10], maps[500])
+    np.testing.assert_array_equal(shared.noise_maps(PARAMS, images), shared.noise_maps(PARAMS, images, t_score=0))
+
+
 def test_criterion_by_hand():
     rng = np.random.default_rng(1)
     feats = {k: rng.normal(0, 1, (10, 2)) for k in "AB"}

@@ -87,17 +87,20 @@ def choose(rc: RadarSettings, noise_maps, holdout) -> tuple[RadarSettings, dict]
     grid = {name: CHOICES[name] if name in fields else (getattr(rc, name),) for name in CHOICES}
     read = jax.jit(lambda m, sigma, settings: sobel_and_features(gaussian_smooth(m, sigma), settings),
                    static_argnums=(1, 2))
-    # the Sobel map and features read neither t_score nor the blur: one compiled `read` per blur serves every t_score
+    # the Sobel map and features read neither t_score nor the blur: one compiled `read` per
+    # blur serves every t_score, all four image sets in one call
     features_only = dataclasses.replace(rc, t_score=0, sobel_smooth_sigma=0.0)
+    names = sorted(images)
+    ends = np.cumsum([len(images[k]) for k in names])[:-1]
+    all_images = np.concatenate([images[k] for k in names])
     results = {}
     for t_score in grid["t_score"]:
-        maps = {k: noise_maps(int(t_score), v) for k, v in images.items()}
+        maps = noise_maps(int(t_score), all_images)
         for sigma in grid["sobel_smooth_sigma"]:
             settings = dataclasses.replace(rc, t_score=int(t_score), sobel_smooth_sigma=float(sigma))
-            outs = {k: read(m, float(sigma), features_only) for k, m in maps.items()}
-            results[(t_score, sigma)] = criterion({k: np.asarray(o[0]) for k, o in outs.items()},
-                                                  {k: np.asarray(o[1]) for k, o in outs.items()}, masks,
-                                                  settings)
+            sobel_maps, feats = (dict(zip(names, np.split(np.asarray(o), ends)))
+                                 for o in read(maps, float(sigma), features_only))
+            results[(t_score, sigma)] = criterion(sobel_maps, feats, masks, settings)
     best = max(results, key=lambda k: (round(results[k], 3), k[0], -k[1]))
     chosen = dataclasses.replace(rc, t_score=int(best[0]), sobel_smooth_sigma=float(best[1]))
     return chosen, {"chosen_on": 2 * len(halves["A"]), "criterion": results[best], "candidates": len(results)}

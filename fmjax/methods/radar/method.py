@@ -79,12 +79,9 @@ class Radar(Method):
         if not choice.auto_fields(rc):
             return rc, {}
         _, apply_fn = build_model(run.config.net, run.image_shape)
-
-        def noise_maps(t_score, images):
-            unblurred = dataclasses.replace(rc, t_score=t_score, sobel_smooth_sigma=0.0)
-            return RadarScorer(apply_fn, unblurred, run.image_shape).noise_maps(run.params, images)
-
-        return choice.choose(rc, noise_maps, holdout)
+        unblurred = RadarScorer(apply_fn, dataclasses.replace(rc, t_score=0, sobel_smooth_sigma=0.0), run.image_shape)
+        return choice.choose(rc, lambda t_score, images: unblurred.noise_maps(run.params, images, t_score=t_score),
+                             holdout)
 
     def fit(self, run, trained, holdout) -> Fitted:
         """The Isolation Forest on the features of the held-out normal images, which the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fmjax.errors import ConfigError, ScoreRuleError
 from fmjax.flow import to_model_range
@@ -27,7 +28,7 @@ from fmjax.methods.radar.settings import (AUTO, CHANNEL_REDUCTIONS, CHOICES, LOC
                                           validate_settings)
 
 __all__ = ["RadarScorer", "features", "noise_maps", "radar_maps", "radar_noise", "reduce_channels",
-           "smoothed_noise_maps", "sobel", "sobel_and_features", "sobel_xy"]
+           "smoothed_noise_maps", "sobel", "sobel_and_features", "sobel_xy", "timestep"]
 
 
 def reduce_channels(d, how: str):
@@ -81,20 +82,29 @@ def radar_noise(key, num_patches: int, patch: int, channels: int):
     return jax.random.normal(key, (num_patches, patch, patch, channels), jnp.float32)
 
 
-def noise_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None):
+def timestep(rc: RadarSettings, t_score: int | None = None) -> tuple[np.float32, np.float32]:
+    """(alpha_bar, the network's time t_score / num_steps) of timestep `t_score` (default
+    score.t_score), as the float32 scalars `noise_maps` reads."""
+    t_score = rc.t_score if t_score is None else int(t_score)
+    return np.float32(schedule_of(rc)[t_score]), np.float32(t_score / rc.num_steps)
+
+
+def noise_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None, at=None):
     """Stitched per-pixel noise maps [B,H,W] of images [B,H,W,C] in [-1, 1].
 
     apply_fn(params, x [n,p,p,C], t [n] in [0,1), y [n] or None) -> eps_hat [n,p,p,C].
-    All B*P patches go through ONE network call at timestep t_score.
+    All B*P patches go through ONE network call at timestep t_score, or at `at` =
+    (alpha_bar, t) (`timestep`; arguments of a jitted caller, so one program serves every
+    timestep).
     """
     b, h, w, c = images.shape
     patches, origins = extract_patches(images, rc.patch_size, rc.patch_stride)
     num_patches = len(origins)
     x0 = patches.reshape((b * num_patches,) + patches.shape[2:])
     eps = jnp.broadcast_to(noise[None], (b,) + noise.shape).reshape(x0.shape)
-    ab = float(schedule_of(rc)[rc.t_score])
+    ab, t_value = timestep(rc) if at is None else at
     x_t = q_sample(x0, eps, ab)
-    t = jnp.full((x0.shape[0],), rc.t_score / rc.num_steps, jnp.float32)
+    t = jnp.full((x0.shape[0],), t_value, jnp.float32)
     y = None if class_ids is None else jnp.repeat(class_ids, num_patches)
     eps_hat = apply_fn(params, x_t, t, y).astype(jnp.float32)
     d = eps_hat - eps if rc.map_kind == "eps_diff" else eps_hat
@@ -102,9 +112,9 @@ def noise_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=Non
     return stitch(per_patch, origins, h, w)
 
 
-def smoothed_noise_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None):
-    """The noise maps [B,H,W] blurred by score.sobel_smooth_sigma: what the Sobel filter reads."""
-    return gaussian_smooth(noise_maps(apply_fn, params, images, noise, rc, class_ids), rc.sobel_smooth_sigma)
+def smoothed_noise_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None, at=None):
+    """The noise maps [B,H,W] (`noise_maps`) blurred by score.sobel_smooth_sigma: what the Sobel filter reads."""
+    return gaussian_smooth(noise_maps(apply_fn, params, images, noise, rc, class_ids, at), rc.sobel_smooth_sigma)
 
 
 def radar_maps(apply_fn, params, images, noise, rc: RadarSettings, class_ids=None, pixel_mean=None, pixel_std=None):
@@ -165,13 +175,14 @@ class RadarScorer:
                 feats = jnp.concatenate([feats, knn[:, None]], axis=-1)
             return maps, feats
 
-        def local_noise(params, images_u8, class_ids, noise):
-            return (smoothed_noise_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids),)
+        def local_noise(params, images_u8, class_ids, noise, alpha_bar, t):
+            return (smoothed_noise_maps(apply_fn, params, to_model_range(images_u8), noise, settings, class_ids,
+                                        (alpha_bar, t)),)
 
         self._local = local
         self._batches = ImageBatches(local, self.image_shape, settings.image_batch, 3 + len(image_bank.Bank._fields), 2,
                                      devices)
-        self._noise_batches = ImageBatches(local_noise, self.image_shape, settings.image_batch, 1, 1, devices)
+        self._noise_batches = ImageBatches(local_noise, self.image_shape, settings.image_batch, 3, 1, devices)
         self._feature_batches = None if features_fn is None else ImageBatches(
             lambda p, x, y: (features_fn(p, x, y),), self.image_shape, settings.image_batch, 0, 1, devices)
         self.mesh = self._batches.mesh
@@ -199,10 +210,11 @@ class RadarScorer:
                     **{f"bank_{name}": value for name, value in bank._asdict().items()}},
             batch=self.config.image_batch, finish="isolation_forest", finish_fitted=fitted)
 
-    def noise_maps(self, params, images, class_ids=None):
+    def noise_maps(self, params, images, class_ids=None, t_score: int | None = None):
         """images uint8 [N,H,W,C] -> the smoothed noise maps float32 [N,H,W], before any
-        standardisation (what `standardize.fit` reads)."""
-        return self._noise_batches(params, images, class_ids, self.noise)[0]
+        standardisation (what `standardize.fit` reads), at timestep `t_score` (default
+        score.t_score; every timestep runs the same compiled program)."""
+        return self._noise_batches(params, images, class_ids, self.noise, *timestep(self.config, t_score))[0]
 
     def maps_and_features(self, params, images, class_ids=None, fitted=None):
         """images uint8 [N,H,W,C] -> (Sobel maps float32 [N,H,W], features float32 [N,F]): F
