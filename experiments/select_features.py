@@ -193,12 +193,14 @@ def main() -> None:
     p.add_argument("--others", type=int, default=300, help="other-class images per set")
     p.add_argument("--repeats", type=int, default=3, help="defects per validation normal (textures)")
     p.add_argument("--resume", action="store_true", help="keep the sets already in OUT/<set>.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (e.g. train.steps=200): a training ablation on this "
+                        "stage's validation data; use another --out and --runs")
     args = p.parse_args()
     from fmjax.app import launch
 
     launch.start()
     args.runs = args.runs or os.path.join(args.out, "runs")
-    args.set = []
     os.makedirs(args.out, exist_ok=True)
     results = []
     for item in filter(None, args.aligned.split(",")):

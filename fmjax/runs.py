@@ -93,6 +93,13 @@ class Run:
         anomalous, with the run's fitted state (or `fitted`)."""
         return self.scorer.score(self.params, images, class_ids, self.fitted if fitted is None else fitted)
 
+    def image_scores(self, images, class_ids=None):
+        """uint8 [N,H,W,C] -> the image scores float32 [N] of `score`, through the scorer's
+        own path without the maps where it has one (`Scorer.image_scores`)."""
+        if hasattr(self.scorer, "image_scores"):
+            return self.scorer.image_scores(self.params, images, class_ids, self.fitted)
+        return self.score(images, class_ids)[1]
+
     def class_id(self, category: str | None) -> int:
         """The class label a class-conditional run (net.num_classes > 0, trained with
         `--category all`) gives images of `category`: its index among the run's categories;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -18,15 +19,16 @@ from fmjax.eval import metrics as metrics_lib
 from fmjax.eval import writers
 from fmjax.files import Outputs, plain_name
 
-__all__ = ["COLUMNS", "display_max", "evaluate_all", "evaluate_run", "main", "metrics_name", "metrics_table",
-           "split_metrics"]
+__all__ = ["COLUMNS", "display_max", "evaluate_all", "evaluate_run", "has_defect_pixels", "main", "metrics_name",
+           "metrics_table", "split_metrics"]
 
 COLUMNS = ["category", "image_auroc", "image_auroc_ci95", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "radar_f1",
            "network_calls_per_image", "seconds"]
 
 
 def split_metrics(split, maps, scores, decided=None, image_threshold=None, pixel_threshold=None) -> dict:
-    """Every metric of maps float [N,H,W] and image scores float [N] on a labelled split.
+    """Every metric of maps float [N,H,W] (None: the pixel metrics are nan) and image
+    scores float [N] on a labelled split.
 
     Threshold-free: image/pixel AUROC, AP, F1-max and AUPRO (pixel metrics on the masks at
     original size when the reader kept them, maps resized bilinearly up to them), and
@@ -34,7 +36,9 @@ def split_metrics(split, maps, scores, decided=None, image_threshold=None, pixel
     Thresholded: image_{precision,recall,f1,accuracy}_at_threshold of `decided` (int [N],
     1 = anomalous: a method's own decision) and pixel F1 at `pixel_threshold`.
     """
-    if split.full_masks is not None:
+    if maps is None:
+        eval_maps = eval_masks = None
+    elif split.full_masks is not None:
         eval_maps, eval_masks = writers.full_size_maps(split, maps), split.full_masks
     else:
         eval_maps, eval_masks = maps, split.masks
@@ -47,12 +51,21 @@ def split_metrics(split, maps, scores, decided=None, image_threshold=None, pixel
     if image_threshold is not None:
         result["image_threshold"] = image_threshold
     if pixel_threshold is not None and split.labels.any():
-        flat_maps = np.concatenate([np.ravel(m) for m in eval_maps])
-        flat_masks = np.concatenate([np.ravel(m) for m in eval_masks])
-        at = metrics_lib.thresholded_metrics(flat_maps, flat_masks, pixel_threshold)
-        result["pixel_f1_at_threshold"] = at["f1"]
+        result["pixel_f1_at_threshold"] = math.nan  # of defect pixels: none marked, or no maps
+        if eval_maps is not None and has_defect_pixels(split):
+            flat_maps = np.concatenate([np.ravel(m) for m in eval_maps])
+            flat_masks = np.concatenate([np.ravel(m) for m in eval_masks])
+            result["pixel_f1_at_threshold"] = metrics_lib.thresholded_metrics(flat_maps, flat_masks,
+                                                                             pixel_threshold)["f1"]
         result["pixel_threshold"] = pixel_threshold
     return result
+
+
+def has_defect_pixels(split) -> bool:
+    """Whether any mask of `split` marks a defect pixel (what the pixel metrics need)."""
+    if split.full_masks is not None:
+        return any(np.any(m) for m in split.full_masks)
+    return bool(np.any(split.masks))
 
 
 def display_max(run: runs.Run, maps) -> float:
@@ -88,8 +101,11 @@ def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int) -> 
     elif len(test) and test.labels.all():
         warn(f"category {dataset.category}: all {len(test)} test images are anomalous: the image AUROC and AP need "
              f"normal ones, so they are nan (the pixel metrics compare defect and normal pixels)")
+    class_ids = np.full(len(test), class_id, np.int32)
     start = time.perf_counter()
-    maps, scores = run.score(test.images, np.full(len(test), class_id, np.int32))
+    # without defect masks and exports nothing reads the maps: the scorer may skip them
+    with_maps = bool(maps_dir or pictures_dir) or has_defect_pixels(test)
+    maps, scores = run.score(test.images, class_ids) if with_maps else (None, run.image_scores(test.images, class_ids))
     seconds = time.perf_counter() - start
     cal = run.calibration
     decided = run.decide(scores)
@@ -98,7 +114,7 @@ def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int) -> 
         result.update(run.method.metrics(test.labels, decided))
     result.update(run.cost())
     result.update({"category": dataset.category, "method": run.config.method, "num_test_images": len(test),
-                   "score_seconds": seconds, "images_per_s": len(test) / max(seconds, 1e-9)})
+                   "score_seconds": seconds, "images_per_s": len(test) / max(seconds, 1e-9), "maps_scored": with_maps})
     if maps_dir:
         writers.write_maps(maps_dir, dataset.category, test, maps, scores, decided)
     if pictures_dir:

@@ -156,6 +156,13 @@ def test_scorer_scores_images_by_feature_distance_and_keeps_its_maps(network):
     plain_maps, plain_scores = plain.score(params, test)
     np.testing.assert_allclose(maps, plain_maps, rtol=1e-6)
     assert not np.allclose(scores, plain_scores)
+    # the image scores alone: the same scores without the mismatch program (never built)
+    alone = fm_method.METHOD.scorer(config, apply_fn, SHAPE)
+    many = images(5, 6)
+    np.testing.assert_allclose(alone.image_scores(params, many, fitted=fitted),
+                               scorer.score(params, many, fitted=fitted)[1], rtol=1e-5)
+    assert alone._batches is None and not alone._grids
+    np.testing.assert_array_equal(plain.image_scores(params, many), plain.score(params, many)[1])
     with pytest.raises(ScoreRuleError, match="fmjax calibrate"):
         scorer.score(params, test, fitted=Fitted())
 

@@ -163,3 +163,24 @@ def test_a_folder_of_ten_images_trains_with_normalised_scoring(tmp_path, capsys)
 
     calibration = json.loads((tmp_path / "run" / runs.CALIBRATION).read_text())
     assert len(calibration[runs.HELD_OUT]) == 2  # one fits the statistics, one the thresholds
+
+
+def test_a_one_class_folder_is_evaluated_without_maps_unless_they_are_exported(tmp_path, capsys):
+    """Test images of another class and no masks: the aligned preset's image score (the
+    feature bank) is read without the maps; exporting them gives the same image metrics."""
+    root = write_class_folder(tmp_path, centred_objects(24))
+    for i, x in enumerate(stationary_texture(3, seed=5)):
+        save_png(root / "digits/test/stripes" / f"{i:03d}.png", x.mean(-1).astype(np.uint8))
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--data", f"folder:{root}", "--category", "digits", "--out", run,
+                       "--set", "train.steps=2", *SMALL_NET, "--no-progress")
+    assert code == 0, err
+    assert cli(capsys, "evaluate", "--run", run)[0] == 0
+    alone = json.loads((run / "metrics.json").read_text())
+    assert cli(capsys, "evaluate", "--run", run, "--maps-out", tmp_path / "maps")[0] == 0
+    exported = json.loads((run / "metrics.json").read_text())
+    assert (alone["maps_scored"], exported["maps_scored"]) == (False, True)
+    for key in ("image_auroc", "image_ap", "image_f1_max", "image_accuracy_at_threshold"):
+        assert alone[key] == pytest.approx(exported[key], abs=1e-6), key
+    assert np.isnan(alone["pixel_auroc"]) and np.isnan(alone["pixel_f1_at_threshold"])
+    assert np.isnan(exported["pixel_auroc"]) and np.isnan(exported["pixel_f1_at_threshold"])

@@ -13,6 +13,7 @@ a fixed number of network inputs, so memory stays bounded and nothing recompiles
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -219,6 +220,7 @@ class Scorer:
         self._batches = None
         self._feature_batches = {}
         self._feature_map_fn = None
+        self._knn_fn = None
         self._grids = {}
 
     def _build(self, params):
@@ -357,6 +359,16 @@ class Scorer:
         `fitted` (the run's Fitted) holds the normalisation statistics when normalize is
         global or pixel, and the feature banks when feature_knn or feature_map > 0."""
         return self._run("maps", params, images, class_ids, self.stats(fitted), self.banks(fitted))
+
+    def image_scores(self, params, images, class_ids=None, fitted=None):
+        """images uint8 [N,H,W,C] -> the image scores float32 [N] of `score` as numpy,
+        without the maps where the scores do not read them: with score.feature_knn > 0 one
+        network call per image (the features against the bank) instead of K * T + 1."""
+        if not self.config.feature_knn:
+            return self.score(params, images, class_ids, fitted)[1]
+        if self._knn_fn is None:
+            self._knn_fn = jax.jit(functools.partial(feat.knn_scores, k=self.config.feature_knn))
+        return np.asarray(self._knn_fn(self.features(params, images, class_ids), self.banks(fitted).images))
 
     def _feature_maps(self, patch_features, patches: feat.Bank):
         """The feature map F [B,H,W] of positions' features [B,h,w,D] against the bank
