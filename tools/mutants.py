@@ -245,6 +245,17 @@ MUTANTS = [
     Mutant("config: settings added since overrule what a whole config.json was written with", "fmjax/config.py",
            "score = {**registry.written_before(method), **score}",
            "score = {**score, **registry.written_before(method)}", ("tests/unit/test_config.py",)),
+    Mutant("radar choice: every candidate read at the settings' own timestep", "fmjax/methods/radar/scorer.py",
+           "self.noise, *timestep(self.config, t_score))[0]", "self.noise, *timestep(self.config))[0]",
+           ("tests/unit/test_radar_choice.py",)),
+    Mutant("evaluate: the maps skipped although the test split has defect masks", "fmjax/app/evaluate.py",
+           "with_maps = bool(maps_dir or pictures_dir) or has_defect_pixels(test)",
+           "with_maps = bool(maps_dir or pictures_dir)",
+           ("tests/integration/test_workflow.py::"
+            "test_logdir_holds_the_training_log_and_the_metrics_as_tensorboard_events",)),
+    Mutant("image scores without maps: the bank's nearest row only", "fmjax/methods/flow_mismatch/scorer.py",
+           "functools.partial(feat.knn_scores, k=self.config.feature_knn)", "functools.partial(feat.knn_scores, k=1)",
+           ("tests/unit/test_features.py::test_scorer_scores_images_by_feature_distance_and_keeps_its_maps",)),
 ]
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
