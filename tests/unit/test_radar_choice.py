@@ -58,8 +58,8 @@ def test_the_choice_is_the_timestep_whose_maps_find_the_defects():
 
 def test_one_program_reads_the_noise_maps_of_every_candidate_timestep():
     """The choice reads every timestep through one scorer whose timestep is an argument of
-    its compiled program: each map equals that of a scorer built at that timestep, with
-    no recompilation between timesteps."""
+    its compiled program: each map equals that of a program with the timestep as a
+    constant (as in scoring), with no recompilation between timesteps."""
     import jax
     from test_radar import PARAMS, toy_apply
 
