@@ -1,7 +1,8 @@
-"""Data parallelism: the pmap step equals the mesh step on 4 devices and the mesh step on 1
-device (in a subprocess with 4 host devices), global-batch dropout, the shared step
-pieces, replicate/shard helpers, the multi-host batch arithmetic and start-up, and (slow)
-two processes of 2 devices against one process of 4."""
+"""Data parallelism: global-batch dropout, the shared step pieces, replicate/shard helpers,
+the multi-host batch arithmetic and start-up; and (slow) the pmap step against the mesh
+step on 4 devices and on 1 with dropout, flips, patches and a stop-and-resume (in a
+subprocess with 4 host devices), and two processes of 2 devices against one process of 4.
+The default run compares pmap and mesh training on 2 devices (tests/unit/test_train.py)."""
 import json
 import os
 import socket
@@ -146,6 +147,7 @@ EQUALITY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_pmap_mesh4_and_mesh1_agree_on_four_devices(tmp_path):
     script = tmp_path / "equality.py"
     script.write_text(EQUALITY_SCRIPT)

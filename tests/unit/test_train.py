@@ -238,11 +238,16 @@ def test_one_and_two_devices_agree(tmp_path):
     assert config.train.batch_size == 8
     one = train(config, IMAGES, str(tmp_path / "one"), devices=devices[:1], progress=False)
     two = train(config, IMAGES, str(tmp_path / "two"), progress=False)
+    # the pmap step (`fmjax train --parallel pmap`) for two steps, resumed by the mesh step
+    train(config, IMAGES, str(tmp_path / "pmap"), progress=False, use_pmap=True, stop_at=2)
+    pmap = train(config, IMAGES, str(tmp_path / "pmap"), progress=False, resume=True)
+    assert int(pmap.step) == 3
     assert len(jax.tree_util.tree_leaves(two.params)[0].sharding.device_set) == 2
     assert len(jax.tree_util.tree_leaves(one.params)[0].sharding.device_set) == 1
-    for tree_one, tree_two in ((one.params, two.params), (one.ema_params, two.ema_params)):
-        for a, b in zip(leaves(tree_one), leaves(tree_two)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for other in (one, pmap):
+        for tree, tree_two in ((other.params, two.params), (other.ema_params, two.ema_params)):
+            for a, b in zip(leaves(tree), leaves(tree_two)):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # and training moved the params (the comparison is not between two initialisations)
     initial = init_state(config, SHAPE, jax.random.PRNGKey(config.train.seed)).params
     assert any(not np.allclose(a, b) for a, b in zip(leaves(initial), leaves(two.params)))
