@@ -168,14 +168,15 @@ FASHION_MNIST_SETTINGS = ["data.image_size=32", "calibration.holdout_fraction=0.
 
 def evaluate(run, dataset):
     """evaluate_run after one warm-up call, so images_per_s excludes compilation: (its
-    metrics, the image scores float64 [N] in test order as `--maps-out` exports them)."""
-    from fmjax.app.evaluate import evaluate_run
+    metrics, the image scores float64 [N] in test order as `--scores-out` exports them;
+    on data without defect masks no maps are computed)."""
+    from fmjax.app.evaluate import evaluate_run, has_defect_pixels
     from fmjax.files import plain_name
     from fmjax.methods.batches import scoring_progress
 
-    run.score(dataset.test.images[:1])
+    (run.score if has_defect_pixels(dataset.test) else run.image_scores)(dataset.test.images[:1])
     with tempfile.TemporaryDirectory() as tmp, scoring_progress(f"scoring {dataset.category}", sys.stderr.isatty()):
-        result = evaluate_run(run, dataset, maps_out=tmp)
+        result = evaluate_run(run, dataset, scores_out=tmp)
         scores_csv = os.path.join(tmp, plain_name(dataset.category, "category"), "image_scores.csv")
         with open(scores_csv, newline="") as f:
             rows = list(csv.DictReader(f))

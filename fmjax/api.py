@@ -107,9 +107,10 @@ class Detector:
         return Scored(np.stack(full) if stacked and full else full, scores, anomalous)
 
     def evaluate(self, data: str | None = None, category: str | None = None, maps_out: str | None = None,
-                 pictures_out: str | None = None) -> dict:
+                 pictures_out: str | None = None, scores_out: str | None = None) -> dict:
         """`fmjax evaluate`: every metric of a labelled test split (default: the run's own
-        data and category); writes the metrics file and, if asked, maps and pictures."""
+        data and category); writes the metrics file and, if asked, maps, image scores and
+        pictures."""
         from fmjax import data as data_lib
         from fmjax.app.evaluate import evaluate_all, evaluate_run, metrics_name
 
@@ -119,10 +120,10 @@ class Detector:
             category = None
         name = metrics_name(self.run, spec, category, self.overrides)
         if category == "all":
-            return evaluate_all(self.run, spec, maps_out, pictures_out, metrics_file=name)
+            return evaluate_all(self.run, spec, maps_out, pictures_out, metrics_file=name, scores_out=scores_out)
         trained_on = self.run.data_info.get("categories") or []
         dataset = data_lib.load(spec, category, self.config.data, self.config.textures)
-        return evaluate_run(self.run, dataset, maps_out, pictures_out, metrics_file=name,
+        return evaluate_run(self.run, dataset, maps_out, pictures_out, metrics_file=name, scores_out=scores_out,
                             class_id=trained_on.index(category) if category in trained_on else 0)
 
     def predict(self, input_path, out_dir: str) -> list[dict]:

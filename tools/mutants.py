@@ -160,6 +160,10 @@ MUTANTS = [
            "return psum_packed(jax.value_and_grad(shard_loss)(params), axis_name, PACKED_LEAF_SIZE if pack else 0)",
            "return jax.value_and_grad(shard_loss)(params)",
            ("tests/unit/test_train.py::test_one_and_two_devices_agree",)),
+    Mutant("pmap step: every device takes the first shard's noise and times", "fmjax/training/step.py",
+           "draws = slice_draws(draws, lax.axis_index(axis_name) * local, local)",
+           "draws = slice_draws(draws, 0, local)",
+           ("tests/unit/test_train.py::test_one_and_two_devices_agree",)),
     # RADAR
     Mutant("RADAR: q_sample without the square root on the signal", "fmjax/methods/radar/ddpm.py",
            "return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps",

@@ -71,6 +71,8 @@ def _arguments(name: str, p: argparse.ArgumentParser) -> None:
                                               "fmjax output there is replaced")
             p.add_argument("--pictures-out", help="write heat-map overlay PNGs (and ROC/PR figures with matplotlib); "
                                                   "an earlier output there is replaced")
+            p.add_argument("--scores-out", help="write the image scores alone, <category>/image_scores.csv; an "
+                                                "earlier fmjax output there is replaced")
             p.add_argument("--logdir", help="also write the metrics as TensorBoard events (needs tensorboardX)")
         else:
             p.add_argument("--input", required=True, help="an image file or a folder of images")

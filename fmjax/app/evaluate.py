@@ -1,5 +1,6 @@
 """`fmjax evaluate`: score a test split with a trained run, compute every metric, write
-RUN/metrics.json and optionally TIFF maps, the image scores and pictures."""
+RUN/metrics.json and optionally TIFF maps with the image scores, the image scores alone,
+and pictures."""
 from __future__ import annotations
 
 import hashlib
@@ -74,24 +75,29 @@ def display_max(run: runs.Run, maps) -> float:
 
 
 def evaluate_run(run: runs.Run, dataset, maps_out: str | None = None, pictures_out: str | None = None,
-                 class_id: int = 0, write_metrics: bool = True, metrics_file: str = runs.METRICS) -> dict:
+                 class_id: int = 0, write_metrics: bool = True, metrics_file: str = runs.METRICS,
+                 scores_out: str | None = None) -> dict:
     """Scores the test split; returns (and writes RUN/`metrics_file`) every metric.
 
     Standard keys for every method (see split_metrics), network_calls_per_image and
     sequential_calls_per_image, and the method's own (RADAR: radar_{accuracy,precision,
-    recall,f1} at the forest's decision). The maps, the pictures and metrics.json are
-    published together once all are written, metrics.json last; an existing `maps_out`
-    or `pictures_out` is replaced, never merged into (`fmjax.files.Outputs`).
+    recall,f1} at the forest's decision). `scores_out` gets
+    <category>/image_scores.csv alone, as `maps_out` holds it beside the maps (and, on
+    data without defect masks, without computing the maps). The maps, the scores, the
+    pictures and metrics.json are published together once all are written, metrics.json
+    last; an existing `maps_out`, `scores_out` or `pictures_out` is replaced, never merged
+    into (`fmjax.files.Outputs`).
     """
     with Outputs() as out:
         maps_dir, pictures_dir = out.folder(maps_out, "--maps-out"), out.folder(pictures_out, "--pictures-out")
-        result = _evaluate(run, dataset, maps_dir, pictures_dir, class_id)
+        scores_dir = out.folder(scores_out, "--scores-out")
+        result = _evaluate(run, dataset, maps_dir, pictures_dir, class_id, scores_dir)
         if write_metrics:
             out.json(os.path.join(run.path, metrics_file), result)
     return result
 
 
-def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int) -> dict:
+def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int, scores_dir=None) -> dict:
     test = dataset.test
     if test.images.shape[1:] != run.image_shape:
         raise DataError(f"test images are {test.images.shape[1:]} but the run expects {run.image_shape}")
@@ -117,6 +123,8 @@ def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int) -> 
                    "score_seconds": seconds, "images_per_s": len(test) / max(seconds, 1e-9), "maps_scored": with_maps})
     if maps_dir:
         writers.write_maps(maps_dir, dataset.category, test, maps, scores, decided)
+    if scores_dir:
+        writers.write_image_scores(scores_dir, dataset.category, test, scores, decided)
     if pictures_dir:
         writers.write_pictures(pictures_dir, test, maps, scores, display_max(run, maps),
                                threshold=cal.get("image_threshold"))
@@ -124,17 +132,19 @@ def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int) -> 
 
 
 def evaluate_all(run: runs.Run, spec: str, maps_out: str | None = None, pictures_out: str | None = None,
-                 metrics_file: str = runs.METRICS) -> dict:
+                 metrics_file: str = runs.METRICS, scores_out: str | None = None) -> dict:
     """A unified (`--category all`) run on every category it was trained on: per-category
     rows and their mean; RUN/`metrics_file` holds the mean keys plus `per_category`. Every
-    category's maps and pictures are published together with it, as in `evaluate_run`."""
+    category's maps, scores and pictures are published together with it, as in
+    `evaluate_run`."""
     categories = run.data_info.get("categories") or data_lib.categories_of(spec)
     rows = []
     with Outputs() as out:
         maps_dir, pictures_dir = out.folder(maps_out, "--maps-out"), out.folder(pictures_out, "--pictures-out")
+        scores_dir = out.folder(scores_out, "--scores-out")
         for dataset in data_lib.load_all(spec, run.config.data, categories):
             pictures = os.path.join(pictures_dir, plain_name(dataset.category, "category")) if pictures_dir else None
-            rows.append(_evaluate(run, dataset, maps_dir, pictures, run.class_id(dataset.category)))
+            rows.append(_evaluate(run, dataset, maps_dir, pictures, run.class_id(dataset.category), scores_dir))
         mean = {k: float(np.nanmean([r[k] for r in rows])) for k, v in rows[0].items()
                 if isinstance(v, float) and all(isinstance(r.get(k), float) for r in rows)}
         result = {**mean, "category": "mean", "method": run.config.method, "per_category": rows}
@@ -181,13 +191,13 @@ def main(args) -> None:
         with scoring_progress("scoring", not args.no_progress and sys.stderr.isatty()):
             if category == "all":
                 result = evaluate_all(run, spec, maps_out=args.maps_out, pictures_out=args.pictures_out,
-                                      metrics_file=name)
+                                      metrics_file=name, scores_out=args.scores_out)
                 print(metrics_table(result["per_category"] + [result]))
             else:
                 class_id = run.class_id(category)
                 dataset = data_lib.load(spec, category, run.config.data, run.config.textures)
                 result = evaluate_run(run, dataset, maps_out=args.maps_out, pictures_out=args.pictures_out,
-                                      class_id=class_id, metrics_file=name)
+                                      class_id=class_id, metrics_file=name, scores_out=args.scores_out)
                 print(metrics_table([result]))
     if log is not None:
         with log:

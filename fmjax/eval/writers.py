@@ -12,7 +12,7 @@ import numpy as np
 from fmjax.eval import viz
 from fmjax.files import inside, plain_name
 
-__all__ = ["full_size_maps", "write_maps", "write_pictures", "write_predictions"]
+__all__ = ["full_size_maps", "write_image_scores", "write_maps", "write_pictures", "write_predictions"]
 
 
 def full_size_maps(split, maps):
@@ -34,6 +34,13 @@ def write_maps(out_dir: str, category: str, split, maps, scores, decided=None) -
         path = inside(out_dir, f"{category}/{name}.tiff", "image name")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tifffile.imwrite(path, np.asarray(m, np.float32))
+    write_image_scores(out_dir, category, split, scores, decided)
+
+
+def write_image_scores(out_dir: str, category: str, split, scores, decided=None) -> None:
+    """OUT/<category>/image_scores.csv alone (image, label: 1 = anomalous, score,
+    anomalous: the run's decision or empty), one row per test image in test order."""
+    category = plain_name(category, "category")
     os.makedirs(os.path.join(out_dir, category), exist_ok=True)
     with open(os.path.join(out_dir, category, "image_scores.csv"), "w", newline="") as f:
         writer = csv.writer(f)

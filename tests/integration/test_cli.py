@@ -261,6 +261,23 @@ def test_evaluate_rejects_bad_data(bad_root, run_copy, tmp_path, capsys):
     assert not maps_dir.exists()
 
 
+def test_scores_out_is_the_maps_score_table_alone_and_replaces_an_earlier_one(run_copy, tmp_path, capsys):
+    maps, scores = tmp_path / "maps", tmp_path / "scores"
+    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--maps-out", maps, "--scores-out", scores,
+                       "--no-progress")
+    assert code == 0, err
+    table = scores / CATEGORY / "image_scores.csv"
+    assert table.read_text() == (maps / CATEGORY / "image_scores.csv").read_text()
+    assert_image_metrics_from_csv(image_scores_csv(table), json.loads((run_copy / "metrics.json").read_text()))
+    assert not list(scores.rglob("*.tiff"))
+    (scores / CATEGORY / "stale.csv").write_text("from an earlier evaluation")
+    assert cli(capsys, "evaluate", "--run", run_copy, "--scores-out", scores, "--no-progress")[0] == 0
+    assert table.exists() and not (scores / CATEGORY / "stale.csv").exists()
+    code, _, err = cli(capsys, "evaluate", "--run", run_copy, "--maps-out", maps, "--scores-out", maps)
+    assert_one_line_error(code, err)
+    assert "separate folders" in err
+
+
 def test_evaluate_on_a_one_class_folder_without_masks(run_copy, data_root, tmp_path, capsys):
     """test/<other class>/ without ground_truth/: image metrics from the exported scores,
     pixel metrics nan, one warning line that says so."""

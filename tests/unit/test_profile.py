@@ -7,7 +7,7 @@ import pytest
 from fmjax.app import train as train_app
 from fmjax.config import ConfigError, build, preset, validate
 from fmjax.data import profile
-from tests.helpers import cli, save_png
+from tests.helpers import assert_image_metrics_from_csv, cli, image_scores_csv, save_png
 
 
 def centred_objects(n, size=28, seed=0):
@@ -167,8 +167,8 @@ def test_a_folder_of_ten_images_trains_with_normalised_scoring(tmp_path, capsys)
 
 def test_a_one_class_folder_is_evaluated_without_maps_unless_they_are_exported(tmp_path, capsys):
     """Test images of another class and no masks: an image score of the feature bank (the
-    aligned preset's kind) is read without the maps; exporting them gives the same image
-    metrics."""
+    aligned preset's kind) is read without the maps, also when the scores alone are
+    exported (--scores-out); exporting the maps gives the same image metrics and scores."""
     root = write_class_folder(tmp_path, centred_objects(24))
     for i, x in enumerate(stationary_texture(3, seed=5)):
         save_png(root / "digits/test/stripes" / f"{i:03d}.png", x.mean(-1).astype(np.uint8))
@@ -176,12 +176,20 @@ def test_a_one_class_folder_is_evaluated_without_maps_unless_they_are_exported(t
     code, _, err = cli(capsys, "train", "--data", f"folder:{root}", "--category", "digits", "--out", run,
                        "--preset", "tiny", "--set", "train.steps=2", "--set", "score.feature_knn=3", "--no-progress")
     assert code == 0, err
-    assert cli(capsys, "evaluate", "--run", run)[0] == 0
+    assert cli(capsys, "evaluate", "--run", run, "--scores-out", tmp_path / "scores")[0] == 0
     alone = json.loads((run / "metrics.json").read_text())
     assert cli(capsys, "evaluate", "--run", run, "--maps-out", tmp_path / "maps")[0] == 0
     exported = json.loads((run / "metrics.json").read_text())
     assert (alone["maps_scored"], exported["maps_scored"]) == (False, True)
     for key in ("image_auroc", "image_ap", "image_f1_max", "image_accuracy_at_threshold"):
         assert alone[key] == pytest.approx(exported[key], abs=1e-6), key
+    scores = image_scores_csv(tmp_path / "scores" / "digits" / "image_scores.csv")
+    with_maps = image_scores_csv(tmp_path / "maps" / "digits" / "image_scores.csv")
+    assert list(scores) == list(with_maps) and len(scores) == 3 + len(list((root / "digits/test/good").iterdir()))
+    for name, (label, score, decided) in scores.items():
+        assert (label, decided) == (with_maps[name][0], with_maps[name][2]) and decided in ("0", "1")
+        assert score == pytest.approx(with_maps[name][1], rel=1e-4), name  # two float32 paths
+    assert_image_metrics_from_csv(scores, alone)
+    assert not list((tmp_path / "scores").rglob("*.tiff"))
     assert np.isnan(alone["pixel_auroc"]) and np.isnan(alone["pixel_f1_at_threshold"])
     assert np.isnan(exported["pixel_auroc"]) and np.isnan(exported["pixel_f1_at_threshold"])
