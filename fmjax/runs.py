@@ -122,9 +122,10 @@ class Run:
         the run has nothing fitted to decide with."""
         return self.method.decide(scores, self.fitted)
 
-    def cost(self) -> dict:
-        """Network evaluations per image, all of them and those that must run one after another."""
-        return self.method.cost(self.config, self.image_shape)
+    def cost(self, maps: bool = True) -> dict:
+        """Network evaluations per image, all of them and those that must run one after
+        another; maps=False: of `image_scores`."""
+        return self.method.cost(self.config, self.image_shape, maps)
 
 
 # ----------------------------------------------------------------------------- lock

@@ -118,7 +118,7 @@ def _evaluate(run: runs.Run, dataset, maps_dir, pictures_dir, class_id: int, sco
     result = split_metrics(test, maps, scores, decided, cal.get("image_threshold"), cal.get("pixel_threshold"))
     if decided is not None:
         result.update(run.method.metrics(test.labels, decided))
-    result.update(run.cost())
+    result.update(run.cost(maps=with_maps))
     result.update({"category": dataset.category, "method": run.config.method, "num_test_images": len(test),
                    "score_seconds": seconds, "images_per_s": len(test) / max(seconds, 1e-9), "maps_scored": with_maps})
     if maps_dir:

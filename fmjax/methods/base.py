@@ -151,6 +151,7 @@ class Method(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def cost(self, config, image_shape) -> dict:
+    def cost(self, config, image_shape, maps: bool = True) -> dict:
         """{"network_calls_per_image": all network evaluations one image needs,
-        "sequential_calls_per_image": those that must run one after another}."""
+        "sequential_calls_per_image": those that must run one after another}; with
+        maps=False, of the image scores alone (`Run.image_scores`)."""

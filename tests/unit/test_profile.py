@@ -181,6 +181,9 @@ def test_a_one_class_folder_is_evaluated_without_maps_unless_they_are_exported(t
     assert cli(capsys, "evaluate", "--run", run, "--maps-out", tmp_path / "maps")[0] == 0
     exported = json.loads((run / "metrics.json").read_text())
     assert (alone["maps_scored"], exported["maps_scored"]) == (False, True)
+    score = json.loads((run / "config.json").read_text())["score"]
+    assert alone["network_calls_per_image"] == 1  # the features alone
+    assert exported["network_calls_per_image"] == score["num_paths"] * score["num_times"] + 1
     for key in ("image_auroc", "image_ap", "image_f1_max", "image_accuracy_at_threshold"):
         assert alone[key] == pytest.approx(exported[key], abs=1e-6), key
     scores = image_scores_csv(tmp_path / "scores" / "digits" / "image_scores.csv")

@@ -152,13 +152,14 @@ class FlowMismatch(Method):
         maps, scores = run.score(for_thresholds.images, for_thresholds.class_ids, Fitted(arrays=arrays))
         return Fitted(values={**thresholds(run.config.calibration, maps, scores), **values}, arrays=arrays)
 
-    def cost(self, config, image_shape) -> dict:
+    def cost(self, config, image_shape, maps: bool = True) -> dict:
         """K * T network calls per image (one more each for feature image scores and the
-        feature map), all independent (one batched program)."""
+        feature map), all independent (one batched program); the feature image score
+        without the maps is one call."""
         s = config.score
         extra = (1 if s.feature_knn else 0) + (1 if s.feature_map else 0)
-        return {"network_calls_per_image": s.num_paths * s.num_times + extra,
-                "sequential_calls_per_image": 1}
+        calls = 1 if s.feature_knn and not maps else s.num_paths * s.num_times + extra
+        return {"network_calls_per_image": calls, "sequential_calls_per_image": 1}
 
 
 METHOD = FlowMismatch()

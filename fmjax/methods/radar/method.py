@@ -139,7 +139,7 @@ class Radar(Method):
         """radar_{accuracy,precision,recall,f1} at the forest's decision."""
         return {f"radar_{k}": v for k, v in radar_metrics(labels, decided).items()}
 
-    def cost(self, config, image_shape) -> dict:
+    def cost(self, config, image_shape, maps: bool = True) -> dict:
         """One network call per patch (and one for the features with score.feature_knn),
         all in one batched call (no sequential dependence)."""
         rc = config.score

@@ -19,7 +19,7 @@ class Recon(Method):
     def scorer(self, config, apply_fn, image_shape, devices=None) -> ReconScorer:
         return ReconScorer(apply_fn, config.score, image_shape, devices)
 
-    def cost(self, config, image_shape) -> dict:
+    def cost(self, config, image_shape, maps: bool = True) -> dict:
         """N steps (Heun: 2N) per image, strictly sequential."""
         calls = config.score.steps * (2 if config.score.method == "heun" else 1)
         return {"network_calls_per_image": calls, "sequential_calls_per_image": calls}
