@@ -6,7 +6,9 @@ The first stage (select_settings.py) chose the image score `features` (score.fea
 = 5: the middle block's per-channel mean and std against a bank of the images the network
 trained on). With that choice held, this stage scores each form of the features
 
-  score.feature_grid    0 (per-channel mean and std) | 4 (the mean over 4 x 4 cells)
+  score.feature_grid    0 (per-channel mean and std) | 4 (the mean over 4 x 4 cells);
+                        --grids adds others (e.g. 0,1,2,4,8: 8 x 8 cells is every
+                        position of a 32-pixel image's middle block)
   score.feature_whiten  false | true (distances in the bank's whitened coordinates)
 
 on the same validation data and the same runs: the held-out normal training images B
@@ -59,6 +61,11 @@ def forms(grid: dict = GRID) -> list[dict]:
     return [dict(zip(fields, values)) for values in itertools.product(*(grid[f] for f in fields))]
 
 
+def aligned_grid(grids: str = "0,4") -> dict:
+    """GRID with the feature grids of `grids` (comma-separated cells per side)."""
+    return {**GRID, "feature_grid": tuple(int(g) for g in grids.split(","))}
+
+
 def score_set(name: str, spec: str, category, args) -> dict:
     """The image AUROC of every form on one set (OUT/<set>.json, reused with --resume)."""
     from fmjax.eval import metrics
@@ -73,7 +80,7 @@ def score_set(name: str, spec: str, category, args) -> dict:
         raise SystemExit(f"{name} resolved to the {kind} preset: this stage scores one-class (aligned) sets")
     labels = np.r_[np.zeros(len(sets["B"])), np.ones(len(sets["V"]))]
     rows = []
-    for form in forms():
+    for form in forms(aligned_grid(args.grids)):
         scores = select_settings.feature_scores(run, trained, {n: sets[n] for n in ("B", "V")}, **form)
         rows.append({**form, "image_auroc": metrics.image_metrics(
             np.concatenate([scores["B"], scores["V"]]), labels)["image_auroc"]})
@@ -190,6 +197,7 @@ def main() -> None:
                    help="one-class sets: fashion_mnist:<class>, digits:<digit>")
     p.add_argument("--textures", default="", help="embedded textures (the texture stage), e.g. brick,grass,gravel")
     p.add_argument("--texture-steps", type=int, default=0, help="as for select_settings.py")
+    p.add_argument("--grids", default="0,4", help="score.feature_grid values to compare, simplest first")
     p.add_argument("--others", type=int, default=300, help="other-class images per set")
     p.add_argument("--repeats", type=int, default=3, help="defects per validation normal (textures)")
     p.add_argument("--resume", action="store_true", help="keep the sets already in OUT/<set>.json")
@@ -211,7 +219,7 @@ def main() -> None:
         else:
             results.append(score_set(f"fashion_mnist_{value}", item, None, args))
     if results:
-        write_report(choose(results), args.out)
+        write_report(choose(results, aligned_grid(args.grids)), args.out)
     textures = [score_texture_set(name, args) for name in filter(None, args.textures.split(","))]
     if textures:
         write_report(choose(textures, TEXTURE_GRID, "criterion"), args.out, "texture")
