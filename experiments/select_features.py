@@ -61,7 +61,7 @@ def forms(grid: dict = GRID) -> list[dict]:
     return [dict(zip(fields, values)) for values in itertools.product(*(grid[f] for f in fields))]
 
 
-def aligned_grid(grids: str = "0,4") -> dict:
+def aligned_grid(grids: str) -> dict:
     """GRID with the feature grids of `grids` (comma-separated cells per side)."""
     return {**GRID, "feature_grid": tuple(int(g) for g in grids.split(","))}
 
@@ -197,7 +197,8 @@ def main() -> None:
                    help="one-class sets: fashion_mnist:<class>, digits:<digit>")
     p.add_argument("--textures", default="", help="embedded textures (the texture stage), e.g. brick,grass,gravel")
     p.add_argument("--texture-steps", type=int, default=0, help="as for select_settings.py")
-    p.add_argument("--grids", default="0,4", help="score.feature_grid values to compare, simplest first")
+    p.add_argument("--grids", default=",".join(map(str, GRID["feature_grid"])),
+                   help="score.feature_grid values to compare, simplest first (default: 0,4)")
     p.add_argument("--others", type=int, default=300, help="other-class images per set")
     p.add_argument("--repeats", type=int, default=3, help="defects per validation normal (textures)")
     p.add_argument("--resume", action="store_true", help="keep the sets already in OUT/<set>.json")
